@@ -1,0 +1,124 @@
+"""Turn any folder of audio into a dataset: python -m lib.prepare SRC OUT [--sample_rate 8000] [--clip_secs 8]
+
+Every WAV/FLAC/OGG file under SRC (recursively; any rate, any channel count) is read, mixed to mono and
+resampled with soxr to --sample_rate. Unreadable and silent files (peak below --silence_db) are skipped with a warning. Files are
+split into train/valid/test by a seeded shuffle of the sorted file list (so no recording is in two splits);
+each split is concatenated in that order and cut into clips of --clip_secs with stride = clip length (no
+sample is in two clips; only the final partial clip of each split is dropped). Clips are written as 16-bit
+FLAC to OUT/{train,valid,test}/, with OUT/dataset.json recording the settings, the split and the counts.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+from lib import UserError
+from lib.audio import find_audio, read_mono, warn
+
+SPLITS = ("train", "valid", "test")
+
+
+def split_files(files, fractions, seed):
+    """Seeded shuffle of the sorted list, then cut by fractions; a pure function of (files, fractions, seed)."""
+    order = sorted(files)
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, round(fractions[1] * len(order)))
+    n_test = max(1, round(fractions[2] * len(order)))
+    n_train = len(order) - n_valid - n_test
+    if n_train < 1:
+        raise UserError(f"only {len(order)} usable audio files: a train/valid/test split needs at least 3 "
+                        f"(to train on one recording, pass the file itself as --data)")
+    return {"train": order[:n_train], "valid": order[n_train:n_train + n_valid], "test": order[n_train + n_valid:]}
+
+
+def cut_clips(audio, clip_len):
+    """(n_clips, clip_len) view of consecutive, non-overlapping clips; the final partial clip is dropped."""
+    n_clips = len(audio) // clip_len
+    return audio[:n_clips * clip_len].reshape(n_clips, clip_len)
+
+
+def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.05), seed=0, silence_db=-60.0):
+    if not os.path.isdir(src):
+        raise UserError(f"source folder {src} does not exist (or is not a folder)")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {out} already exists and is not empty: choose a new folder (nothing was changed)")
+    if sample_rate < 1 or clip_secs <= 0:
+        raise UserError("--sample_rate and --clip_secs must be positive")
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise UserError(f"--split {fractions} must be three non-negative fractions that sum to 1")
+    paths = find_audio(src)
+    if not paths:
+        raise UserError(f"no audio files (.wav .flac .ogg) found under {src}")
+
+    audio, skipped = {}, {}
+    for path in tqdm(paths, desc="reading", unit="file", disable=None):
+        rel = os.path.relpath(path, src)
+        samples, rate = read_mono(path)
+        if samples is None:
+            skipped[rel] = "unreadable"
+            continue
+        if rate != sample_rate:
+            samples = soxr.resample(samples, rate, sample_rate, quality="HQ").astype(np.float32)
+        if len(samples) == 0 or np.abs(samples).max() < 10 ** (silence_db / 20):
+            warn(f"skipping {path}: empty or silent (peak below {silence_db:g} dBFS)")
+            skipped[rel] = "silent"
+            continue
+        audio[rel] = samples
+    if not audio:
+        raise UserError(f"none of the {len(paths)} audio files under {src} could be used (unreadable or silent)")
+
+    clip_len = int(round(clip_secs * sample_rate))
+    splits = split_files(list(audio), fractions, seed)
+    os.makedirs(out, exist_ok=True)
+    meta = {"source": src, "silence_db": silence_db, "sample_rate": sample_rate, "clip_secs": clip_secs,
+            "clip_len": clip_len, "split_fractions": list(fractions), "seed": seed, "skipped": skipped, "splits": {}}
+    for name in SPLITS:
+        joined = np.concatenate([audio[rel] for rel in splits[name]])
+        clips = cut_clips(joined, clip_len)
+        os.makedirs(os.path.join(out, name))
+        for i, clip in enumerate(clips):
+            # clip to the 16-bit range: resampling can overshoot full scale slightly
+            sf.write(os.path.join(out, name, f"{i:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768), sample_rate,
+                     subtype="PCM_16")
+        meta["splits"][name] = {"files": splits[name], "source_samples": len(joined), "clips": len(clips),
+                                "minutes": len(clips) * clip_len / sample_rate / 60}
+    with open(os.path.join(out, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+    print(f"dataset {out}: {sample_rate} Hz mono, clips of {clip_secs:g} s ({clip_len} samples), "
+          f"{len(audio)} files used, {len(skipped)} skipped")
+    for name in SPLITS:
+        s = meta["splits"][name]
+        print(f"  {name:5s}  {len(s['files']):4d} files  {s['clips']:5d} clips  {s['minutes']:7.2f} min")
+        if s["clips"] == 0:
+            warn(f"split {name} has no full clip of {clip_secs:g} s: use shorter --clip_secs or more audio")
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="folder of audio files (searched recursively)")
+    p.add_argument("out", help="new folder for the dataset (must not exist or be empty)")
+    p.add_argument("--sample_rate", type=int, default=8000, help="output sample rate (Hz)")
+    p.add_argument("--clip_secs", type=float, default=8.0, help="clip length (seconds)")
+    p.add_argument("--split", type=float, nargs=3, default=[0.9, 0.05, 0.05], metavar=("TRAIN", "VALID", "TEST"),
+                   help="fractions of the files in each split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the file shuffle that makes the split")
+    p.add_argument("--silence_db", type=float, default=-60.0,
+                   help="skip files whose peak is below this level (dB relative to full scale)")
+    args = p.parse_args(argv)
+    try:
+        prepare(args.src, args.out, args.sample_rate, args.clip_secs, tuple(args.split), args.seed, args.silence_db)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
