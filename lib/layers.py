@@ -1,0 +1,48 @@
+"""Layers with the original initialization (SPEC "Two-tier"):
+LeCun uniform for linear layers, He uniform for layers followed by ReLU, orthogonal for the square recurrent
+matrices of GRUs; weight norm on every linear layer (not on embeddings, not inside the cuDNN GRU).
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+
+def linear(n_in, n_out, init="lecun", bias=True):
+    """Weight-normed nn.Linear; init 'lecun' (uniform, var 1/fan_in) or 'he' (uniform, var 2/fan_in)."""
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    gain = {"lecun": 1.0, "he": 2.0}[init]
+    bound = math.sqrt(3.0 * gain / n_in)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound)
+        if bias:
+            layer.bias.zero_()
+    return weight_norm(layer)  # g starts at the row norms, so the initial function is unchanged
+
+
+class GRUStack(nn.Module):
+    """n_rnn stacked GRUs (cuDNN on CUDA) with a learned initial state h0 of shape (n_rnn, 1, dim)."""
+
+    def __init__(self, n_in, dim, n_rnn):
+        super().__init__()
+        self.gru = nn.GRU(n_in, dim, n_rnn, batch_first=True)
+        self.h0 = nn.Parameter(torch.zeros(n_rnn, 1, dim))
+        with torch.no_grad():
+            for name, w in self.gru.named_parameters():
+                if name.startswith("weight_hh"):  # three square (dim, dim) gate matrices
+                    for block in w.chunk(3, dim=0):
+                        nn.init.orthogonal_(block)
+                elif name.startswith("weight_ih"):
+                    w.uniform_(-math.sqrt(3.0 / w.shape[1]), math.sqrt(3.0 / w.shape[1]))
+                else:
+                    w.zero_()
+
+    def initial_state(self, batch_size):
+        return self.h0.expand(-1, batch_size, -1).contiguous()
+
+    def forward(self, x, h):
+        """x (B, T, n_in), h (n_rnn, B, dim) or None for h0 -> out (B, T, dim), h (n_rnn, B, dim)."""
+        if h is None:
+            h = self.initial_state(x.shape[0])
+        return self.gru(x, h)

@@ -1,0 +1,154 @@
+"""Two-tier SampleRNN: a frame-level GRU conditions a sample-level MLP (SPEC "Two-tier").
+
+    python two_tier.py --frame_size 2                 # train on the default speech data
+    python two_tier.py --preset tiny                  # a few seconds on a CPU
+    python two_tier.py --resume runs/twotier_fs2_nf64_1732540000
+
+Time alignment, for a chunk x of FS + SEQ_LEN samples (the first FS from the previous chunk):
+frame f = x[f*FS : (f+1)*FS] is read by the frame-level RNN, whose output conditions the FS samples of the
+NEXT frame; the MLP predicts x[FS + t] from its conditioning vector and the FS samples x[t : t + FS].
+So logits[:, t] predicts x[:, FS + t] from x[:, :FS + t] only.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lib import UserError
+from lib.layers import GRUStack, linear
+from lib.quantize import q_zero, to_reals
+from lib.train import add_training_args, train_main
+
+MODEL_ID = "twotier"
+PRESETS = {  # each preset holds only the values it changes
+    "tiny": dict(frame_size=2, n_frames=16, dim=32, n_rnn=1, emb_size=16, batch_size=8, stop_iters=20,
+                 print_iters=10, valid_clips=2, n_samples=2, sample_secs=0.25),
+}
+
+
+class FrameLevelRNN(nn.Module):
+    """GRU stack over frames of FS reals in [-2, 2]; one conditioning vector per sample of the next frame."""
+
+    def __init__(self, frame_size, dim, n_rnn, q_levels):
+        super().__init__()
+        self.frame_size, self.dim, self.q_levels = frame_size, dim, q_levels
+        self.rnn = GRUStack(frame_size, dim, n_rnn)
+        self.to_cond = linear(dim, frame_size * dim)
+
+    def forward(self, frames, h):
+        """frames (B, F, FS) int levels, h (n_rnn, B, dim) or None
+        -> cond (B, F*FS, dim): cond[:, f*FS + j] is for sample j of frame f+1; out (B, F, dim); h."""
+        out, h = self.rnn(to_reals(frames, self.q_levels), h)  # (B, F, dim)
+        cond = self.to_cond(out).reshape(out.shape[0], -1, self.dim)  # (B, F*FS, dim)
+        return cond, out, h
+
+
+class SampleLevelMLP(nn.Module):
+    """Predicts one sample from its conditioning vector and the FS samples just before it."""
+
+    def __init__(self, frame_size, dim, emb_size, q_levels):
+        super().__init__()
+        self.embed = nn.Embedding(q_levels, emb_size)
+        self.inp = linear(frame_size * emb_size, dim, init="he", bias=False)
+        self.hidden = nn.ModuleList([linear(dim, dim, init="he") for _ in range(2)])
+        self.out = linear(dim, q_levels)
+
+    def forward(self, prev, cond):
+        """prev (B, T, FS) int levels, cond (B, T, dim) -> logits (B, T, q_levels)."""
+        x = self.embed(prev).flatten(2)  # (B, T, FS*emb)
+        x = F.relu(self.inp(x) + cond)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.out(x)
+
+
+class TwoTier(nn.Module):
+    def __init__(self, frame_size=4, n_frames=64, dim=1024, n_rnn=3, emb_size=256, q_levels=256, ipcost=0.0):
+        super().__init__()
+        self.frame_size, self.q_levels, self.ipcost = frame_size, q_levels, ipcost
+        self.overlap, self.seq_len = frame_size, n_frames * frame_size  # the chunk geometry the data loop uses
+        self.frame_rnn = FrameLevelRNN(frame_size, dim, n_rnn, q_levels)
+        self.sample_mlp = SampleLevelMLP(frame_size, dim, emb_size, q_levels)
+        # auxiliary head (--ipcost): the frame-level output alone predicts each sample of the next frame
+        self.ip_head = linear(dim, frame_size * q_levels) if ipcost > 0 else None
+
+    def forward(self, x, h=None):
+        """x (B, FS + T) int levels, T a multiple of FS; h (n_rnn, B, dim) or None for the learned h0.
+        -> logits (B, T, q_levels) where logits[:, t] predicts x[:, FS + t] from x[:, :FS + t];
+           h after the chunk; aux = ipcost-weighted auxiliary NLL in nats (0 without --ipcost)."""
+        fs = self.frame_size
+        B, T = x.shape[0], x.shape[1] - fs
+        cond, out, h = self.frame_rnn(x[:, :-fs].reshape(B, T // fs, fs), h)  # frames of the inputs
+        prev = x[:, :-1].unfold(1, fs, 1)  # (B, T, FS): prev[:, t] = x[:, t : t + FS]
+        logits = self.sample_mlp(prev, cond)
+        aux = logits.new_zeros(())
+        if self.ip_head is not None:
+            ip_logits = self.ip_head(out).reshape(B, T, self.q_levels)
+            aux = self.ipcost * F.cross_entropy(ip_logits.reshape(-1, self.q_levels), x[:, fs:].reshape(-1))
+        return logits, h, aux
+
+    @torch.no_grad()
+    def generate(self, n, length, generator, temperature=1.0, keep_logits=False):
+        """Plain reference sampler: (n, length) int levels, and the (n, length, q_levels) logits each sample was
+        drawn from if keep_logits. Starts like a training clip: FS samples of q_zero padding and the learned h0."""
+        fs = self.frame_size
+        n_frames = -(-length // fs)  # whole frames, cut to `length` at the end
+        x = torch.full((n, fs + n_frames * fs), q_zero(self.q_levels), dtype=torch.long, device=self.device)
+        kept = torch.zeros(n, n_frames * fs, self.q_levels, device=self.device) if keep_logits else None
+        h = None
+        with parametrize.cached():  # weight norm computed once, not at every step
+            for f in range(n_frames):
+                cond, _, h = self.frame_rnn(x[:, None, f * fs:(f + 1) * fs], h)  # (n, FS, dim): next frame's
+                for j in range(fs):
+                    t = (f + 1) * fs + j
+                    logits = self.sample_mlp(x[:, None, t - fs:t], cond[:, j:j + 1])[:, 0]  # (n, q_levels)
+                    if keep_logits:
+                        kept[:, t - fs] = logits
+                    probs = F.softmax(logits.float() / temperature, dim=-1)
+                    x[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        if keep_logits:
+            return x[:, fs:fs + length], kept[:, :length]
+        return x[:, fs:fs + length]
+
+    @property
+    def device(self):
+        return self.frame_rnn.rnn.h0.device
+
+
+def add_model_args(p):
+    p.add_argument("--frame_size", type=int, default=4, help="samples per frame of the frame-level RNN (FS)")
+    p.add_argument("--n_frames", type=int, default=64, help="frames per truncated-BPTT chunk")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="samples per chunk (SEQ_LEN); if given, overrides --n_frames = seq_len / frame_size")
+    p.add_argument("--dim", type=int, default=1024, help="width of the GRUs and of the MLP")
+    p.add_argument("--n_rnn", type=int, default=3, help="stacked GRUs in the frame-level RNN")
+    p.add_argument("--emb_size", type=int, default=256, help="embedding size of each previous sample in the MLP")
+    p.add_argument("--ipcost", type=float, default=0.0,
+                   help="weight of the auxiliary next-frame prediction cost (0 = off); reported NLL excludes it")
+
+
+def build_model(args):
+    """The model from resolved settings; checks and fills the derived ones (args.n_frames from --seq_len)."""
+    for name in ("frame_size", "n_frames", "dim", "n_rnn", "emb_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1 (got {getattr(args, name)})")
+    if args.seq_len is not None:
+        if args.seq_len < 1 or args.seq_len % args.frame_size:
+            raise UserError(f"--seq_len {args.seq_len} must be a positive multiple of --frame_size {args.frame_size}")
+        args.n_frames = args.seq_len // args.frame_size
+    args.seq_len = args.n_frames * args.frame_size
+    if args.ipcost < 0:
+        raise UserError(f"--ipcost must be >= 0 (got {args.ipcost})")
+    return TwoTier(args.frame_size, args.n_frames, args.dim, args.n_rnn, args.emb_size, args.q_levels, args.ipcost)
+
+
+def default_tag(args):
+    return f"fs{args.frame_size}_nf{args.n_frames}"
+
+
+def main(argv=None):
+    train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
+
+
+if __name__ == "__main__":
+    main()
