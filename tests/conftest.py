@@ -26,9 +26,9 @@ def speech(seconds, clip=0, offset=0.0):
 
 @pytest.fixture(scope="session")
 def speech_wav(tmp_path_factory):
-    """1.5 s of real speech (the loudest 1.5 s of a train clip) as a 16-bit WAV file."""
+    """1 s of real speech (the loudest second of a train clip) as a 16-bit WAV file."""
     audio = speech(8.0)
-    n = int(1.5 * RATE)
+    n = RATE
     energy = np.convolve(audio ** 2, np.ones(n), mode="valid")
     start = int(np.argmax(energy[::800]) * 800)
     path = str(tmp_path_factory.mktemp("speech") / "speech.wav")

@@ -1,0 +1,118 @@
+"""Training end to end through two_tier.py: run folders, determinism, exact resume, overfitting, bad input."""
+import glob
+import json
+import os
+
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import RATE, run_main
+from lib.report import read_metrics
+from two_tier import main as two_tier_main
+
+LOSS_KEYS = ("iteration", "train_bits", "valid_bits", "grad_norm")
+
+
+def train(tmp_path, data, *flags, runs="runs"):
+    runs_dir = str(tmp_path / runs)
+    code = run_main(two_tier_main, ["--preset", "tiny", "--data", data, "--runs_dir", runs_dir, *flags])
+    assert code == 0
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
+    return run_dir
+
+
+def losses(run_dir):
+    return [{k: r[k] for k in LOSS_KEYS} for r in read_metrics(run_dir)]
+
+
+def final_params(run_dir):
+    ckpt = torch.load(sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")))[-1], weights_only=False)
+    return ckpt["model"], ckpt["state"]["iteration"]
+
+
+def test_run_folder_holds_everything(tmp_path, speech_wav):
+    run_dir = train(tmp_path, speech_wav, "--name", "smoke")
+    assert os.path.basename(run_dir).startswith("twotier_smoke_")
+    settings = json.load(open(os.path.join(run_dir, "settings.json")))
+    assert settings["settings"]["dim"] == 32 and settings["parameters"] > 0
+    assert {"revision", "dirty"} <= set(settings["git"]) and settings["versions"]["torch"]
+    rows = read_metrics(run_dir)
+    assert [r["iteration"] for r in rows] == [10, 20]
+    assert {"train_secs", "wall_secs", "train_bits", "valid_bits", "grad_norm", "samples_per_sec"} <= set(rows[0])
+    assert "test_bits" in rows[-1] and "test_bits" not in rows[0]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["it0000010.pt", "it0000020.pt"]
+    wavs = sorted(glob.glob(os.path.join(run_dir, "samples", "*.wav")))
+    assert len(wavs) == 4
+    info = sf.info(wavs[0])
+    assert info.samplerate == RATE and info.frames == RATE // 4
+    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
+    assert "iter      20" in open(os.path.join(run_dir, "log.txt")).read()
+
+
+def test_same_seed_same_log_other_seed_other_log(tmp_path, speech_wav):
+    a = train(tmp_path, speech_wav, runs="a")
+    b = train(tmp_path, speech_wav, runs="b")
+    c = train(tmp_path, speech_wav, "--seed", "7", runs="c")
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+    wav = "samples/it0000020_0.wav"
+    assert open(os.path.join(a, wav), "rb").read() == open(os.path.join(b, wav), "rb").read()
+
+
+def test_resume_continues_exactly(tmp_path, speech_wav):
+    """N + M iterations straight == N, stop, resume, M: identical parameters and logged losses."""
+    straight = train(tmp_path, speech_wav, "--stop_iters", "30", runs="straight")
+    split = train(tmp_path, speech_wav, "--stop_iters", "10", runs="split")  # stops inside a clip's chunks
+    assert run_main(two_tier_main, ["--resume", split, "--stop_iters", "30"]) == 0
+    assert losses(straight) == losses(split)
+    (p_straight, it_a), (p_split, it_b) = final_params(straight), final_params(split)
+    assert it_a == it_b == 30
+    assert all(torch.equal(p_straight[k], p_split[k]) for k in p_straight)
+    assert "resuming" in open(os.path.join(split, "log.txt")).read()
+
+
+def test_tiny_model_overfits_one_second_of_speech(tmp_path, speech_wav):
+    run_dir = train(tmp_path, speech_wav, "--frame_size", "4", "--n_frames", "64", "--dim", "128", "--batch_size",
+                    "1", "--lr", "5e-3", "--stop_iters", "1800", "--print_iters", "600", "--n_samples", "0")
+    rows = read_metrics(run_dir)
+    assert rows[0]["train_bits"] > 2.5
+    assert rows[-1]["valid_bits"] < 0.6, rows  # valid = the same recording, evaluated in eval mode
+
+
+def snapshot(folder):
+    return sorted((p, os.path.getsize(p), os.path.getmtime(p)) for p in glob.glob(f"{folder}/**", recursive=True))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "/nonexistent/folder"], "does not exist"),
+    (["--data", "EMPTY"], "not a prepared dataset"),
+    (["--data", "NOAUDIO"], "none of the"),
+    (["--seq_len", "33"], "multiple of --frame_size"),
+    (["--q_levels", "255"], "q_levels"),
+    (["--n_frames", "0"], "--n_frames"),
+    (["--n_frames", "5000"], "shorter than one training chunk"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--resume", "NOTARUN"], "not a run folder"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, speech_wav, capsys, flags, message):
+    for name in ("EMPTY", "NOAUDIO/train", "NOAUDIO/valid", "NOAUDIO/test", "NOTARUN"):
+        os.makedirs(tmp_path / name)
+    for split in ("train", "valid", "test"):
+        (tmp_path / "NOAUDIO" / split / "x.wav").write_bytes(b"not audio")
+    flags = [str(tmp_path / f) if f in ("EMPTY", "NOAUDIO", "NOTARUN") else f for f in flags]
+    before = snapshot(tmp_path)
+    code = run_main(two_tier_main, ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(tmp_path / "runs"),
+                                    *flags])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_refuses_changed_model_flags_and_keeps_the_run(tmp_path, speech_wav, capsys):
+    run_dir = train(tmp_path, speech_wav)
+    before = snapshot(run_dir)
+    assert run_main(two_tier_main, ["--resume", run_dir, "--dim", "64"]) == 2
+    assert "--dim cannot change" in capsys.readouterr().err
+    assert snapshot(run_dir) == before

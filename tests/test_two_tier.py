@@ -1,0 +1,145 @@
+"""The two-tier model: shapes, causality, the loss at initialization, sampler == teacher forcing, TBPTT."""
+import copy
+import math
+
+import pytest
+import torch
+
+from lib import UserError
+from lib.data import ChunkBatches, eval_chunks
+from lib.quantize import q_zero
+from lib.train import evaluate, train_step
+from two_tier import TwoTier
+
+Q = 256
+
+
+def small(fs=2, n_frames=8, **kw):
+    torch.manual_seed(0)
+    return TwoTier(frame_size=fs, n_frames=n_frames, dim=32, n_rnn=2, emb_size=8, q_levels=Q, **kw)
+
+
+def test_shapes():
+    model = small(fs=4, n_frames=5, ipcost=0.5)
+    x = torch.randint(Q, (3, 4 + 20))
+    logits, h, aux = model(x)
+    assert logits.shape == (3, 20, Q)
+    assert h.shape == (2, 3, 32)
+    assert aux.shape == () and aux.item() > 0
+
+
+def test_loss_at_init_is_near_uniform():
+    """Near log2(256) = 8 bits: the original init (He into ReLUs, LeCun out) gives logits of variance ~1,
+    which costs about one bit more than a uniform guess; a scale bug would cost tens of bits."""
+    model = small()
+    x = torch.randint(Q, (4, 2 + 64))
+    logits, _, _ = model(x)
+    bits = torch.nn.functional.cross_entropy(logits.reshape(-1, Q), x[:, 2:].reshape(-1)).item() / math.log(2)
+    assert math.log2(Q) <= bits < math.log2(Q) + 1.5
+
+
+@pytest.mark.parametrize("fs", [1, 2, 4])
+def test_causality_across_a_chunk_boundary(fs):
+    """Changing sample p changes no prediction of a sample <= p, and does change the prediction of p + 1."""
+    model = small(fs=fs, n_frames=4).eval()
+    T = model.seq_len
+    seq = torch.randint(Q, (2, fs + 2 * T))
+
+    def all_logits(s):  # two chunks with the hidden state carried, as in training
+        l1, h, _ = model(s[:, :fs + T])
+        l2, _, _ = model(s[:, T:fs + 2 * T], h)
+        return torch.cat([l1, l2], dim=1)  # [:, u] predicts s[:, fs + u]
+
+    with torch.no_grad():
+        base = all_logits(seq)
+        for p in range(fs, fs + 2 * T):  # every target position of both chunks
+            changed = seq.clone()
+            changed[:, p] = (changed[:, p] + Q // 2) % Q
+            out = all_logits(changed)
+            u = p - fs  # out[:, u] predicts the perturbed sample itself
+            assert torch.equal(out[:, :u + 1], base[:, :u + 1]), f"prediction of sample <= {p} saw sample {p}"
+            if u + 1 < 2 * T:
+                assert not torch.allclose(out[:, u + 1], base[:, u + 1]), f"sample {p + 1} ignores sample {p}"
+
+
+def test_sampler_matches_teacher_forcing():
+    model = small(fs=4, n_frames=4).eval()
+    g = torch.Generator().manual_seed(5)
+    samples, logits = model.generate(3, 37, g, keep_logits=True)
+    assert samples.shape == (3, 37) and logits.shape == (3, 37, Q)
+    assert samples.min() >= 0 and samples.max() < Q
+    padded = torch.cat([torch.full((3, 4), q_zero(Q)), samples, torch.full((3, 3), q_zero(Q))], dim=1)  # 40 whole
+    with torch.no_grad():
+        forced, _, _ = model(padded)
+    torch.testing.assert_close(forced[:, :37], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sampler_is_deterministic_and_follows_temperature():
+    model = small().eval()
+    a = model.generate(2, 50, torch.Generator().manual_seed(1))
+    b = model.generate(2, 50, torch.Generator().manual_seed(1))
+    c = model.generate(2, 50, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    cold = model.generate(2, 50, torch.Generator().manual_seed(1), temperature=1e-4)
+    _, logits = model.generate(2, 50, torch.Generator().manual_seed(1), temperature=1e-4, keep_logits=True)
+    assert torch.equal(cold, logits.argmax(-1))  # near-zero temperature is greedy
+
+
+def test_chunks_overlap_and_reset_flags():
+    levels = torch.randint(Q, (5, 100))
+    batches = ChunkBatches(levels, 2, seq_len=24, overlap=4, q_levels=Q, seed=0)
+    assert batches.chunks_per_clip == 4  # 100 // 24; the last 4 samples are never a target
+    seen = []
+    for group in range(batches.batches_per_epoch):
+        chunks = [batches(group * 4 + k) for k in range(4)]
+        assert [reset for _, reset in chunks] == [True, False, False, False]
+        assert (chunks[0][0][:, :4] == q_zero(Q)).all()
+        for (prev, _), (cur, _) in zip(chunks, chunks[1:]):
+            assert cur.shape == (2, 28)
+            assert torch.equal(cur[:, :4], prev[:, -4:])  # FS samples of overlap
+        targets = torch.cat([c[:, 4:] for c, _ in chunks], dim=1)
+        rows = [int((levels[:, :96] == t).all(dim=1).nonzero()) for t in targets]
+        seen += rows
+    assert len(set(seen)) == len(seen) == 4  # one epoch: distinct clips, without replacement
+
+
+def test_fewer_clips_than_batch_size_still_batches():
+    levels = torch.randint(Q, (3, 64))
+    batches = ChunkBatches(levels, 8, seq_len=32, overlap=2, q_levels=Q, seed=0)
+    assert batches.with_replacement
+    chunk, reset = batches(0)
+    assert chunk.shape == (8, 34) and reset
+
+
+def test_clip_shorter_than_a_chunk_is_refused():
+    with pytest.raises(UserError, match="shorter than one training chunk"):
+        ChunkBatches(torch.randint(Q, (3, 20)), 2, seq_len=32, overlap=2, q_levels=Q, seed=0)
+
+
+def test_train_step_resets_to_h0_at_a_clip_start():
+    model = small()
+    chunk = torch.randint(Q, (2, 2 + 16))
+    garbage = torch.randn(2, 2, 32)
+    results = []
+    for h in (None, garbage):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        bits, grad_norm, h_after = train_step(m, opt, chunk, True, h, 1.0)
+        results.append((bits, grad_norm, h_after, [p.detach().clone() for p in m.parameters()]))
+    assert results[0][:2] == results[1][:2]
+    assert torch.equal(results[0][2], results[1][2])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][3], results[1][3]))
+    # without a reset the carried state matters
+    m = copy.deepcopy(model)
+    bits, _, _ = train_step(m, torch.optim.Adam(m.parameters()), chunk, False, garbage, 1.0)
+    assert bits != results[0][0]
+
+
+def test_evaluation_resets_between_clips_and_covers_whole_chunks():
+    model = small().eval()
+    levels = torch.randint(Q, (3, 70))  # 4 whole chunks of 16 per clip; 6 samples never predicted
+    together = evaluate(model, levels, batch_size=1, device="cpu")
+    alone = [evaluate(model, levels[i:i + 1], batch_size=3, device="cpu") for i in range(3)]
+    assert together == pytest.approx(sum(alone) / 3, rel=1e-6)
+    n_targets = sum(c.shape[0] * (c.shape[1] - 2) for c, _ in eval_chunks(levels, 2, 16, 2, Q, 48))
+    assert n_targets == 3 * 64
