@@ -7,7 +7,6 @@ each split is concatenated in that order and cut into clips of --clip_secs with 
 sample is in two clips; only the final partial clip of each split is dropped). Clips are written as 16-bit
 FLAC to OUT/{train,valid,test}/, with OUT/dataset.json recording the settings, the split and the counts.
 """
-import argparse
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from lib import UserError
+from lib import ArgumentParser, UserError
 from lib.audio import find_audio, read_mono, warn
 
 SPLITS = ("train", "valid", "test")
@@ -102,7 +101,7 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("src", help="folder of audio files (searched recursively)")
     p.add_argument("out", help="new folder for the dataset (must not exist or be empty)")
     p.add_argument("--sample_rate", type=int, default=8000, help="output sample rate (Hz)")

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib import UserError
+from lib import ArgumentParser, UserError
 from lib.audio import write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_audio, quantize_clips
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
 from lib.report import plot_curves, read_metrics
 
+SCRIPTS = {"twotier": "two_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
 LN2 = math.log(2)
 EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chunks)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ def add_training_args(p, presets):
 
 def train_main(model_id, doc, add_model_args, build_model, default_tag, presets, argv=None):
     """Entry point of a model script: bad input is one line on stderr and exit status 2."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=doc)
     add_model_args(parser)
     add_training_args(parser, presets)
     try:
@@ -97,7 +98,7 @@ def parse_settings(model_id, parser, presets, argv):
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     if ckpt.get("model_id") != model_id:
         raise UserError(f"{first.resume} is a {ckpt.get('model_id')} run, not {model_id}: resume it with "
-                        f"{ckpt.get('model_id', 'its own script').replace('twotier', 'two_tier')}.py")
+                        f"{SCRIPTS.get(ckpt.get('model_id'), 'the script that made it')}")
     saved = dict(ckpt["settings"])
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
     changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]
