@@ -1,4 +1,4 @@
-"""Training end to end through two_tier.py: run folders, determinism, exact resume, overfitting, bad input."""
+"""Training end to end through both scripts: run folders, determinism, exact resume, overfitting, bad input."""
 import glob
 import json
 import os
@@ -9,14 +9,17 @@ import torch
 
 from conftest import RATE, run_main
 from lib.report import read_metrics
+from baseline import main as baseline_main
 from two_tier import main as two_tier_main
 
 LOSS_KEYS = ("iteration", "train_bits", "valid_bits", "grad_norm")
+SCRIPTS = {"twotier": two_tier_main, "baseline": baseline_main}
+both = pytest.mark.parametrize("model", sorted(SCRIPTS))
 
 
-def train(tmp_path, data, *flags, runs="runs"):
+def train(tmp_path, data, *flags, runs="runs", model="twotier"):
     runs_dir = str(tmp_path / runs)
-    code = run_main(two_tier_main, ["--preset", "tiny", "--data", data, "--runs_dir", runs_dir, *flags])
+    code = run_main(SCRIPTS[model], ["--preset", "tiny", "--data", data, "--runs_dir", runs_dir, *flags])
     assert code == 0
     (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
     return run_dir
@@ -31,9 +34,10 @@ def final_params(run_dir):
     return ckpt["model"], ckpt["state"]["iteration"]
 
 
-def test_run_folder_holds_everything(tmp_path, speech_wav):
-    run_dir = train(tmp_path, speech_wav, "--name", "smoke")
-    assert os.path.basename(run_dir).startswith("twotier_smoke_")
+@both
+def test_run_folder_holds_everything(tmp_path, speech_wav, model):
+    run_dir = train(tmp_path, speech_wav, "--name", "smoke", model=model)
+    assert os.path.basename(run_dir).startswith(f"{model}_smoke_")
     settings = json.load(open(os.path.join(run_dir, "settings.json")))
     assert settings["settings"]["dim"] == 32 and settings["parameters"] > 0
     assert {"revision", "dirty"} <= set(settings["git"]) and settings["versions"]["torch"]
@@ -50,21 +54,23 @@ def test_run_folder_holds_everything(tmp_path, speech_wav):
     assert "iter      20" in open(os.path.join(run_dir, "log.txt")).read()
 
 
-def test_same_seed_same_log_other_seed_other_log(tmp_path, speech_wav):
-    a = train(tmp_path, speech_wav, runs="a")
-    b = train(tmp_path, speech_wav, runs="b")
-    c = train(tmp_path, speech_wav, "--seed", "7", runs="c")
+@both
+def test_same_seed_same_log_other_seed_other_log(tmp_path, speech_wav, model):
+    a = train(tmp_path, speech_wav, runs="a", model=model)
+    b = train(tmp_path, speech_wav, runs="b", model=model)
+    c = train(tmp_path, speech_wav, "--seed", "7", runs="c", model=model)
     assert losses(a) == losses(b)
     assert losses(a) != losses(c)
     wav = "samples/it0000020_0.wav"
     assert open(os.path.join(a, wav), "rb").read() == open(os.path.join(b, wav), "rb").read()
 
 
-def test_resume_continues_exactly(tmp_path, speech_wav):
+@both
+def test_resume_continues_exactly(tmp_path, speech_wav, model):
     """N + M iterations straight == N, stop, resume, M: identical parameters and logged losses."""
-    straight = train(tmp_path, speech_wav, "--stop_iters", "30", runs="straight")
-    split = train(tmp_path, speech_wav, "--stop_iters", "10", runs="split")  # stops inside a clip's chunks
-    assert run_main(two_tier_main, ["--resume", split, "--stop_iters", "30"]) == 0
+    straight = train(tmp_path, speech_wav, "--stop_iters", "30", runs="straight", model=model)
+    split = train(tmp_path, speech_wav, "--stop_iters", "10", runs="split", model=model)  # stops inside a clip
+    assert run_main(SCRIPTS[model], ["--resume", split, "--stop_iters", "30"]) == 0
     assert losses(straight) == losses(split)
     (p_straight, it_a), (p_split, it_b) = final_params(straight), final_params(split)
     assert it_a == it_b == 30
@@ -116,3 +122,23 @@ def test_resume_refuses_changed_model_flags_and_keeps_the_run(tmp_path, speech_w
     assert run_main(two_tier_main, ["--resume", run_dir, "--dim", "64"]) == 2
     assert "--dim cannot change" in capsys.readouterr().err
     assert snapshot(run_dir) == before
+
+
+@both
+def test_resume_refuses_the_other_models_run(tmp_path, speech_wav, capsys, model):
+    run_dir = train(tmp_path, speech_wav, model=model)
+    other = "baseline" if model == "twotier" else "twotier"
+    before = snapshot(tmp_path)
+    assert run_main(SCRIPTS[other], ["--resume", run_dir]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is a {model} run" in err[0]
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("flags, message", [(["--input", "bytes"], "invalid choice"),
+                                            (["--seq_len", "0"], "--seq_len must be at least 1")])
+def test_baseline_bad_flags(tmp_path, speech_wav, capsys, flags, message):
+    assert run_main(baseline_main, ["--data", speech_wav, "--runs_dir", str(tmp_path / "runs"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()

@@ -1,4 +1,4 @@
-"""The two-tier model: shapes, causality, the loss at initialization, sampler == teacher forcing, TBPTT."""
+"""Both models: shapes, causality, the loss at initialization, sampler == teacher forcing; TBPTT mechanics."""
 import copy
 import math
 
@@ -9,6 +9,7 @@ from lib import UserError
 from lib.data import ChunkBatches, eval_chunks
 from lib.quantize import q_zero
 from lib.train import evaluate, train_step
+from baseline import FlatGRU
 from two_tier import TwoTier
 
 Q = 256
@@ -17,6 +18,17 @@ Q = 256
 def small(fs=2, n_frames=8, **kw):
     torch.manual_seed(0)
     return TwoTier(frame_size=fs, n_frames=n_frames, dim=32, n_rnn=2, emb_size=8, q_levels=Q, **kw)
+
+
+def flat(input="reals", seq_len=16):
+    torch.manual_seed(0)
+    return FlatGRU(dim=32, n_rnn=2, q_levels=Q, input=input, emb_size=8, seq_len=seq_len)
+
+
+# every model the repository trains, as (name, factory): the contract tests run on each
+MODELS = [("twotier_fs1", lambda: small(fs=1, n_frames=8)), ("twotier_fs2", lambda: small(fs=2, n_frames=4)),
+          ("twotier_fs4", lambda: small(fs=4, n_frames=4)), ("baseline_reals", lambda: flat("reals")),
+          ("baseline_embed", lambda: flat("embed"))]
 
 
 def test_shapes():
@@ -28,21 +40,28 @@ def test_shapes():
     assert aux.shape == () and aux.item() > 0
 
 
-def test_loss_at_init_is_near_uniform():
+def test_baseline_shapes():
+    model = flat("embed", seq_len=12)
+    logits, h, aux = model(torch.randint(Q, (3, 1 + 12)))
+    assert logits.shape == (3, 12, Q) and h.shape == (2, 3, 32) and aux.item() == 0
+
+
+@pytest.mark.parametrize("name, make", MODELS)
+def test_loss_at_init_is_near_uniform(name, make):
     """Near log2(256) = 8 bits: the original init (He into ReLUs, LeCun out) gives logits of variance ~1,
-    which costs about one bit more than a uniform guess; a scale bug would cost tens of bits."""
-    model = small()
-    x = torch.randint(Q, (4, 2 + 64))
+    which costs at most about one bit more than a uniform guess; a scale bug would cost tens of bits."""
+    model = make()
+    x = torch.randint(Q, (4, model.overlap + 64))
     logits, _, _ = model(x)
-    bits = torch.nn.functional.cross_entropy(logits.reshape(-1, Q), x[:, 2:].reshape(-1)).item() / math.log(2)
-    assert math.log2(Q) <= bits < math.log2(Q) + 1.5
+    bits = torch.nn.functional.cross_entropy(logits.reshape(-1, Q), x[:, model.overlap:].reshape(-1)).item()
+    assert math.log2(Q) <= bits / math.log(2) < math.log2(Q) + 1.5
 
 
-@pytest.mark.parametrize("fs", [1, 2, 4])
-def test_causality_across_a_chunk_boundary(fs):
+@pytest.mark.parametrize("name, make", MODELS)
+def test_causality_across_a_chunk_boundary(name, make):
     """Changing sample p changes no prediction of a sample <= p, and does change the prediction of p + 1."""
-    model = small(fs=fs, n_frames=4).eval()
-    T = model.seq_len
+    model = make().eval()
+    fs, T = model.overlap, model.seq_len
     seq = torch.randint(Q, (2, fs + 2 * T))
 
     def all_logits(s):  # two chunks with the hidden state carried, as in training
@@ -62,20 +81,23 @@ def test_causality_across_a_chunk_boundary(fs):
                 assert not torch.allclose(out[:, u + 1], base[:, u + 1]), f"sample {p + 1} ignores sample {p}"
 
 
-def test_sampler_matches_teacher_forcing():
-    model = small(fs=4, n_frames=4).eval()
-    g = torch.Generator().manual_seed(5)
-    samples, logits = model.generate(3, 37, g, keep_logits=True)
+@pytest.mark.parametrize("name, make", MODELS)
+def test_sampler_matches_teacher_forcing(name, make):
+    """The logits each sample was drawn from == the training forward pass over the sampled sequence."""
+    model = make().eval()
+    samples, logits = model.generate(3, 37, torch.Generator().manual_seed(5), keep_logits=True)
     assert samples.shape == (3, 37) and logits.shape == (3, 37, Q)
     assert samples.min() >= 0 and samples.max() < Q
-    padded = torch.cat([torch.full((3, 4), q_zero(Q)), samples, torch.full((3, 3), q_zero(Q))], dim=1)  # 40 whole
+    # the clip-start padding, the samples, then padding up to whole frames (those logits are not compared)
+    padded = torch.cat([torch.full((3, model.overlap), q_zero(Q)), samples, torch.full((3, 3), q_zero(Q))], dim=1)
     with torch.no_grad():
-        forced, _, _ = model(padded)
+        forced, _, _ = model(padded[:, :model.overlap + 40])
     torch.testing.assert_close(forced[:, :37], logits, atol=1e-4, rtol=1e-4)
 
 
-def test_sampler_is_deterministic_and_follows_temperature():
-    model = small().eval()
+@pytest.mark.parametrize("name, make", MODELS[1::3])
+def test_sampler_is_deterministic_and_follows_temperature(name, make):
+    model = make().eval()
     a = model.generate(2, 50, torch.Generator().manual_seed(1))
     b = model.generate(2, 50, torch.Generator().manual_seed(1))
     c = model.generate(2, 50, torch.Generator().manual_seed(2))
