@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, linear
 from lib.quantize import q_zero, to_reals
+from lib.sample import draw
 from lib.train import train_main
 
 MODEL_ID = "baseline"
@@ -38,7 +39,9 @@ class FlatGRU(nn.Module):
 
     def step_inputs(self, levels):
         """(B, T) int levels -> (B, T, n_in) GRU inputs."""
-        return self.embed(levels) if self.embed is not None else to_reals(levels, self.q_levels)[..., None]
+        if self.embed is not None:
+            return self.embed(levels)
+        return to_reals(levels, self.q_levels)[..., None].to(self.rnn.h0.dtype)
 
     def forward(self, x, h=None):
         """x (B, 1 + T) int levels; h (n_rnn, B, dim) or None for the learned h0.
@@ -47,22 +50,74 @@ class FlatGRU(nn.Module):
         logits = self.out(out)
         return logits, h, logits.new_zeros(())
 
+    def prime_state(self, n, prime=None):
+        """State to sample from: (h, the last sample read), for n sequences that start like a clip (one q_zero
+        sample, the learned h0) or continue `prime` (1-D levels)."""
+        device = self.rnn.h0.device
+        x = torch.full((n, 1), q_zero(self.q_levels), dtype=torch.long, device=device)
+        h = self.rnn.initial_state(n)
+        if prime is not None and len(prime):
+            x = torch.cat([x, prime.to(device).expand(n, -1)], dim=1)
+            _, h = self.rnn(self.step_inputs(x[:, :-1]), h)
+        return h, x[:, -1:]
+
     @torch.no_grad()
-    def generate(self, n, length, generator, temperature=1.0, keep_logits=False):
-        """Plain reference sampler: (n, length) int levels (and their logits if keep_logits).
-        Starts like a training clip: one sample of q_zero and the learned h0."""
-        x = torch.full((n, 1 + length), q_zero(self.q_levels), dtype=torch.long, device=self.rnn.h0.device)
-        kept = torch.zeros(n, length, self.q_levels, device=x.device) if keep_logits else None
-        h = None
+    def generate(self, n, length, noise, temperature=1.0, prime=None, keep_logits=False):
+        """Plain reference sampler -> (n, length) int levels [and the (n, length, q_levels) logits they were
+        drawn from]. noise: lib.sample.GumbelNoise. One GRU step per sample through the training modules."""
+        h, last = self.prime_state(n, prime)
+        x = torch.cat([last, last.new_zeros(n, length)], dim=1)
+        kept = []
         with parametrize.cached():  # weight norm computed once, not at every step
             for t in range(1, 1 + length):
                 out, h = self.rnn(self.step_inputs(x[:, t - 1:t]), h)
                 logits = self.out(out[:, 0])  # (n, q_levels)
-                if keep_logits:
-                    kept[:, t - 1] = logits
-                x[:, t] = torch.multinomial(F.softmax(logits.float() / temperature, dim=-1), 1,
-                                            generator=generator)[:, 0]
-        return (x[:, 1:], kept) if keep_logits else x[:, 1:]
+                kept += [logits] if keep_logits else []
+                x[:, t] = draw(logits, noise.take(1)[:, 0], temperature)
+        return (x[:, 1:], torch.stack(kept, dim=1)) if keep_logits else x[:, 1:]
+
+    def fast_sampler(self, n, temperature=1.0, prime=None, record=False):
+        return FastFlatSampler(self, n, temperature, prime, record)
+
+
+class FastFlatSampler:
+    """The fast path of FlatGRU.generate: `frame_len` samples per step() call, GRU layers stepped with
+    gru_cell on preallocated state, weight norm folded once, no host-device sync (CUDA-graph capturable)."""
+    frame_len = 8
+
+    def __init__(self, model, n, temperature, prime, record):
+        self.model, self.temperature, self.record = model, temperature, record
+        with torch.no_grad(), parametrize.cached():
+            gru = model.rnn.gru
+            self.gru = [tuple(getattr(gru, f"{name}_l{k}").detach() for name in
+                              ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(gru.num_layers)]
+            self.out = (model.out.weight.detach().t().contiguous(), model.out.bias.detach())
+            h, last = model.prime_state(n, prime)
+        self.h, self.last = h.clone(), last.clone()  # (n_rnn, n, dim), (n, 1)
+        self.frame = last.new_zeros(n, self.frame_len)
+        self.recorded = torch.zeros(self.frame_len, model.q_levels, device=last.device,
+                                    dtype=self.out[0].dtype) if record else None
+
+    def step(self, noise):
+        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
+        for t in range(self.frame_len):
+            x = self.model.step_inputs(self.last)[:, 0].to(self.out[0].dtype)
+            for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
+                x = torch.gru_cell(x, self.h[k], w_ih, w_hh, b_ih, b_hh)
+                self.h[k].copy_(x)
+            logits = torch.addmm(self.out[1], x, self.out[0])
+            if self.record:
+                self.recorded[t].copy_(logits[0])
+            self.last[:, 0] = draw(logits, noise[:, t], self.temperature)
+            self.frame[:, t] = self.last[:, 0]
+        return self.frame
+
+    def state_copy(self):
+        return self.h.clone(), self.last.clone()
+
+    def state_restore(self, state):
+        self.h.copy_(state[0])
+        self.last.copy_(state[1])
 
 
 def add_model_args(p):

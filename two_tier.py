@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, linear
 from lib.quantize import q_zero, to_reals
+from lib.sample import draw
 from lib.train import add_training_args, train_main
 
 MODEL_ID = "twotier"
@@ -38,7 +39,7 @@ class FrameLevelRNN(nn.Module):
     def forward(self, frames, h):
         """frames (B, F, FS) int levels, h (n_rnn, B, dim) or None
         -> cond (B, F*FS, dim): cond[:, f*FS + j] is for sample j of frame f+1; out (B, F, dim); h."""
-        out, h = self.rnn(to_reals(frames, self.q_levels), h)  # (B, F, dim)
+        out, h = self.rnn(to_reals(frames, self.q_levels).to(self.rnn.h0.dtype), h)  # (B, F, dim)
         cond = self.to_cond(out).reshape(out.shape[0], -1, self.dim)  # (B, F*FS, dim)
         return cond, out, h
 
@@ -87,32 +88,107 @@ class TwoTier(nn.Module):
             aux = self.ipcost * F.cross_entropy(ip_logits.reshape(-1, self.q_levels), x[:, fs:].reshape(-1))
         return logits, h, aux
 
+    def prime_state(self, n, prime=None):
+        """State to sample from: (h, the last frame read), for n sequences that start like a clip (FS samples
+        of q_zero, the learned h0) or continue `prime` (1-D levels, cut to whole frames at its start)."""
+        fs = self.frame_size
+        pad = torch.full((n, fs), q_zero(self.q_levels), dtype=torch.long, device=self.device)
+        h = self.frame_rnn.rnn.initial_state(n)
+        if prime is None or len(prime) < fs:
+            return h, pad
+        prime = prime[len(prime) % fs:].to(self.device).expand(n, -1)
+        x = torch.cat([pad, prime], dim=1)  # as a training chunk: the frames before the last condition nothing
+        _, _, h = self.frame_rnn(x[:, :-fs].reshape(n, -1, fs), h)
+        return h, x[:, -fs:]
+
     @torch.no_grad()
-    def generate(self, n, length, generator, temperature=1.0, keep_logits=False):
-        """Plain reference sampler: (n, length) int levels, and the (n, length, q_levels) logits each sample was
-        drawn from if keep_logits. Starts like a training clip: FS samples of q_zero padding and the learned h0."""
+    def generate(self, n, length, noise, temperature=1.0, prime=None, keep_logits=False):
+        """Plain reference sampler -> (n, length) int levels [and the (n, length, q_levels) logits they were
+        drawn from]. noise: lib.sample.GumbelNoise. The frame-level RNN steps once per frame, the MLP once per
+        sample, both through the same modules as training."""
         fs = self.frame_size
         n_frames = -(-length // fs)  # whole frames, cut to `length` at the end
-        x = torch.full((n, fs + n_frames * fs), q_zero(self.q_levels), dtype=torch.long, device=self.device)
-        kept = torch.zeros(n, n_frames * fs, self.q_levels, device=self.device) if keep_logits else None
-        h = None
+        h, last = self.prime_state(n, prime)
+        x = torch.cat([last, last.new_zeros(n, n_frames * fs)], dim=1)
+        kept = []
         with parametrize.cached():  # weight norm computed once, not at every step
             for f in range(n_frames):
                 cond, _, h = self.frame_rnn(x[:, None, f * fs:(f + 1) * fs], h)  # (n, FS, dim): next frame's
+                frame_noise = noise.take(fs)
                 for j in range(fs):
                     t = (f + 1) * fs + j
                     logits = self.sample_mlp(x[:, None, t - fs:t], cond[:, j:j + 1])[:, 0]  # (n, q_levels)
-                    if keep_logits:
-                        kept[:, t - fs] = logits
-                    probs = F.softmax(logits.float() / temperature, dim=-1)
-                    x[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        if keep_logits:
-            return x[:, fs:fs + length], kept[:, :length]
-        return x[:, fs:fs + length]
+                    kept += [logits] if keep_logits else []
+                    x[:, t] = draw(logits, frame_noise[:, j], temperature)
+        x = x[:, fs:fs + length]
+        return (x, torch.stack(kept, dim=1)[:, :length]) if keep_logits else x
+
+    def fast_sampler(self, n, temperature=1.0, prime=None, record=False):
+        return FastTwoTierSampler(self, n, temperature, prime, record)
 
     @property
     def device(self):
         return self.frame_rnn.rnn.h0.device
+
+
+class FastTwoTierSampler:
+    """The fast path of TwoTier.generate: one frame per step() call, with
+    - the MLP's first layer as a table: Embedding then Linear(FS*emb -> dim) is, per window position j, a
+      (q_levels, dim) table E @ W_j^T, so each sample's first layer is one embedding_bag (a lookup and a sum);
+    - weight norm folded into plain weights once, transposed for addmm; GRU layers stepped with gru_cell;
+    - all state in preallocated tensors updated in place, no host-device sync (CUDA-graph capturable)."""
+
+    def __init__(self, model, n, temperature, prime, record):
+        fs, q = model.frame_size, model.q_levels
+        self.frame_len, self.fs, self.q_levels, self.temperature, self.record = fs, fs, q, temperature, record
+        with torch.no_grad(), parametrize.cached():
+            gru = model.frame_rnn.rnn.gru
+            self.gru = [tuple(getattr(gru, f"{name}_l{k}").detach() for name in
+                              ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(gru.num_layers)]
+            self.cond = linear_t(model.frame_rnn.to_cond)
+            mlp = model.sample_mlp
+            emb = mlp.embed.weight.shape[1]
+            w = mlp.inp.weight.detach()  # (dim, FS*emb)
+            self.table = torch.cat([mlp.embed.weight @ w[:, j * emb:(j + 1) * emb].t() for j in range(fs)])
+            self.offsets = torch.arange(fs, device=w.device) * q  # row of position j in the table
+            self.hidden = [linear_t(layer) for layer in mlp.hidden]
+            self.out = linear_t(mlp.out)
+            h, last = model.prime_state(n, prime)
+        self.h = h.clone()  # (n_rnn, n, dim)
+        self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
+        self.recorded = torch.zeros(fs, q, device=w.device, dtype=w.dtype) if record else None
+
+    def step(self, noise):
+        """noise (n, FS, q_levels) -> the next frame (n, FS) of levels; advances h and the window in place."""
+        fs, win = self.fs, self.window
+        x = to_reals(win[:, :fs], self.q_levels).to(self.table.dtype)
+        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
+            x = torch.gru_cell(x, self.h[k], w_ih, w_hh, b_ih, b_hh)
+            self.h[k].copy_(x)
+        cond = torch.addmm(self.cond[1], x, self.cond[0]).view(x.shape[0], fs, -1)  # (n, FS, dim)
+        for j in range(fs):
+            a = F.embedding_bag(win[:, j:j + fs] + self.offsets, self.table, mode="sum")  # first layer, no bias
+            a = torch.relu_(a.add_(cond[:, j]))
+            for w_t, b in self.hidden:
+                a = torch.relu_(torch.addmm(b, a, w_t))
+            logits = torch.addmm(self.out[1], a, self.out[0])
+            if self.record:
+                self.recorded[j].copy_(logits[0])
+            win[:, fs + j] = draw(logits, noise[:, j], self.temperature)
+        win[:, :fs] = win[:, fs:]
+        return win[:, fs:]
+
+    def state_copy(self):
+        return self.h.clone(), self.window.clone()
+
+    def state_restore(self, state):
+        self.h.copy_(state[0])
+        self.window.copy_(state[1])
+
+
+def linear_t(layer):
+    """(weight^T, bias) of a weight-normed linear layer, for addmm; call under parametrize.cached()."""
+    return layer.weight.detach().t().contiguous(), layer.bias.detach()
 
 
 def add_model_args(p):

@@ -3,6 +3,7 @@ import json
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,3 +36,45 @@ def plot_curves(runs, path):
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
+
+
+def plot_softmax(probs, sampled, sample_rate, path):
+    """probs (T, Q) per step, sampled (T,) levels: time on x, level on y, probability as colour (log scale,
+    so the tails show), the sampled level drawn on top; the y range is zoomed to the levels in use."""
+    from matplotlib.colors import LogNorm
+    fig, ax = plt.subplots(figsize=(12, 5))
+    t_ms = len(probs) / sample_rate * 1000
+    image = ax.imshow(np.maximum(probs.T, 1e-5), origin="lower", aspect="auto", cmap="magma",
+                      norm=LogNorm(vmin=1e-5, vmax=1.0), extent=(0, t_ms, -0.5, probs.shape[1] - 0.5),
+                      interpolation="nearest")
+    ax.plot((np.arange(len(sampled)) + 0.5) / sample_rate * 1000, sampled, "-", color="cyan", linewidth=0.6,
+            alpha=0.8, label="sampled level")
+    used = np.nonzero((probs > 1e-3).any(axis=0))[0]
+    ax.set_ylim(max(-0.5, used.min() - 8), min(probs.shape[1] - 0.5, used.max() + 8))
+    ax.set_xlabel("time (ms)")
+    ax.set_ylabel("quantization level")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.colorbar(image, ax=ax, label="probability")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def animate_softmax(probs, sampled, path):
+    """A GIF of the predicted distribution step by step (Pillow), the sampled level marked."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(np.arange(probs.shape[1]), probs[0], width=1.0, color="tab:blue")
+    marker = ax.axvline(sampled[0], color="tab:red")
+    ax.set_ylim(0, float(probs.max()) * 1.05)
+    ax.set_xlabel("quantization level")
+    ax.set_ylabel("probability")
+
+    def show(t):
+        for bar, height in zip(bars, probs[t]):
+            bar.set_height(height)
+        marker.set_xdata([sampled[t], sampled[t]])
+        ax.set_title(f"step {t}")
+        return [*bars, marker]
+    FuncAnimation(fig, show, frames=len(probs)).save(path, writer=PillowWriter(fps=10))
+    plt.close(fig)

@@ -1,8 +1,8 @@
 """The training loop both models share: flags, run folders, checkpoints, resume, evaluation, samples.
 
 A model answers `model(x, h) -> (logits, h, aux)` on a (B, overlap + seq_len) chunk of int levels, where
-logits[:, t] predicts x[:, overlap + t], and `model.generate(n, length, generator)`; it has attributes
-`overlap`, `seq_len`, `q_levels`. `train_main` does the rest: one code path for two_tier.py and baseline.py.
+logits[:, t] predicts x[:, overlap + t]; it samples as lib/sample.py describes; it has attributes `overlap`,
+`seq_len`, `q_levels`. `train_main` does the rest: one code path for two_tier.py and baseline.py.
 
 A run lives in runs/{model}_{tag}_{unixtime}/:
   settings.json   every flag, derived values, parameter count, versions, git revision, command line
@@ -32,6 +32,7 @@ from lib.audio import write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_audio, quantize_clips
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
 from lib.report import plot_curves, read_metrics
+from lib.sample import generate
 
 SCRIPTS = {"twotier": "two_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
 LN2 = math.log(2)
@@ -302,9 +303,8 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     save_checkpoint(ctx, state, h)
 
     n = max(1, round(args.sample_secs * ctx["sample_rate"]))
-    if args.n_samples:
-        generator = torch.Generator(ctx["device"]).manual_seed(args.seed)  # the same noise at every interval
-        seqs = model.generate(args.n_samples, n, generator).cpu()
+    if args.n_samples:  # the same noise at every interval: samples differ only by the weights
+        seqs = generate(model, args.n_samples, n, seed=args.seed).cpu()
         audio = dequantize(seqs, args.q_levels, args.qtype).numpy()
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
         for k, a in enumerate(audio):

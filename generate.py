@@ -1,0 +1,139 @@
+"""Generate audio from a trained run (two-tier or baseline).
+
+    python generate.py runs/twotier_fs2_nf64_1795621319 --n 8 --secs 5
+    python generate.py runs/twotier_fs2_nf64_1795621319/checkpoints/it0003000.pt --prime speech.wav --plot_softmax
+
+Loads the model and its settings from the checkpoint alone, generates --n sequences of --secs seconds,
+--batch at a time, and writes 16-bit WAV files at the dataset's sample rate, decoded with the run's
+quantization. The same checkpoint, seed, flags and device give bit-identical files. Sampling uses the fast
+path of lib/sample.py (the one the training loop uses too); --reference uses the plain reference loop.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import soxr
+import torch
+
+import baseline
+import two_tier
+from lib import ArgumentParser, UserError
+from lib.audio import read_mono, write_wav
+from lib.quantize import dequantize, normalize, quantize
+from lib.report import animate_softmax, plot_softmax
+from lib.sample import generate
+from lib.train import last_checkpoint
+
+SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
+
+
+def load_run(path, device):
+    """(model in eval mode, settings namespace, sample_rate, run folder) from a run folder or a checkpoint."""
+    if os.path.isdir(path):
+        path = last_checkpoint(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is neither a run folder nor a checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model_id = ckpt.get("model_id")
+    except Exception as e:  # torch raises many types for files that are not checkpoints
+        raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
+    if model_id not in SCRIPTS:
+        raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(SCRIPTS)}")
+    from argparse import Namespace
+    settings = Namespace(**ckpt["settings"])
+    model = SCRIPTS[model_id].build_model(settings)
+    model.load_state_dict(ckpt["model"])
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return model.to(device).eval(), settings, ckpt["sample_rate"], run_dir
+
+
+def load_prime(path, settings, sample_rate, min_len):
+    """1-D int levels of a WAV file, quantized as the run's data was; resampled when its rate differs."""
+    audio, rate = read_mono(path) if os.path.isfile(path) else (None, None)
+    if audio is None:
+        raise UserError(f"--prime {path} is not a readable audio file")
+    if rate != sample_rate:
+        print(f"note: --prime {path} is at {rate} Hz; resampled to the run's {sample_rate} Hz")
+        audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
+    if len(audio) < min_len:
+        raise UserError(f"--prime {path} has {len(audio)} samples, fewer than one frame ({min_len})")
+    x = normalize(torch.from_numpy(audio)[None], settings.zero_dc, settings.norm)
+    return quantize(x, settings.q_levels, settings.qtype)[0]
+
+
+def main(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("run", help="run folder (its last checkpoint) or checkpoint file")
+    p.add_argument("--n", type=int, default=4, help="sequences to generate")
+    p.add_argument("--secs", type=float, default=4.0, help="length of each sequence (seconds)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; < 1 is more conservative)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prime", default=None, metavar="WAV", help="continue this audio (written before the continuation)")
+    p.add_argument("--out", default=None, help="output folder (default RUN/generated)")
+    p.add_argument("--batch", type=int, default=64, help="sequences generated in parallel")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    p.add_argument("--no_cuda_graph", action="store_true", help="on CUDA, launch every op instead of graph replays")
+    p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
+    p.add_argument("--plot_softmax", action="store_true",
+                   help="write softmax.png: the first sequence's predicted distribution over time")
+    p.add_argument("--plot_secs", type=float, default=0.25, help="seconds shown in softmax.png")
+    p.add_argument("--animate", action="store_true", help="with --plot_softmax, also softmax.gif, step by step")
+    args = p.parse_args(argv)
+    try:
+        generate_files(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def generate_files(args):
+    if args.n < 1 or args.batch < 1:
+        raise UserError(f"--n and --batch must be at least 1 (got --n {args.n}, --batch {args.batch})")
+    if not args.secs > 0:
+        raise UserError(f"--secs must be positive (got {args.secs})")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature must be positive (got {args.temperature})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    model, settings, rate, run_dir = load_run(args.run, device)
+    prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
+    length = max(1, round(args.secs * rate))
+    out_dir = args.out or os.path.join(run_dir, "generated")
+    os.makedirs(out_dir, exist_ok=True)
+
+    written, gen_secs = [], 0.0
+    for first in range(0, args.n, args.batch):
+        n = min(args.batch, args.n - first)
+        record = args.plot_softmax and first == 0
+        start = time.perf_counter()
+        result = generate(model, n, length, seed=args.seed + first, temperature=args.temperature, prime=prime,
+                          fast=not args.reference, cuda_graph=False if args.no_cuda_graph else None,
+                          record=record, progress=True)
+        levels, logits = result if record else (result, None)
+        levels = levels.cpu()  # waits for the device: the time below is the generation's
+        gen_secs += time.perf_counter() - start
+        audio = dequantize(levels, settings.q_levels, settings.qtype).numpy()
+        if prime is not None:
+            head = dequantize(prime, settings.q_levels, settings.qtype).numpy()
+            audio = np.concatenate([np.broadcast_to(head, (n, len(head))), audio], axis=1)
+        for k, a in enumerate(audio):
+            path = os.path.join(out_dir, f"seed{args.seed}_temp{args.temperature:g}_{first + k:03d}.wav")
+            write_wav(path, a, rate)
+            written.append(path)
+        if record:
+            shown = max(1, round(args.plot_secs * rate))
+            probs = torch.softmax(logits[:shown].float() / args.temperature, dim=-1).cpu().numpy()
+            plot_softmax(probs, levels[0, :shown].cpu().numpy(), rate, os.path.join(out_dir, "softmax.png"))
+            if args.animate:
+                animate_softmax(probs[:200], levels[0, :200].cpu().numpy(), os.path.join(out_dir, "softmax.gif"))
+    secs, total = gen_secs, args.n * length
+    print(f"wrote {len(written)} files to {out_dir}")
+    print(f"generated {args.n} x {length} samples in {secs:.2f} s on {device}: {total / secs:,.0f} samples/s, "
+          f"{total / secs / rate:.2f}x real time")
+
+
+if __name__ == "__main__":
+    main()

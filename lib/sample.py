@@ -1,0 +1,118 @@
+"""Sampling, shared by both models, generate.py and the training loop's samples (one sampler, not two).
+
+Each sample is argmax(logits / temperature + Gumbel noise), an exact draw from the softmax. The noise comes
+from one seeded generator in fixed blocks (`GumbelNoise`), so any way of walking the steps (the plain
+reference loop, the fast path a frame at a time, a CUDA graph) draws the same noise for the same step: with
+the same seed, the fast and reference paths give the same samples (tests/test_sample.py checks it).
+
+A model offers two samplers:
+  model.generate(n, length, noise, temperature, prime, keep_logits)  the plain, obviously correct reference
+  model.fast_sampler(n, temperature, prime)                           the fast path: an object whose
+      step(noise (n, frame_len, Q)) -> (n, frame_len) levels generates one frame, updating its state in place
+      (so that one frame's worth of steps can be captured in a CUDA graph); record=True keeps the first
+      sequence's logits in .recorded for the softmax picture.
+"""
+import time
+
+import torch
+
+NOISE_BLOCK = 256  # steps of noise drawn at once
+
+
+class GumbelNoise:
+    """Gumbel noise for n sequences over q_levels, drawn in blocks of NOISE_BLOCK steps from one generator."""
+
+    def __init__(self, n, q_levels, seed, device, dtype=torch.float32):
+        self.shape, self.dtype = (n, NOISE_BLOCK, q_levels), dtype
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.block, self.pos = None, NOISE_BLOCK
+
+    def take(self, steps):
+        """(n, steps, q_levels) noise for the next `steps` steps."""
+        parts = []
+        while steps:
+            if self.pos == NOISE_BLOCK:
+                u = torch.rand(self.shape, generator=self.generator, device=self.generator.device)
+                self.block = -torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny))).to(self.dtype)
+                self.pos = 0
+            k = min(steps, NOISE_BLOCK - self.pos)
+            parts.append(self.block[:, self.pos:self.pos + k])
+            self.pos += k
+            steps -= k
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def draw(logits, noise, temperature):
+    """One sample per row: argmax of logits / temperature + Gumbel noise."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.argmax(logits + noise, dim=-1)
+
+
+@torch.no_grad()
+def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=None, record=False,
+             progress=False):
+    """(n, length) int levels [and the first sequence's (length, Q) logits if record].
+    prime: 1-D int levels that every sequence continues from (they are not part of the output)."""
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    noise = GumbelNoise(n, model.q_levels, seed, device, dtype)
+    if not fast:
+        out = model.generate(n, length, noise, temperature, prime, keep_logits=record)
+        return (out[0], out[1][0]) if record else out
+    sampler = model.fast_sampler(n, temperature, prime, record=record)
+    fl = sampler.frame_len
+    n_frames = -(-length // fl)
+    out = torch.empty(n, n_frames * fl, dtype=torch.long, device=device)
+    recorded = torch.empty(n_frames * fl, model.q_levels, device=device, dtype=dtype) if record else None
+    step = sampler.step
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph:
+        step = graphed(sampler.step, noise.take(fl), sampler)
+    frames = range(n_frames)
+    if progress:
+        from tqdm import tqdm
+        frames = tqdm(frames, unit="frame", disable=None, desc=f"{n} x {length} samples")
+    for f in frames:
+        out[:, f * fl:(f + 1) * fl] = step(noise.take(fl))
+        if record:
+            recorded[f * fl:(f + 1) * fl] = sampler.recorded
+    return (out[:, :length], recorded[:length]) if record else out[:, :length]
+
+
+def graphed(step, example_noise, sampler):
+    """`step` captured in a CUDA graph: each call copies the noise into a static buffer and replays."""
+    static_noise = example_noise.clone()
+    state = sampler.state_copy()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (lazy init, kernel selection) outside the graph
+        for _ in range(2):
+            step(static_noise)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_noise)
+    sampler.state_restore(state)  # warm-up and capture must not advance the real state
+
+    def replay(noise):
+        static_noise.copy_(noise)
+        graph.replay()
+        return static_out
+    return replay
+
+
+def measure(fn, min_secs=1.0):
+    """Seconds per call of fn(), repeated for at least min_secs after one warm-up call."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_secs:
+            return elapsed / calls
