@@ -1,0 +1,134 @@
+"""Sampling: the fast path equals the reference, determinism, a stored regression, and generate.py."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from baseline import FlatGRU
+from conftest import RATE, run_main
+from generate import main as generate_main
+from lib.sample import generate
+from two_tier import TwoTier
+from baseline import main as baseline_main
+from two_tier import main as two_tier_main
+
+Q = 256
+
+
+def model(kind, dtype=torch.float64):
+    torch.manual_seed(0)
+    if kind.startswith("twotier"):
+        m = TwoTier(frame_size=int(kind[-1]), n_frames=4, dim=32, n_rnn=2, emb_size=8, q_levels=Q)
+    else:
+        m = FlatGRU(dim=32, n_rnn=2, q_levels=Q, input=kind.split("_")[1], emb_size=8, seq_len=16)
+    return m.to(dtype).eval()
+
+
+KINDS = ["twotier_fs1", "twotier_fs2", "twotier_fs3", "baseline_reals", "baseline_embed"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature, primed", [(1.0, False), (0.6, True)])
+def test_fast_path_equals_reference(kind, temperature, primed):
+    """Same seed -> exactly the same integer samples. In float64, so that the two paths' different (but
+    equally correct) rounding cannot move a Gumbel argmax."""
+    m = model(kind)
+    prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3)) if primed else None
+    ref = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=False)
+    fast = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=True)
+    assert ref.shape == fast.shape == (3, 77)
+    assert torch.equal(ref, fast)
+    assert not torch.equal(fast, generate(m, 3, 77, seed=12, temperature=temperature, prime=prime))
+
+
+@pytest.mark.parametrize("kind", KINDS[1::2])
+def test_recorded_logits_are_the_first_sequences(kind):
+    m = model(kind)
+    levels, logits = generate(m, 2, 30, seed=1, record=True)
+    ref_levels, ref_logits = generate(m, 2, 30, seed=1, record=True, fast=False)
+    assert torch.equal(levels, ref_levels) and logits.shape == (30, Q)
+    torch.testing.assert_close(logits, ref_logits)
+
+
+# The first samples of small fixed-seed models. If a change alters sampling, this fails loudly: update the
+# numbers only for a change that is meant to alter sampling, and say so in the commit.
+REGRESSION = {
+    "twotier_fs2": [[136, 151, 221, 80, 143, 69, 213, 3, 221, 154, 220, 131, 172, 92, 153, 112],
+                    [93, 84, 203, 254, 184, 179, 122, 229, 202, 61, 228, 77, 74, 36, 23, 145]],
+    "baseline_embed": [[136, 151, 221, 80, 143, 87, 213, 248, 209, 154, 220, 123, 226, 184, 102, 138],
+                       [96, 196, 113, 214, 184, 87, 122, 9, 207, 61, 228, 77, 74, 36, 231, 145]],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REGRESSION))
+def test_sampling_regression(kind):
+    got = generate(model(kind), 2, 16, seed=2024)
+    assert got.tolist() == REGRESSION[kind]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, speech_wav):
+    """A tiny trained run of each model."""
+    made = {}
+    for name, main in (("twotier", two_tier_main), ("baseline", baseline_main)):
+        runs_dir = tmp_path_factory.mktemp(name)
+        assert run_main(main, ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs_dir),
+                               "--n_samples", "0"]) == 0
+        made[name] = glob.glob(str(runs_dir / "*"))[0]
+    return made
+
+
+@pytest.mark.parametrize("name", ["twotier", "baseline"])
+def test_generate_writes_bit_identical_files(tmp_path, runs, name, speech_wav, capsys):
+    for out in ("a", "b"):
+        assert run_main(generate_main, [runs[name], "--n", "3", "--batch", "2", "--secs", "0.1", "--out",
+                                        str(tmp_path / out), "--plot_softmax"]) == 0
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == ["seed0_temp1_000.wav", "seed0_temp1_001.wav", "seed0_temp1_002.wav", "softmax.png"]
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    audio, rate = sf.read(tmp_path / "a" / files[0])
+    assert rate == RATE and len(audio) == 800
+    assert "samples/s" in capsys.readouterr().out
+    # another seed, other audio
+    assert run_main(generate_main, [runs[name], "--n", "1", "--secs", "0.1", "--seed", "1", "--out",
+                                    str(tmp_path / "c")]) == 0
+    assert sf.read(tmp_path / "c" / "seed1_temp1_000.wav")[0].tolist() != audio.tolist()
+
+
+def test_generate_from_a_checkpoint_with_a_prime_at_another_rate(tmp_path, runs, speech_wav, capsys):
+    audio, _ = sf.read(speech_wav)
+    prime16k = tmp_path / "prime16k.wav"
+    sf.write(prime16k, np.repeat(audio[:800], 2), 16000)  # 0.1 s at 16 kHz
+    ckpt = sorted(glob.glob(os.path.join(runs["twotier"], "checkpoints", "*.pt")))[-1]
+    assert run_main(generate_main, [ckpt, "--n", "1", "--secs", "0.05", "--prime", str(prime16k), "--out",
+                                    str(tmp_path / "out")]) == 0
+    assert "resampled" in capsys.readouterr().out
+    written, rate = sf.read(tmp_path / "out" / "seed0_temp1_000.wav")
+    assert rate == RATE and len(written) == 800 + 400  # the prime, then the continuation
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["NOTARUN"], "not a run folder"),
+    (["JUNK"], "not a checkpoint"),
+    (["OTHER"], "unknown kind"),
+    (["RUN", "--n", "0"], "--n"),
+    (["RUN", "--secs", "-1"], "--secs"),
+    (["RUN", "--temperature", "0"], "--temperature"),
+    (["RUN", "--prime", "SHORT"], "fewer than one frame"),
+])
+def test_generate_bad_input(tmp_path, runs, capsys, flags, message):
+    os.makedirs(tmp_path / "NOTARUN")
+    (tmp_path / "JUNK").write_bytes(b"not a checkpoint")
+    torch.save({"model_id": "wavenet", "settings": {}}, tmp_path / "OTHER")
+    sf.write(tmp_path / "SHORT.wav", np.zeros(1) + 0.1, RATE)
+    paths = {"NOTARUN": tmp_path / "NOTARUN", "JUNK": tmp_path / "JUNK", "OTHER": tmp_path / "OTHER",
+             "RUN": runs["twotier"], "SHORT": tmp_path / "SHORT.wav"}
+    argv = [str(paths.get(f, f)) for f in flags] + ["--out", str(tmp_path / "out")]
+    assert run_main(generate_main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
