@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder (default RUN/generated)")
     p.add_argument("--batch", type=int, default=64, help="sequences generated in parallel")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
-    p.add_argument("--no_cuda_graph", action="store_true", help="on CUDA, launch every op instead of graph replays")
+    p.add_argument("--cuda_graph", action="store_true", help="on CUDA, replay each frame's steps as a CUDA graph")
     p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
     p.add_argument("--plot_softmax", action="store_true",
                    help="write softmax.png: the first sequence's predicted distribution over time")
@@ -110,7 +110,7 @@ def generate_files(args):
         record = args.plot_softmax and first == 0
         start = time.perf_counter()
         result = generate(model, n, length, seed=args.seed + first, temperature=args.temperature, prime=prime,
-                          fast=not args.reference, cuda_graph=False if args.no_cuda_graph else None,
+                          fast=not args.reference, cuda_graph=args.cuda_graph,
                           record=record, progress=True)
         levels, logits = result if record else (result, None)
         levels = levels.cpu()  # waits for the device: the time below is the generation's

@@ -64,17 +64,18 @@ def animate_softmax(probs, sampled, path):
     """A GIF of the predicted distribution step by step (Pillow), the sampled level marked."""
     from matplotlib.animation import FuncAnimation, PillowWriter
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(np.arange(probs.shape[1]), probs[0], width=1.0, color="tab:blue")
-    marker = ax.axvline(sampled[0], color="tab:red")
+    levels = np.arange(probs.shape[1])
+    line, = ax.plot(levels, probs[0], drawstyle="steps-mid", color="tab:blue")
+    marker = ax.axvline(sampled[0], color="tab:red", linewidth=1, label="sampled")
     ax.set_ylim(0, float(probs.max()) * 1.05)
     ax.set_xlabel("quantization level")
     ax.set_ylabel("probability")
+    ax.legend(loc="upper right", fontsize=8)
 
     def show(t):
-        for bar, height in zip(bars, probs[t]):
-            bar.set_height(height)
+        line.set_ydata(probs[t])
         marker.set_xdata([sampled[t], sampled[t]])
         ax.set_title(f"step {t}")
-        return [*bars, marker]
+        return line, marker
     FuncAnimation(fig, show, frames=len(probs)).save(path, writer=PillowWriter(fps=10))
     plt.close(fig)

@@ -50,10 +50,11 @@ def draw(logits, noise, temperature):
 
 
 @torch.no_grad()
-def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=None, record=False,
+def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=False, record=False,
              progress=False):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
-    prime: 1-D int levels that every sequence continues from (they are not part of the output)."""
+    prime: 1-D int levels that every sequence continues from (they are not part of the output).
+    cuda_graph: replay one frame's steps as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in)."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -67,9 +68,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     out = torch.empty(n, n_frames * fl, dtype=torch.long, device=device)
     recorded = torch.empty(n_frames * fl, model.q_levels, device=device, dtype=dtype) if record else None
     step = sampler.step
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    if cuda_graph:
+    if cuda_graph and device.type == "cuda":
         step = graphed(sampler.step, noise.take(fl), sampler)
     frames = range(n_frames)
     if progress:

@@ -1,0 +1,110 @@
+"""Benchmarks, measured side by side in one process: python -m lib.bench generate [flags]
+
+    python -m lib.bench generate --model twotier --dim 256 --frame_size 2 --n_rnn 3 --batch 1 64
+    python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
+
+For each batch size: samples/second of the reference sampler and of the fast path (and, on CUDA, the fast
+path without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of
+this machine measured here, and achieved / FLOP-bound limit. Weights are random: speed does not depend on
+them. Nothing here is asserted; the numbers go in README.
+"""
+import argparse
+import time
+
+import torch
+
+from baseline import FlatGRU
+from lib.sample import generate
+from two_tier import TwoTier
+
+
+def flops_per_sample(model):
+    """Multiply-adds x 2 of the fast path per generated sample."""
+    if isinstance(model, TwoTier):
+        fs, gru = model.frame_size, model.frame_rnn.rnn.gru
+        dim, q = gru.hidden_size, model.q_levels
+        per_frame = sum(2 * 3 * dim * ((fs if k == 0 else dim) + dim) for k in range(gru.num_layers))
+        per_frame += 2 * dim * fs * dim  # conditioning projection
+        per_sample = fs * dim + 2 * 2 * dim * dim + 2 * dim * q  # table lookup-sum, 2 hidden, output
+        return per_frame / fs + per_sample
+    gru = model.rnn.gru
+    dim, n_in = gru.hidden_size, gru.input_size
+    return sum(2 * 3 * dim * ((n_in if k == 0 else dim) + dim) for k in range(gru.num_layers)) + 2 * dim * model.q_levels
+
+
+def matmul_flops(device, n=2048):
+    """FLOP/s of a large square float32 matmul on this device (the FLOP-bound limit's numerator)."""
+    a = torch.randn(n, n, device=device)
+    a @ a
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 1.0:
+        a @ a
+        calls += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n ** 3 * calls / (time.perf_counter() - start)
+
+
+def samples_per_sec(model, batch, length, **kw):
+    generate(model, batch, min(length, 64), **kw)  # warm-up
+    start = time.perf_counter()
+    out = generate(model, batch, length, **kw)
+    out.cpu()
+    return batch * length / (time.perf_counter() - start)
+
+
+def bench_generate(args):
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    if args.model == "twotier":
+        model = TwoTier(args.frame_size, 16, args.dim, args.n_rnn, args.emb_size, args.q_levels)
+        config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs"
+    else:
+        model = FlatGRU(args.dim, args.n_rnn, args.q_levels, args.input, args.emb_size)
+        config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}"
+    model.to(device).eval()
+    flops = flops_per_sample(model)
+    peak = matmul_flops(device)
+    print(f"{config} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"fast path: {flops / 1e6:.2f} MFLOP per generated sample; matmul here: {peak / 1e9:.1f} GFLOP/s "
+          f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
+    for batch in args.batch:
+        length = max(1, round(args.secs * args.sample_rate))
+        ref = samples_per_sec(model, batch, max(1, length // args.ref_fraction), fast=False)
+        fast = samples_per_sec(model, batch, length, fast=True, cuda_graph=False)
+        line = (f"batch {batch:4d}: reference {ref:10,.0f} samples/s | fast {fast:10,.0f} samples/s "
+                f"({fast / ref:5.1f}x)")
+        best = fast
+        if device.type == "cuda":
+            graphed = samples_per_sec(model, batch, length, fast=True, cuda_graph=True)
+            line += f" | fast + CUDA graphs {graphed:10,.0f} samples/s ({graphed / ref:5.1f}x)"
+            best = max(best, graphed)
+        line += f" | {best / args.sample_rate:6.2f}x real time at {args.sample_rate} Hz"
+        line += f" | achieved / limit {best * flops / peak:.2f}"
+        print(line, flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["generate"])
+    p.add_argument("--model", default="twotier", choices=["twotier", "baseline"])
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--frame_size", type=int, default=2)
+    p.add_argument("--n_rnn", type=int, default=3)
+    p.add_argument("--emb_size", type=int, default=256)
+    p.add_argument("--input", default="reals", choices=["reals", "embed"])
+    p.add_argument("--q_levels", type=int, default=256)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes to measure")
+    p.add_argument("--secs", type=float, default=0.5, help="audio generated per measurement (seconds)")
+    p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
+    p.add_argument("--sample_rate", type=int, default=8000, help="for the real-time factor (Hz)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench_generate(args)
+
+
+if __name__ == "__main__":
+    main()
