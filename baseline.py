@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lib import UserError
-from lib.layers import GRUStack, linear
+from lib.layers import GRUStack, gru_step, gru_weights, linear
 from lib.quantize import q_zero, to_reals
 from lib.sample import draw
 from lib.train import train_main
@@ -88,9 +88,7 @@ class FastFlatSampler:
     def __init__(self, model, n, temperature, prime, record):
         self.model, self.temperature, self.record = model, temperature, record
         with torch.no_grad(), parametrize.cached():
-            gru = model.rnn.gru
-            self.gru = [tuple(getattr(gru, f"{name}_l{k}").detach() for name in
-                              ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(gru.num_layers)]
+            self.gru = gru_weights(model.rnn.gru)
             self.out = (model.out.weight.detach().t().contiguous(), model.out.bias.detach())
             h, last = model.prime_state(n, prime)
         self.h, self.last = h.clone(), last.clone()  # (n_rnn, n, dim), (n, 1)
@@ -102,9 +100,7 @@ class FastFlatSampler:
         """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
         for t in range(self.frame_len):
             x = self.model.step_inputs(self.last)[:, 0].to(self.out[0].dtype)
-            for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
-                x = torch.gru_cell(x, self.h[k], w_ih, w_hh, b_ih, b_hh)
-                self.h[k].copy_(x)
+            x = gru_step(x, self.h, self.gru)
             logits = torch.addmm(self.out[1], x, self.out[0])
             if self.record:
                 self.recorded[t].copy_(logits[0])

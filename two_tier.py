@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lib import UserError
-from lib.layers import GRUStack, linear
+from lib.layers import GRUStack, gru_step, gru_weights, linear
 from lib.quantize import q_zero, to_reals
 from lib.sample import draw
 from lib.train import add_training_args, train_main
@@ -142,9 +142,7 @@ class FastTwoTierSampler:
         fs, q = model.frame_size, model.q_levels
         self.frame_len, self.fs, self.q_levels, self.temperature, self.record = fs, fs, q, temperature, record
         with torch.no_grad(), parametrize.cached():
-            gru = model.frame_rnn.rnn.gru
-            self.gru = [tuple(getattr(gru, f"{name}_l{k}").detach() for name in
-                              ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for k in range(gru.num_layers)]
+            self.gru = gru_weights(model.frame_rnn.rnn.gru)
             self.cond = linear_t(model.frame_rnn.to_cond)
             mlp = model.sample_mlp
             emb = mlp.embed.weight.shape[1]
@@ -162,9 +160,7 @@ class FastTwoTierSampler:
         """noise (n, FS, q_levels) -> the next frame (n, FS) of levels; advances h and the window in place."""
         fs, win = self.fs, self.window
         x = to_reals(win[:, :fs], self.q_levels).to(self.table.dtype)
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.gru):
-            x = torch.gru_cell(x, self.h[k], w_ih, w_hh, b_ih, b_hh)
-            self.h[k].copy_(x)
+        x = gru_step(x, self.h, self.gru)
         cond = torch.addmm(self.cond[1], x, self.cond[0]).view(x.shape[0], fs, -1)  # (n, FS, dim)
         for j in range(fs):
             a = F.embedding_bag(win[:, j:j + fs] + self.offsets, self.table, mode="sum")  # first layer, no bias

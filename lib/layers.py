@@ -46,3 +46,17 @@ class GRUStack(nn.Module):
         if h is None:
             h = self.initial_state(x.shape[0])
         return self.gru(x, h)
+
+
+def gru_weights(gru):
+    """Per layer (weight_ih, weight_hh, bias_ih, bias_hh) of an nn.GRU, for stepping it with gru_step."""
+    return [tuple(getattr(gru, f"{name}_l{k}").detach() for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for k in range(gru.num_layers)]
+
+
+def gru_step(x, h, weights):
+    """One time step of the stacked GRU: x (B, n_in), h (n_rnn, B, dim) updated in place -> top output (B, dim)."""
+    for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
+        x = torch.gru_cell(x, h[k], w_ih, w_hh, b_ih, b_hh)
+        h[k].copy_(x)
+    return x
