@@ -49,7 +49,7 @@ def draw(logits, noise, temperature):
     return torch.argmax(logits + noise, dim=-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=False, record=False,
              progress=False):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
