@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lib import UserError
-from lib.layers import GRUStack, gru_step, gru_weights, linear
+from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import draw
 from lib.train import train_main
@@ -89,7 +89,7 @@ class FastFlatSampler:
         self.model, self.temperature, self.record = model, temperature, record
         with torch.no_grad(), parametrize.cached():
             self.gru = gru_weights(model.rnn.gru)
-            self.out = (model.out.weight.detach().t().contiguous(), model.out.bias.detach())
+            self.out = linear_t(model.out)
             h, last = model.prime_state(n, prime)
         self.h, self.last = h.clone(), last.clone()  # (n_rnn, n, dim), (n, 1)
         self.frame = last.new_zeros(n, self.frame_len)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lib import UserError
-from lib.layers import GRUStack, gru_step, gru_weights, linear
+from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import draw
 from lib.train import add_training_args, train_main
@@ -180,11 +180,6 @@ class FastTwoTierSampler:
     def state_restore(self, state):
         self.h.copy_(state[0])
         self.window.copy_(state[1])
-
-
-def linear_t(layer):
-    """(weight^T, bias) of a weight-normed linear layer, for addmm; call under parametrize.cached()."""
-    return layer.weight.detach().t().contiguous(), layer.bias.detach()
 
 
 def add_model_args(p):

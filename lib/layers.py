@@ -60,3 +60,8 @@ def gru_step(x, h, weights):
         x = torch.gru_cell(x, h[k], w_ih, w_hh, b_ih, b_hh)
         h[k].copy_(x)
     return x
+
+
+def linear_t(layer):
+    """(weight^T, bias) of a weight-normed linear layer, for addmm; call under parametrize.cached()."""
+    return layer.weight.detach().t().contiguous(), layer.bias.detach()
