@@ -218,8 +218,9 @@ def loop(ctx, batches, state, h):
         state["iteration"] += 1
         state["train_secs"] += step_secs
         if not math.isfinite(bits):
-            log(f"error: non-finite loss at iteration {state['iteration']}; stopped without saving. "
-                f"The last good checkpoint is in {ctx['run_dir']}/checkpoints")
+            saved = sorted(glob.glob(os.path.join(ctx["run_dir"], "checkpoints", "it*.pt")))
+            log(f"error: non-finite loss at iteration {state['iteration']}; stopped without saving. " +
+                (f"The last good checkpoint is {saved[-1]}" if saved else "No checkpoint had been saved yet."))
             return 1
         interval["bits"] += bits
         interval["grad_norm"] += grad_norm

@@ -104,6 +104,18 @@ def test_baseline_overfits_one_second_of_speech(tmp_path, speech_wav, input, fla
     assert rows[-1]["valid_bits"] < 1.0, rows
 
 
+def test_non_finite_loss_stops_the_run_without_saving(tmp_path, speech_wav):
+    """A step size of 1e30 sends the weights to infinity within a few steps: the run stops, names the
+    iteration, exits 1, and writes no checkpoint or metrics row from the broken state."""
+    runs_dir = str(tmp_path / "runs")
+    assert run_main(two_tier_main, ["--preset", "tiny", "--data", speech_wav, "--runs_dir", runs_dir,
+                                    "--lr", "1e30"]) == 1
+    (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
+    assert "error: non-finite loss at iteration" in open(os.path.join(run_dir, "log.txt")).read()
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    assert read_metrics(run_dir) == []
+
+
 def snapshot(folder):
     return sorted((p, os.path.getsize(p), os.path.getmtime(p)) for p in glob.glob(f"{folder}/**", recursive=True))
 
