@@ -9,7 +9,7 @@ from lib import UserError
 from lib.data import ChunkBatches, eval_chunks
 from lib.quantize import q_zero
 from lib.sample import GumbelNoise
-from lib.train import evaluate, train_step
+from lib.train import chunk_loss, evaluate, train_step
 from baseline import FlatGRU
 from two_tier import TwoTier
 
@@ -154,3 +154,10 @@ def test_evaluation_resets_between_clips_and_covers_whole_chunks():
     assert together == pytest.approx(sum(alone) / 3, rel=1e-6)
     n_targets = sum(c.shape[0] * (c.shape[1] - 2) for c, _ in eval_chunks(levels, 2, 16, 2, Q, 48))
     assert n_targets == 3 * 64
+    # evaluation walks longer chunks than training; with h carried, the predictions are the same
+    total, h = 0.0, None
+    with torch.no_grad():
+        for chunk, reset in eval_chunks(levels, 3, 16, 2, Q, 16):  # training-sized chunks
+            nll, _, h = chunk_loss(model, chunk, None if reset else h)
+            total += nll.item() * chunk.shape[0] * 16
+    assert together == pytest.approx(total / (3 * 64) / math.log(2), rel=1e-6)
