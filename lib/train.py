@@ -112,7 +112,7 @@ def parse_settings(model_id, parser, presets, argv):
 def last_checkpoint(run_dir):
     paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "it*.pt")))
     if not os.path.isfile(os.path.join(run_dir, "settings.json")) or not paths:
-        raise UserError(f"--resume {run_dir} is not a run folder with checkpoints (no settings.json or "
+        raise UserError(f"{run_dir} is not a run folder with checkpoints (no settings.json or "
                         f"checkpoints/it*.pt): pass a folder under runs/")
     return paths[-1]  # names are zero-padded iteration numbers
 
