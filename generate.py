@@ -8,6 +8,7 @@ Loads the model and its settings from the checkpoint alone, generates --n sequen
 quantization. The same checkpoint, seed, flags and device give bit-identical files. Sampling uses the fast
 path of lib/sample.py (the one the training loop uses too); --reference uses the plain reference loop.
 """
+import argparse
 import os
 import sys
 import time
@@ -41,8 +42,7 @@ def load_run(path, device):
         raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
     if model_id not in SCRIPTS:
         raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(SCRIPTS)}")
-    from argparse import Namespace
-    settings = Namespace(**ckpt["settings"])
+    settings = argparse.Namespace(**ckpt["settings"])
     model = SCRIPTS[model_id].build_model(settings)
     model.load_state_dict(ckpt["model"])
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))

@@ -137,8 +137,8 @@ class ChunkBatches:
         """(chunk (B, overlap + seq_len) int64, reset) for training iteration `iteration` (0-based)."""
         group, k = divmod(iteration, self.chunks_per_clip)
         start = k * self.seq_len
-        rows = self.padded[self.clip_indices(group)]
-        return rows[:, start:start + self.overlap + self.seq_len], k == 0
+        # slice the chunk's columns first, so only (B, overlap + seq_len) samples are copied
+        return self.padded[:, start:start + self.overlap + self.seq_len][self.clip_indices(group)], k == 0
 
 
 def eval_chunks(levels, batch_size, seq_len, overlap, q_levels, eval_len):

@@ -12,8 +12,6 @@ A model offers two samplers:
       (so that one frame's worth of steps can be captured in a CUDA graph); record=True keeps the first
       sequence's logits in .recorded for the softmax picture.
 """
-import time
-
 import torch
 
 NOISE_BLOCK = 256  # steps of noise drawn at once
@@ -102,16 +100,3 @@ def graphed(step, example_noise, sampler):
         return static_out
     return replay
 
-
-def measure(fn, min_secs=1.0):
-    """Seconds per call of fn(), repeated for at least min_secs after one warm-up call."""
-    fn()
-    calls, start = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_secs:
-            return elapsed / calls

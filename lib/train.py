@@ -279,8 +279,9 @@ def evaluate(model, levels, batch_size, device, max_clips=0):
     for chunk, reset in eval_chunks(levels, batch_size, model.seq_len, model.overlap, model.q_levels, eval_len):
         if reset:
             h = None
-        logits, h, _ = model(chunk.to(device), h)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, model.overlap:].reshape(-1).to(device),
+        chunk = chunk.to(device)
+        logits, h, _ = model(chunk, h)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, model.overlap:].reshape(-1),
                                  reduction="sum").item()
         count += logits.shape[0] * logits.shape[1]
     return total / count / LN2

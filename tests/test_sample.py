@@ -7,13 +7,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from baseline import FlatGRU
+from baseline import FlatGRU, main as baseline_main
 from conftest import RATE, run_main
 from generate import main as generate_main
 from lib.sample import generate
-from two_tier import TwoTier
-from baseline import main as baseline_main
-from two_tier import main as two_tier_main
+from two_tier import TwoTier, main as two_tier_main
 
 Q = 256
 
