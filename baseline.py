@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import draw
+from lib.sample import as_arrays, draw
 from lib.train import train_main
 
 MODEL_ID = "baseline"
@@ -76,36 +76,41 @@ class FlatGRU(nn.Module):
                 x[:, t] = draw(logits, noise.take(1)[:, 0], temperature)
         return (x[:, 1:], torch.stack(kept, dim=1)) if keep_logits else x[:, 1:]
 
-    def fast_sampler(self, n, temperature=1.0, prime=None, record=False):
-        return FastFlatSampler(self, n, temperature, prime, record)
+    def fast_sampler(self, n, temperature=1.0, prime=None, record=False, xp=torch):
+        return FastFlatSampler(self, n, temperature, prime, record, xp)
 
 
 class FastFlatSampler:
-    """The fast path of FlatGRU.generate: `frame_len` samples per step() call, GRU layers stepped with
-    gru_cell on preallocated state, weight norm folded once, no host-device sync (CUDA-graph capturable)."""
+    """The fast path of FlatGRU.generate: `frame_len` samples per step() call, weight norm folded once, the
+    input a table lookup, state preallocated and updated in place, no host-device sync (CUDA-graph
+    capturable); one step() for numpy (CPU) and torch (GPU), xp being the module it calls."""
     frame_len = 8
 
-    def __init__(self, model, n, temperature, prime, record):
-        self.model, self.temperature, self.record = model, temperature, record
+    def __init__(self, model, n, temperature, prime, record, xp):
+        self.temperature, self.record, self.xp = temperature, record, xp
         with torch.no_grad(), parametrize.cached():
-            self.gru = gru_weights(model.rnn.gru)
-            self.out = linear_t(model.out)
+            levels = torch.arange(model.q_levels, device=model.rnn.h0.device)
+            inputs = model.step_inputs(levels[None])[0].to(model.rnn.h0.dtype)  # level -> GRU input
+            self.weights = as_arrays((inputs, gru_weights(model.rnn.gru), linear_t(model.out)), xp)
             h, last = model.prime_state(n, prime)
         self.h, self.last = h.clone(), last.clone()  # (n_rnn, n, dim), (n, 1)
         self.frame = last.new_zeros(n, self.frame_len)
         self.recorded = torch.zeros(self.frame_len, model.q_levels, device=last.device,
-                                    dtype=self.out[0].dtype) if record else None
+                                    dtype=model.rnn.h0.dtype) if record else None
+        self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
         """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
+        inputs, gru, (out_w, out_b) = self.weights
+        h, last, frame, recorded = self.arrays
         for t in range(self.frame_len):
-            x = self.model.step_inputs(self.last)[:, 0].to(self.out[0].dtype)
-            x = gru_step(x, self.h, self.gru)
-            logits = torch.addmm(self.out[1], x, self.out[0])
+            x = gru_step(inputs[last[:, 0]], h, gru, self.xp)
+            logits = x @ out_w
+            logits += out_b
             if self.record:
-                self.recorded[t].copy_(logits[0])
-            self.last[:, 0] = draw(logits, noise[:, t], self.temperature)
-            self.frame[:, t] = self.last[:, 0]
+                recorded[t] = logits[0]
+            last[:, 0] = draw(logits, noise[:, t], self.temperature)
+            frame[:, t] = last[:, 0]
         return self.frame
 
     def state_copy(self):

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import draw
+from lib.sample import as_arrays, draw
 from lib.train import add_training_args, train_main
 
 MODEL_ID = "twotier"
@@ -123,8 +123,8 @@ class TwoTier(nn.Module):
         x = x[:, fs:fs + length]
         return (x, torch.stack(kept, dim=1)[:, :length]) if keep_logits else x
 
-    def fast_sampler(self, n, temperature=1.0, prime=None, record=False):
-        return FastTwoTierSampler(self, n, temperature, prime, record)
+    def fast_sampler(self, n, temperature=1.0, prime=None, record=False, xp=torch):
+        return FastTwoTierSampler(self, n, temperature, prime, record, xp)
 
     @property
     def device(self):
@@ -132,47 +132,54 @@ class TwoTier(nn.Module):
 
 
 class FastTwoTierSampler:
-    """The fast path of TwoTier.generate: one frame per step() call, with
+    """The fast path of TwoTier.generate, one frame per step() call, with
     - the MLP's first layer as a table: Embedding then Linear(FS*emb -> dim) is, per window position j, a
-      (q_levels, dim) table E @ W_j^T, so each sample's first layer is one embedding_bag (a lookup and a sum);
-    - weight norm folded into plain weights once, transposed for addmm; GRU layers stepped with gru_cell;
-    - all state in preallocated tensors updated in place, no host-device sync (CUDA-graph capturable)."""
+      (q_levels, dim) table E @ W_j^T, so each sample's first layer is a lookup and a sum;
+    - weight norm folded into plain transposed weights once, the frame-level GRU stepped once per frame;
+    - all state in preallocated tensors updated in place, no host-device sync (CUDA-graph capturable);
+    - one step() for numpy (CPU) and torch (GPU): xp is the module it calls (lib/sample.py says why)."""
 
-    def __init__(self, model, n, temperature, prime, record):
+    def __init__(self, model, n, temperature, prime, record, xp):
         fs, q = model.frame_size, model.q_levels
-        self.frame_len, self.fs, self.q_levels, self.temperature, self.record = fs, fs, q, temperature, record
+        self.frame_len, self.fs, self.temperature, self.record, self.xp = fs, fs, temperature, record, xp
         with torch.no_grad(), parametrize.cached():
-            self.gru = gru_weights(model.frame_rnn.rnn.gru)
-            self.cond = linear_t(model.frame_rnn.to_cond)
             mlp = model.sample_mlp
             emb = mlp.embed.weight.shape[1]
             w = mlp.inp.weight.detach()  # (dim, FS*emb)
-            self.table = torch.cat([mlp.embed.weight @ w[:, j * emb:(j + 1) * emb].t() for j in range(fs)])
-            self.offsets = torch.arange(fs, device=w.device) * q  # row of position j in the table
-            self.hidden = [linear_t(layer) for layer in mlp.hidden]
-            self.out = linear_t(mlp.out)
+            table = torch.cat([mlp.embed.weight @ w[:, j * emb:(j + 1) * emb].t() for j in range(fs)])
+            offsets = torch.arange(fs, device=w.device) * q  # row of window position j in the table
+            reals = to_reals(torch.arange(q, device=w.device), q).to(w.dtype)  # level -> frame-level input
+            self.weights = as_arrays((reals, gru_weights(model.frame_rnn.rnn.gru), linear_t(model.frame_rnn.to_cond),
+                                      table, offsets, [linear_t(layer) for layer in mlp.hidden],
+                                      linear_t(mlp.out)), xp)
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
         self.recorded = torch.zeros(fs, q, device=w.device, dtype=w.dtype) if record else None
+        self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
         """noise (n, FS, q_levels) -> the next frame (n, FS) of levels; advances h and the window in place."""
-        fs, win = self.fs, self.window
-        x = to_reals(win[:, :fs], self.q_levels).to(self.table.dtype)
-        x = gru_step(x, self.h, self.gru)
-        cond = torch.addmm(self.cond[1], x, self.cond[0]).view(x.shape[0], fs, -1)  # (n, FS, dim)
+        xp, fs = self.xp, self.fs
+        reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
+        h, win, recorded = self.arrays
+        x = gru_step(reals[win[:, :fs]], h, gru, xp)
+        cond = (x @ cond_w + cond_b).reshape(x.shape[0], fs, -1)  # (n, FS, dim)
         for j in range(fs):
-            a = F.embedding_bag(win[:, j:j + fs] + self.offsets, self.table, mode="sum")  # first layer, no bias
-            a = torch.relu_(a.add_(cond[:, j]))
-            for w_t, b in self.hidden:
-                a = torch.relu_(torch.addmm(b, a, w_t))
-            logits = torch.addmm(self.out[1], a, self.out[0])
+            a = table[win[:, j:j + fs] + offsets].sum(1)  # first layer, no bias
+            a += cond[:, j]
+            a = a.clip(0)
+            for w_t, b in hidden:
+                a = a @ w_t
+                a += b
+                a = a.clip(0)
+            logits = a @ out_w
+            logits += out_b
             if self.record:
-                self.recorded[j].copy_(logits[0])
+                recorded[j] = logits[0]
             win[:, fs + j] = draw(logits, noise[:, j], self.temperature)
         win[:, :fs] = win[:, fs:]
-        return win[:, fs:]
+        return self.window[:, fs:]
 
     def state_copy(self):
         return self.h.clone(), self.window.clone()

@@ -3,15 +3,17 @@
     python -m lib.bench generate --model twotier --dim 256 --frame_size 2 --n_rnn 3 --batch 1 64
     python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
 
-For each batch size: samples/second of the reference sampler and of the fast path (and, on CUDA, the fast
-path without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of
+For each batch size: samples/second of the reference sampler and of the fast path (on the CPU, the fast step
+run on numpy, as generate.py does, and on torch; on CUDA, with and without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of
 this machine measured here, and achieved / FLOP-bound limit. Weights are random: speed does not depend on
 them. Nothing here is asserted; the numbers go in README.
 """
 import argparse
 import time
 
+import numpy as np
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from baseline import FlatGRU
 from lib.sample import generate
@@ -65,7 +67,9 @@ def bench_generate(args):
     model.to(device).eval()
     flops = flops_per_sample(model)
     peak = matmul_flops(device)
-    print(f"{config} on {device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    blas = [f"{pool['internal_api']} {pool['num_threads']} threads" for pool in threadpool_info() if pool["user_api"] == "blas"]
+    print(f"{config} on {device}, torch {torch.__version__} {torch.get_num_threads()} threads, "
+          f"numpy {np.__version__} ({', '.join(blas)})")
     print(f"fast path: {flops / 1e6:.2f} MFLOP per generated sample; matmul here: {peak / 1e9:.1f} GFLOP/s "
           f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
     for batch in args.batch:
@@ -75,6 +79,9 @@ def bench_generate(args):
         line = (f"batch {batch:4d}: reference {ref:10,.0f} samples/s | fast {fast:10,.0f} samples/s "
                 f"({fast / ref:5.1f}x)")
         best = fast
+        if device.type == "cpu":  # the same fast step on torch ops, as a GPU runs it
+            torch_ops = samples_per_sec(model, batch, length, fast=True, xp=torch)
+            line += f" | fast on torch ops {torch_ops:10,.0f} samples/s ({torch_ops / ref:5.1f}x)"
         if device.type == "cuda":
             graphed = samples_per_sec(model, batch, length, fast=True, cuda_graph=True)
             line += f" | fast + CUDA graphs {graphed:10,.0f} samples/s ({graphed / ref:5.1f}x)"
@@ -99,11 +106,12 @@ def main(argv=None):
     p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
     p.add_argument("--sample_rate", type=int, default=8000, help="for the real-time factor (Hz)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch and of numpy's BLAS (0 = their default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bench_generate(args)
+    with threadpool_limits(args.threads or None, user_api="blas"):
+        bench_generate(args)
 
 
 if __name__ == "__main__":

@@ -49,19 +49,42 @@ class GRUStack(nn.Module):
 
 
 def gru_weights(gru):
-    """Per layer (weight_ih, weight_hh, bias_ih, bias_hh) of an nn.GRU, for stepping it with gru_step."""
-    return [tuple(getattr(gru, f"{name}_l{k}").detach() for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    """Per layer (weight_ih^T, weight_hh^T, bias_ih, bias_hh) of an nn.GRU, for stepping it with gru_step."""
+    return [(getattr(gru, f"weight_ih_l{k}").detach().t().contiguous(),
+             getattr(gru, f"weight_hh_l{k}").detach().t().contiguous(),
+             getattr(gru, f"bias_ih_l{k}").detach(), getattr(gru, f"bias_hh_l{k}").detach())
             for k in range(gru.num_layers)]
 
 
-def gru_step(x, h, weights):
-    """One time step of the stacked GRU: x (B, n_in), h (n_rnn, B, dim) updated in place -> top output (B, dim)."""
+def gru_step(x, h, weights, xp):
+    """One time step of the stacked GRU, computed as nn.GRU does (gates r, z, n), on numpy arrays or torch
+    tensors (xp is numpy or torch): x (B, n_in), h (n_rnn, B, dim) updated in place -> top output (B, dim)."""
+    d = h.shape[-1]
     for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-        x = torch.gru_cell(x, h[k], w_ih, w_hh, b_ih, b_hh)
-        h[k].copy_(x)
+        gi = x @ w_ih
+        gi += b_ih
+        gh = h[k] @ w_hh
+        gh += b_hh
+        rz = gi[:, :2 * d]
+        rz += gh[:, :2 * d]
+        rz = sigmoid(rz, xp)
+        n = gi[:, 2 * d:]
+        n += rz[:, :d] * gh[:, 2 * d:]
+        n = xp.tanh(n, out=n)
+        h[k] = n + rz[:, d:] * (h[k] - n)  # (1 - z) * n + z * h
+        x = h[k]
+    return x
+
+
+def sigmoid(x, xp):
+    """In place; through tanh, which cannot overflow as exp(-x) can in float32."""
+    x *= 0.5
+    x = xp.tanh(x, out=x)
+    x *= 0.5
+    x += 0.5
     return x
 
 
 def linear_t(layer):
-    """(weight^T, bias) of a weight-normed linear layer, for addmm; call under parametrize.cached()."""
+    """(weight^T, bias) of a weight-normed linear layer, for x @ weight^T + bias; call under parametrize.cached()."""
     return layer.weight.detach().t().contiguous(), layer.bias.detach()

@@ -2,10 +2,11 @@
 import os
 import sys
 
-import numpy as np
-import pytest
-import soundfile as sf
-import torch
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads it: tests run one process per core
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)

@@ -30,22 +30,25 @@ KINDS = ["twotier_fs1", "twotier_fs2", "twotier_fs3", "baseline_reals", "baselin
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature, primed", [(1.0, False), (0.6, True)])
-def test_fast_path_equals_reference(kind, temperature, primed):
-    """Same seed -> exactly the same integer samples. In float64, so that the two paths' different (but
-    equally correct) rounding cannot move a Gumbel argmax."""
+@pytest.mark.parametrize("xp", [np, torch], ids=["numpy", "torch"])
+def test_fast_path_equals_reference(kind, temperature, primed, xp):
+    """Same seed -> exactly the same integer samples, from the fast step run on numpy (as on the CPU) and on
+    torch (as on a GPU). In float64, so that the paths' different (but equally correct) rounding cannot move
+    a Gumbel argmax."""
     m = model(kind)
     prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3)) if primed else None
     ref = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=False)
-    fast = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=True)
+    fast = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=True, xp=xp)
     assert ref.shape == fast.shape == (3, 77)
     assert torch.equal(ref, fast)
     assert not torch.equal(fast, generate(m, 3, 77, seed=12, temperature=temperature, prime=prime))
 
 
 @pytest.mark.parametrize("kind", KINDS[1::2])
-def test_recorded_logits_are_the_first_sequences(kind):
+@pytest.mark.parametrize("xp", [np, torch], ids=["numpy", "torch"])
+def test_recorded_logits_are_the_first_sequences(kind, xp):
     m = model(kind)
-    levels, logits = generate(m, 2, 30, seed=1, record=True)
+    levels, logits = generate(m, 2, 30, seed=1, record=True, xp=xp)
     ref_levels, ref_logits = generate(m, 2, 30, seed=1, record=True, fast=False)
     assert torch.equal(levels, ref_levels) and logits.shape == (30, Q)
     torch.testing.assert_close(logits, ref_logits)
