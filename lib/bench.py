@@ -4,7 +4,7 @@
     python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
 
 For each batch size: samples/second of the reference sampler and of the fast path (on the CPU, the fast step
-run on numpy, as generate.py does, and on torch; on CUDA, with and without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of
+run on numpy and on torch; on CUDA, with and without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of
 this machine measured here, and achieved / FLOP-bound limit. Weights are random: speed does not depend on
 them. Nothing here is asserted; the numbers go in README.
 """
@@ -16,7 +16,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from baseline import FlatGRU
-from lib.sample import generate
+from lib.sample import array_module, generate
 from two_tier import TwoTier
 
 
@@ -67,21 +67,23 @@ def bench_generate(args):
     model.to(device).eval()
     flops = flops_per_sample(model)
     peak = matmul_flops(device)
-    blas = [f"{pool['internal_api']} {pool['num_threads']} threads" for pool in threadpool_info() if pool["user_api"] == "blas"]
+    blas = [f"{pool['internal_api']} {pool['num_threads']} threads" for pool in threadpool_info()
+            if pool["user_api"] == "blas"]
     print(f"{config} on {device}, torch {torch.__version__} {torch.get_num_threads()} threads, "
           f"numpy {np.__version__} ({', '.join(blas)})")
     print(f"fast path: {flops / 1e6:.2f} MFLOP per generated sample; matmul here: {peak / 1e9:.1f} GFLOP/s "
           f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
+    print("* = the library generate.py steps with at this batch size")
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
         ref = samples_per_sec(model, batch, max(1, length // args.ref_fraction), fast=False)
-        fast = samples_per_sec(model, batch, length, fast=True, cuda_graph=False)
-        line = (f"batch {batch:4d}: reference {ref:10,.0f} samples/s | fast {fast:10,.0f} samples/s "
-                f"({fast / ref:5.1f}x)")
-        best = fast
-        if device.type == "cpu":  # the same fast step on torch ops, as a GPU runs it
-            torch_ops = samples_per_sec(model, batch, length, fast=True, xp=torch)
-            line += f" | fast on torch ops {torch_ops:10,.0f} samples/s ({torch_ops / ref:5.1f}x)"
+        line = f"batch {batch:4d}: reference {ref:10,.0f} samples/s"
+        best = 0
+        for xp in (np, torch) if device.type == "cpu" else (torch,):  # the same fast step on either library
+            fast = samples_per_sec(model, batch, length, fast=True, xp=xp)
+            used = "*" if xp is array_module(device, batch) else ""
+            line += f" | fast{used} on {xp.__name__} {fast:10,.0f} samples/s ({fast / ref:5.1f}x)"
+            best = max(best, fast)
         if device.type == "cuda":
             graphed = samples_per_sec(model, batch, length, fast=True, cuda_graph=True)
             line += f" | fast + CUDA graphs {graphed:10,.0f} samples/s ({graphed / ref:5.1f}x)"

@@ -4,6 +4,7 @@ matrices of GRUs; weight norm on every linear layer (not on embeddings, not insi
 """
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -57,32 +58,33 @@ def gru_weights(gru):
 
 
 def gru_step(x, h, weights, xp):
-    """One time step of the stacked GRU, computed as nn.GRU does (gates r, z, n), on numpy arrays or torch
-    tensors (xp is numpy or torch): x (B, n_in), h (n_rnn, B, dim) updated in place -> top output (B, dim)."""
-    d = h.shape[-1]
+    """One time step of the stacked GRU on numpy arrays or torch tensors (xp is numpy or torch):
+    x (B, n_in), h (n_rnn, B, dim) updated in place -> top output (B, dim)."""
     for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(weights):
-        gi = x @ w_ih
-        gi += b_ih
-        gh = h[k] @ w_hh
-        gh += b_hh
-        rz = gi[:, :2 * d]
-        rz += gh[:, :2 * d]
-        rz = sigmoid(rz, xp)
-        n = gi[:, 2 * d:]
-        n += rz[:, :d] * gh[:, 2 * d:]
-        n = xp.tanh(n, out=n)
-        h[k] = n + rz[:, d:] * (h[k] - n)  # (1 - z) * n + z * h
+        if xp is torch:  # torch's fused cell: a GPU at small batch is bound by the number of kernels
+            h[k] = torch.gru_cell(x, h[k], w_ih.t(), w_hh.t(), b_ih, b_hh)
+        else:
+            h[k] = gru_cell_numpy(x, h[k], w_ih, w_hh, b_ih, b_hh)
         x = h[k]
     return x
 
 
-def sigmoid(x, xp):
-    """In place; through tanh, which cannot overflow as exp(-x) can in float32."""
-    x *= 0.5
-    x = xp.tanh(x, out=x)
-    x *= 0.5
-    x += 0.5
-    return x
+def gru_cell_numpy(x, h, w_ih, w_hh, b_ih, b_hh):
+    """torch.gru_cell in numpy (gates r, z, n), with transposed weights -> the new h."""
+    d = h.shape[-1]
+    gi = x @ w_ih
+    gi += b_ih
+    gh = h @ w_hh
+    gh += b_hh
+    rz = gi[:, :2 * d]
+    rz += gh[:, :2 * d]
+    rz = np.tanh(rz * 0.5, out=rz)  # sigmoid(v) = (tanh(v / 2) + 1) / 2, which cannot overflow as exp can
+    rz += 1
+    rz *= 0.5
+    n = gi[:, 2 * d:]
+    n += rz[:, :d] * gh[:, 2 * d:]
+    n = np.tanh(n, out=n)
+    return n + rz[:, d:] * (h - n)  # (1 - z) * n + z * h
 
 
 def linear_t(layer):

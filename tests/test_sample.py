@@ -133,3 +133,15 @@ def test_generate_bad_input(tmp_path, runs, capsys, flags, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_flags", [["--model", "twotier", "--frame_size", "2"], ["--model", "baseline"]])
+def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
+    from lib.bench import main as bench_main
+    bench_main(["generate", *model_flags, "--dim", "16", "--n_rnn", "1", "--batch", "1", "16", "--secs", "0.01",
+                "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("batch")]
+    assert len(rows) == 2 and all("reference" in r and "on numpy" in r and "on torch" in r for r in rows)
+    assert "fast* on numpy" in rows[0] and "fast* on torch" in rows[1]  # what generate.py uses at each size
+    assert all("achieved / limit" in r for r in rows) and "MFLOP per generated sample" in lines[1]
