@@ -13,11 +13,11 @@ A model offers two samplers:
       sequence's logits in .recorded for the softmax picture.
 
 The fast path is written once against the operations numpy arrays and torch tensors share (@, +=, indexing,
-argmax; only the GRU cell is torch's fused one on torch). It steps with numpy on the CPU at small batch and
-with torch otherwise (`array_module`): on the CPU a frame is about a hundred small operations, each about
-1 us in numpy against 2-4 us in eager torch, and numpy's OpenBLAS reads a batch-1 weight matrix faster than
-this torch build's MKL does on an AMD CPU (README has the benchmark). The state lives in torch tensors; the
-numpy step works on views of them.
+argmax; only the GRU cell is torch's fused one on torch). It steps with numpy on the CPU and with torch
+elsewhere (`array_module`): at small batch a frame is about a hundred small operations, each about 1 us in
+numpy against 2-4 us in eager torch, and numpy's OpenBLAS reads a batch-1 weight matrix faster than this
+torch build's MKL does on an AMD CPU; at batch 64 the two are within noise (README has the benchmark).
+The state lives in torch tensors; the numpy step works on views of them.
 """
 import numpy as np
 import torch
@@ -56,11 +56,9 @@ def draw(logits, noise, temperature):
     return (logits + noise).argmax(-1)
 
 
-def array_module(device, n):
-    """What the fast path steps with for n sequences on `device`: numpy on the CPU for fewer than 16, where the
-    cost per operation dominates; torch otherwise (on the CPU its GEMM and multi-threaded elementwise ops win
-    from about 16 to 32 sequences on; README has the measurements)."""
-    return np if torch.device(device).type == "cpu" and n < 16 else torch
+def array_module(device):
+    """What the fast path steps with on `device`: numpy on the CPU, torch elsewhere."""
+    return np if torch.device(device).type == "cpu" else torch
 
 
 def as_arrays(tensors, xp):
@@ -78,7 +76,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
     prime: 1-D int levels that every sequence continues from (they are not part of the output).
     cuda_graph: replay one frame's steps as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in).
-    xp: numpy or torch, what the fast path steps with (default: array_module(device, n))."""
+    xp: numpy or torch, what the fast path steps with (default: array_module(device))."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -86,7 +84,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
         noise = GumbelNoise(n, model.q_levels, seed, device, dtype)
         out = model.generate(n, length, noise, temperature, prime, keep_logits=record)
         return (out[0], out[1][0]) if record else out
-    xp = xp or array_module(device, n)
+    xp = xp or array_module(device)
     noise = GumbelNoise(n, model.q_levels, seed, device, dtype, xp)
     sampler = model.fast_sampler(n, temperature, prime, record, xp)
     fl = sampler.frame_len

@@ -143,5 +143,5 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("batch")]
     assert len(rows) == 2 and all("reference" in r and "on numpy" in r and "on torch" in r for r in rows)
-    assert "fast* on numpy" in rows[0] and "fast* on torch" in rows[1]  # what generate.py uses at each size
+    assert all("fast* on numpy" in r for r in rows)  # the path generate.py takes on the CPU
     assert all("achieved / limit" in r for r in rows) and "MFLOP per generated sample" in lines[1]
