@@ -149,9 +149,9 @@ class FastTwoTierSampler:
             table = torch.cat([mlp.embed.weight @ w[:, j * emb:(j + 1) * emb].t() for j in range(fs)])
             offsets = torch.arange(fs, device=w.device) * q  # row of window position j in the table
             reals = to_reals(torch.arange(q, device=w.device), q).to(w.dtype)  # level -> frame-level input
-            self.weights = as_arrays((reals, gru_weights(model.frame_rnn.rnn.gru), linear_t(model.frame_rnn.to_cond),
-                                      table, offsets, [linear_t(layer) for layer in mlp.hidden],
-                                      linear_t(mlp.out)), xp)
+            frame_rnn = model.frame_rnn
+            self.weights = as_arrays((reals, gru_weights(frame_rnn.rnn.gru), linear_t(frame_rnn.to_cond), table,
+                                      offsets, [linear_t(layer) for layer in mlp.hidden], linear_t(mlp.out)), xp)
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
