@@ -9,6 +9,7 @@ layer predicts the next sample. For a chunk x of 1 + seq_len samples (the first 
 logits[:, t] predicts x[:, 1 + t] from x[:, :1 + t] only. Everything but the model is shared with
 two_tier.py through lib/train.py.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +18,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import as_arrays, draw
+from lib.sample import array_module, as_arrays, draw
 from lib.train import train_main
 
 MODEL_ID = "baseline"
@@ -76,18 +77,20 @@ class FlatGRU(nn.Module):
                 x[:, t] = draw(logits, noise.take(1)[:, 0], temperature)
         return (x[:, 1:], torch.stack(kept, dim=1)) if keep_logits else x[:, 1:]
 
-    def fast_sampler(self, n, temperature=1.0, prime=None, record=False, xp=torch):
-        return FastFlatSampler(self, n, temperature, prime, record, xp)
+    def fast_sampler(self, n, temperature=1.0, prime=None, record=False, backend="torch"):
+        return FastFlatSampler(self, n, temperature, prime, record, backend)
 
 
 class FastFlatSampler:
     """The fast path of FlatGRU.generate: `frame_len` samples per step() call, weight norm folded once, the
     input a table lookup, state preallocated and updated in place, no host-device sync (CUDA-graph
-    capturable); one step() for numpy (CPU) and torch (GPU), xp being the module it calls."""
+    capturable); one step() for numpy and torch (xp is the module it calls), and the same step compiled for
+    the CPU (backend "numba", lib/kernels.py)."""
     frame_len = 8
 
-    def __init__(self, model, n, temperature, prime, record, xp):
-        self.temperature, self.record, self.xp = temperature, record, xp
+    def __init__(self, model, n, temperature, prime, record, backend):
+        xp = array_module(backend)
+        self.temperature, self.record, self.xp, self.backend = temperature, record, xp, backend
         with torch.no_grad(), parametrize.cached():
             levels = torch.arange(model.q_levels, device=model.rnn.h0.device)
             inputs = model.step_inputs(levels[None])[0].to(model.rnn.h0.dtype)  # level -> GRU input
@@ -98,11 +101,20 @@ class FastFlatSampler:
         self.recorded = torch.zeros(self.frame_len, model.q_levels, device=last.device,
                                     dtype=model.rnn.h0.dtype) if record else None
         self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
+        if backend == "numba":
+            from lib.kernels import stacked_gru
+            inputs, gru, out = self.weights
+            self.kernel_weights = (inputs, *stacked_gru(gru), *out)
+            self.kernel_recorded = self.arrays[3] if record else np.zeros((0, model.q_levels), inputs.dtype)
 
     def step(self, noise):
         """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
-        inputs, gru, (out_w, out_b) = self.weights
         h, last, frame, recorded = self.arrays
+        if self.backend == "numba":
+            from lib.kernels import flat_frame
+            flat_frame(last, frame, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
+            return self.frame
+        inputs, gru, (out_w, out_b) = self.weights
         for t in range(self.frame_len):
             x = gru_step(inputs[last[:, 0]], h, gru, self.xp)
             logits = x @ out_w

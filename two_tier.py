@@ -9,6 +9,7 @@ frame f = x[f*FS : (f+1)*FS] is read by the frame-level RNN, whose output condit
 NEXT frame; the MLP predicts x[FS + t] from its conditioning vector and the FS samples x[t : t + FS].
 So logits[:, t] predicts x[:, FS + t] from x[:, :FS + t] only.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +18,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import as_arrays, draw
+from lib.sample import array_module, as_arrays, draw
 from lib.train import add_training_args, train_main
 
 MODEL_ID = "twotier"
@@ -123,8 +124,8 @@ class TwoTier(nn.Module):
         x = x[:, fs:fs + length]
         return (x, torch.stack(kept, dim=1)[:, :length]) if keep_logits else x
 
-    def fast_sampler(self, n, temperature=1.0, prime=None, record=False, xp=torch):
-        return FastTwoTierSampler(self, n, temperature, prime, record, xp)
+    def fast_sampler(self, n, temperature=1.0, prime=None, record=False, backend="torch"):
+        return FastTwoTierSampler(self, n, temperature, prime, record, backend)
 
     @property
     def device(self):
@@ -137,11 +138,14 @@ class FastTwoTierSampler:
       (q_levels, dim) table E @ W_j^T, so each sample's first layer is a lookup and a sum;
     - weight norm folded into plain transposed weights once, the frame-level GRU stepped once per frame;
     - all state in preallocated tensors updated in place, no host-device sync (CUDA-graph capturable);
-    - one step() for numpy (CPU) and torch (GPU): xp is the module it calls (lib/sample.py says why)."""
+    - one step() for numpy and torch (xp is the module it calls), and the same step compiled for the CPU
+      (backend "numba", lib/kernels.py); lib/sample.py says which runs where."""
 
-    def __init__(self, model, n, temperature, prime, record, xp):
+    def __init__(self, model, n, temperature, prime, record, backend):
         fs, q = model.frame_size, model.q_levels
-        self.frame_len, self.fs, self.temperature, self.record, self.xp = fs, fs, temperature, record, xp
+        xp = array_module(backend)
+        self.frame_len, self.fs, self.temperature, self.record = fs, fs, temperature, record
+        self.xp, self.backend = xp, backend
         with torch.no_grad(), parametrize.cached():
             mlp = model.sample_mlp
             emb = mlp.embed.weight.shape[1]
@@ -157,12 +161,22 @@ class FastTwoTierSampler:
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
         self.recorded = torch.zeros(fs, q, device=w.device, dtype=w.dtype) if record else None
         self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
+        if backend == "numba":
+            from lib.kernels import stacked_gru
+            reals, gru, cond, table, _, hidden, out = self.weights
+            self.kernel_weights = (reals, *stacked_gru(gru), *cond, table, np.stack([w for w, _ in hidden]),
+                                   np.stack([b for _, b in hidden]), *out)
+            self.kernel_recorded = self.arrays[2] if record else np.zeros((0, q), reals.dtype)
 
     def step(self, noise):
         """noise (n, FS, q_levels) -> the next frame (n, FS) of levels; advances h and the window in place."""
         xp, fs = self.xp, self.fs
-        reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         h, win, recorded = self.arrays
+        if self.backend == "numba":
+            from lib.kernels import twotier_frame
+            twotier_frame(win, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
+            return self.window[:, fs:]
+        reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)
         cond = (x @ cond_w + cond_b).reshape(x.shape[0], fs, -1)  # (n, FS, dim)
         for j in range(fs):

@@ -4,7 +4,7 @@
     python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
 
 For each batch size: samples/second of the reference sampler and of the fast path (on the CPU, the fast step
-run on numpy and on torch; on CUDA, with and without CUDA graphs), their ratio, the fast path's FLOPs per
+compiled with numba, on numpy and on torch; on CUDA, with and without CUDA graphs), their ratio, the fast path's FLOPs per
 generated sample, the matmul FLOP/s of this machine measured here, and achieved / FLOP-bound limit. Weights
 are random: speed does not depend on them. Each figure is the best of --repeats timings (this is a shared
 machine). Nothing here is asserted; the numbers go in README.
@@ -17,7 +17,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from baseline import FlatGRU
-from lib.sample import array_module, generate
+from lib.sample import BACKENDS, default_backend, generate
 from two_tier import TwoTier
 
 
@@ -77,15 +77,15 @@ def bench_generate(args):
           f"numpy {np.__version__} ({', '.join(blas)})")
     print(f"fast path: {flops / 1e6:.2f} MFLOP per generated sample; matmul here: {peak / 1e9:.1f} GFLOP/s "
           f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
-    print("* = the path generate.py takes (without --cuda_graph)")
+    print("* = the path generate.py takes at this batch size (without --cuda_graph)")
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
         ref = samples_per_sec(model, batch, max(1, length // args.ref_fraction), args.repeats, fast=False)
         line = f"batch {batch:4d}: reference {ref:10,.0f} samples/s"
-        for xp in (np, torch) if device.type == "cpu" else (torch,):  # the same fast step on either library
-            fast = samples_per_sec(model, batch, length, args.repeats, fast=True, xp=xp)
-            used = xp is array_module(device)
-            line += f" | fast{'*' if used else ''} on {xp.__name__} {fast:10,.0f} samples/s ({fast / ref:5.1f}x)"
+        for backend in BACKENDS if device.type == "cpu" else ("torch",):  # the same fast step, three ways
+            fast = samples_per_sec(model, batch, length, args.repeats, fast=True, backend=backend)
+            used = backend == default_backend(device, batch)
+            line += f" | fast{'*' if used else ''} {backend} {fast:10,.0f} samples/s ({fast / ref:5.1f}x)"
             default = fast if used else default
         if device.type == "cuda":
             graphed = samples_per_sec(model, batch, length, args.repeats, fast=True, cuda_graph=True)

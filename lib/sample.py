@@ -7,22 +7,24 @@ the same seed, the fast and reference paths give the same samples (tests/test_sa
 
 A model offers two samplers:
   model.generate(n, length, noise, temperature, prime, keep_logits)  the plain, obviously correct reference
-  model.fast_sampler(n, temperature, prime, record, xp)               the fast path: an object whose
+  model.fast_sampler(n, temperature, prime, record, backend)          the fast path: an object whose
       step(noise (n, frame_len, Q)) -> (n, frame_len) levels generates one frame, updating its state in place
       (so that one frame's worth of steps can be captured in a CUDA graph); record=True keeps the first
       sequence's logits in .recorded for the softmax picture.
 
-The fast path is written once against the operations numpy arrays and torch tensors share (@, +=, indexing,
-argmax; only the GRU cell is torch's fused one on torch). It steps with numpy on the CPU and with torch
-elsewhere (`array_module`): at small batch a frame is about a hundred small operations, each about 1 us in
-numpy against 2-4 us in eager torch, and numpy's OpenBLAS reads a batch-1 weight matrix faster than this
-torch build's MKL does on an AMD CPU; at batch 64 the two are within noise (README has the benchmark).
-The state lives in torch tensors; the numpy step works on views of them.
+The fast step is written once against the operations numpy arrays and torch tensors share (@, +=, indexing,
+argmax; only the GRU cell is torch's fused one on torch), and once more as compiled loops (lib/kernels.py).
+Which one runs (`default_backend`): torch on a GPU. On the CPU a frame is about a hundred small operations,
+each about 1 us in numpy and 2-4 us in eager torch, so below 8 sequences the compiled step ("numba", one
+call per frame) is fastest; from 8 on, numpy ("numpy"), whose OpenBLAS does the matrix products; torch's
+MKL is slower than OpenBLAS on this project's AMD CPU at small batch (README has the benchmark). The state
+lives in torch tensors; numpy and the compiled step work on views of them.
 """
 import numpy as np
 import torch
 
 NOISE_BLOCK = 256  # steps of noise drawn at once
+BACKENDS = ("numba", "numpy", "torch")  # what the fast path can step with
 
 
 class GumbelNoise:
@@ -56,9 +58,17 @@ def draw(logits, noise, temperature):
     return (logits + noise).argmax(-1)
 
 
-def array_module(device):
-    """What the fast path steps with on `device`: numpy on the CPU, torch elsewhere."""
-    return np if torch.device(device).type == "cpu" else torch
+def default_backend(device, n):
+    """What the fast path steps with for n sequences on `device`: on the CPU the compiled step (lib/kernels.py)
+    for fewer than 8 sequences, numpy for more (its BLAS's matrix products win from about 8 on); torch
+    elsewhere."""
+    if torch.device(device).type != "cpu":
+        return "torch"
+    return "numba" if n < 8 else "numpy"
+
+
+def array_module(backend):
+    return torch if backend == "torch" else np
 
 
 def as_arrays(tensors, xp):
@@ -72,11 +82,11 @@ def as_arrays(tensors, xp):
 
 @torch.inference_mode()
 def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=False, record=False,
-             progress=False, xp=None):
+             progress=False, backend=None):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
     prime: 1-D int levels that every sequence continues from (they are not part of the output).
     cuda_graph: replay one frame's steps as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in).
-    xp: numpy or torch, what the fast path steps with (default: array_module(device))."""
+    backend: what the fast path steps with, one of BACKENDS (default: default_backend(device, n))."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -84,15 +94,15 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
         noise = GumbelNoise(n, model.q_levels, seed, device, dtype)
         out = model.generate(n, length, noise, temperature, prime, keep_logits=record)
         return (out[0], out[1][0]) if record else out
-    xp = xp or array_module(device)
-    noise = GumbelNoise(n, model.q_levels, seed, device, dtype, xp)
-    sampler = model.fast_sampler(n, temperature, prime, record, xp)
+    backend = backend or default_backend(device, n)
+    noise = GumbelNoise(n, model.q_levels, seed, device, dtype, array_module(backend))
+    sampler = model.fast_sampler(n, temperature, prime, record, backend)
     fl = sampler.frame_len
     n_frames = -(-length // fl)
     out = torch.empty(n, n_frames * fl, dtype=torch.long, device=device)
     recorded = torch.empty(n_frames * fl, model.q_levels, device=device, dtype=dtype) if record else None
     step = sampler.step
-    if cuda_graph and device.type == "cuda" and xp is torch:
+    if cuda_graph and device.type == "cuda" and backend == "torch":
         step = graphed(sampler.step, noise.take(fl), sampler)
     frames = range(n_frames)
     if progress:

@@ -10,7 +10,7 @@ import torch
 from baseline import FlatGRU, main as baseline_main
 from conftest import RATE, run_main
 from generate import main as generate_main
-from lib.sample import generate
+from lib.sample import BACKENDS, generate
 from two_tier import TwoTier, main as two_tier_main
 
 Q = 256
@@ -30,25 +30,24 @@ KINDS = ["twotier_fs1", "twotier_fs2", "twotier_fs3", "baseline_reals", "baselin
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature, primed", [(1.0, False), (0.6, True)])
-@pytest.mark.parametrize("xp", [np, torch], ids=["numpy", "torch"])
-def test_fast_path_equals_reference(kind, temperature, primed, xp):
-    """Same seed -> exactly the same integer samples, from the fast step run on numpy (as on the CPU) and on
-    torch (as on a GPU). In float64, so that the paths' different (but equally correct) rounding cannot move
-    a Gumbel argmax."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_equals_reference(kind, temperature, primed, backend):
+    """Same seed -> exactly the same integer samples, from the fast step compiled, on numpy and on torch (as on a
+    GPU). In float64, so that the paths' different (but equally correct) rounding cannot move a Gumbel argmax."""
     m = model(kind)
     prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3)) if primed else None
     ref = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=False)
-    fast = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=True, xp=xp)
+    fast = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=True, backend=backend)
     assert ref.shape == fast.shape == (3, 77)
     assert torch.equal(ref, fast)
     assert not torch.equal(fast, generate(m, 3, 77, seed=12, temperature=temperature, prime=prime))
 
 
 @pytest.mark.parametrize("kind", KINDS[1::2])
-@pytest.mark.parametrize("xp", [np, torch], ids=["numpy", "torch"])
-def test_recorded_logits_are_the_first_sequences(kind, xp):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recorded_logits_are_the_first_sequences(kind, backend):
     m = model(kind)
-    levels, logits = generate(m, 2, 30, seed=1, record=True, xp=xp)
+    levels, logits = generate(m, 2, 30, seed=1, record=True, backend=backend)
     ref_levels, ref_logits = generate(m, 2, 30, seed=1, record=True, fast=False)
     assert torch.equal(levels, ref_levels) and logits.shape == (30, Q)
     torch.testing.assert_close(logits, ref_logits)
@@ -142,6 +141,6 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
                 "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("batch")]
-    assert len(rows) == 2 and all("reference" in r and "on numpy" in r and "on torch" in r for r in rows)
-    assert all("fast* on numpy" in r for r in rows)  # the path generate.py takes on the CPU
+    assert len(rows) == 2 and all("reference" in r and "numba" in r and "numpy" in r and "torch" in r for r in rows)
+    assert "fast* numba" in rows[0] and "fast* numpy" in rows[1]  # the path generate.py takes on the CPU
     assert all("achieved / limit" in r for r in rows) and "MFLOP per generated sample" in lines[1]
