@@ -3,11 +3,12 @@
     python -m lib.bench generate --model twotier --dim 256 --frame_size 2 --n_rnn 3 --batch 1 64
     python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
 
-For each batch size: samples/second of the reference sampler and of the fast path (on the CPU, the fast step
-compiled with numba, on numpy and on torch; on CUDA, with and without CUDA graphs), their ratio, the fast path's FLOPs per
-generated sample, the matmul FLOP/s of this machine measured here, and achieved / FLOP-bound limit. Weights
-are random: speed does not depend on them. Each figure is the best of --repeats timings (this is a shared
-machine). Nothing here is asserted; the numbers go in README.
+For each batch size: samples/second of the reference sampler and of the fast path (on the CPU: the fast step
+compiled with numba, below batch 16 only as it is slow beyond, on numpy and on torch; on CUDA: with and
+without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of this
+machine measured here, and achieved / FLOP-bound limit. Weights are random: speed does not depend on them.
+Each figure is the best of --repeats timings (this is a shared machine). Nothing here is asserted; the
+numbers go in README.
 """
 import argparse
 import time
@@ -82,9 +83,10 @@ def bench_generate(args):
         length = max(1, round(args.secs * args.sample_rate))
         ref = samples_per_sec(model, batch, max(1, length // args.ref_fraction), args.repeats, fast=False)
         line = f"batch {batch:4d}: reference {ref:10,.0f} samples/s"
-        for backend in BACKENDS if device.type == "cpu" else ("torch",):  # the same fast step, three ways
+        backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
+        for backend in backends:  # the same fast step, several ways
             fast = samples_per_sec(model, batch, length, args.repeats, fast=True, backend=backend)
-            used = backend == default_backend(device, batch)
+            used = backend == default_backend(model, batch)
             line += f" | fast{'*' if used else ''} {backend} {fast:10,.0f} samples/s ({fast / ref:5.1f}x)"
             default = fast if used else default
         if device.type == "cuda":

@@ -15,10 +15,10 @@ A model offers two samplers:
 The fast step is written once against the operations numpy arrays and torch tensors share (@, +=, indexing,
 argmax; only the GRU cell is torch's fused one on torch), and once more as compiled loops (lib/kernels.py).
 Which one runs (`default_backend`): torch on a GPU. On the CPU a frame is about a hundred small operations,
-each about 1 us in numpy and 2-4 us in eager torch, so below 8 sequences the compiled step ("numba", one
-call per frame) is fastest; from 8 on, numpy ("numpy"), whose OpenBLAS does the matrix products; torch's
-MKL is slower than OpenBLAS on this project's AMD CPU at small batch (README has the benchmark). The state
-lives in torch tensors; numpy and the compiled step work on views of them.
+each about 1 us in numpy and 2-4 us in eager torch, so for a few sequences of a small model the compiled
+step ("numba", one call per frame) is fastest; otherwise numpy ("numpy"), whose OpenBLAS does the matrix
+products (torch's MKL is slower than OpenBLAS on this project's AMD CPU at small batch; README has the
+benchmark). The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
 import numpy as np
 import torch
@@ -58,13 +58,15 @@ def draw(logits, noise, temperature):
     return (logits + noise).argmax(-1)
 
 
-def default_backend(device, n):
-    """What the fast path steps with for n sequences on `device`: on the CPU the compiled step (lib/kernels.py)
-    for fewer than 8 sequences, numpy for more (its BLAS's matrix products win from about 8 on); torch
-    elsewhere."""
-    if torch.device(device).type != "cpu":
+def default_backend(model, n):
+    """What the fast path steps with for n sequences of `model`: torch on a GPU. On the CPU, the compiled step
+    (lib/kernels.py) for fewer than 8 sequences of a model under 2M parameters, whose weights stay in cache:
+    there one call per frame beats numpy's hundred calls. Otherwise numpy: its BLAS, on both cores, reads
+    large weights faster than the compiled single-threaded loops and does large batches as matrix products."""
+    if next(model.parameters()).device.type != "cpu":
         return "torch"
-    return "numba" if n < 8 else "numpy"
+    small = sum(p.numel() for p in model.parameters()) < 2_000_000
+    return "numba" if n < 8 and small else "numpy"
 
 
 def array_module(backend):
@@ -86,7 +88,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
     prime: 1-D int levels that every sequence continues from (they are not part of the output).
     cuda_graph: replay one frame's steps as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in).
-    backend: what the fast path steps with, one of BACKENDS (default: default_backend(device, n))."""
+    backend: what the fast path steps with, one of BACKENDS (default: default_backend(model, n))."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -94,7 +96,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
         noise = GumbelNoise(n, model.q_levels, seed, device, dtype)
         out = model.generate(n, length, noise, temperature, prime, keep_logits=record)
         return (out[0], out[1][0]) if record else out
-    backend = backend or default_backend(device, n)
+    backend = backend or default_backend(model, n)
     noise = GumbelNoise(n, model.q_levels, seed, device, dtype, array_module(backend))
     sampler = model.fast_sampler(n, temperature, prime, record, backend)
     fl = sampler.frame_len
