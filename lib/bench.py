@@ -84,11 +84,12 @@ def bench_generate(args):
         ref = samples_per_sec(model, batch, max(1, length // args.ref_fraction), args.repeats, fast=False)
         line = f"batch {batch:4d}: reference {ref:10,.0f} samples/s"
         backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
+        chosen, speed = default_backend(model, batch), {}
         for backend in backends:  # the same fast step, several ways
-            fast = samples_per_sec(model, batch, length, args.repeats, fast=True, backend=backend)
-            used = backend == default_backend(model, batch)
-            line += f" | fast{'*' if used else ''} {backend} {fast:10,.0f} samples/s ({fast / ref:5.1f}x)"
-            default = fast if used else default
+            speed[backend] = samples_per_sec(model, batch, length, args.repeats, fast=True, backend=backend)
+            line += (f" | fast{'*' if backend == chosen else ''} {backend} {speed[backend]:10,.0f} samples/s "
+                     f"({speed[backend] / ref:5.1f}x)")
+        default = speed[chosen]
         if device.type == "cuda":
             graphed = samples_per_sec(model, batch, length, args.repeats, fast=True, cuda_graph=True)
             line += f" | fast + CUDA graphs {graphed:10,.0f} samples/s ({graphed / ref:5.1f}x)"
