@@ -23,7 +23,7 @@ from lib import ArgumentParser, UserError
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
-from lib.sample import generate
+from lib.sample import BACKENDS, generate
 from lib.train import last_checkpoint
 
 SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
@@ -76,6 +76,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--cuda_graph", action="store_true", help="on CUDA, replay each frame's steps as a CUDA graph")
     p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
+                   help="what the fast path steps with; auto = lib.sample.default_backend (numba and numpy: CPU only)")
     p.add_argument("--plot_softmax", action="store_true",
                    help="write softmax.png: the first sequence's predicted distribution over time")
     p.add_argument("--plot_secs", type=float, default=0.25, help="seconds shown in softmax.png")
@@ -98,6 +100,8 @@ def generate_files(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.backend in ("numba", "numpy") and device.type != "cpu":
+        raise UserError(f"--backend {args.backend} runs on the CPU only; add --device cpu, or use --backend torch")
     model, settings, rate, run_dir = load_run(args.run, device)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
@@ -110,8 +114,8 @@ def generate_files(args):
         record = args.plot_softmax and first == 0
         start = time.perf_counter()
         result = generate(model, n, length, seed=args.seed + first, temperature=args.temperature, prime=prime,
-                          fast=not args.reference, cuda_graph=args.cuda_graph,
-                          record=record, progress=True)
+                          fast=not args.reference, cuda_graph=args.cuda_graph, record=record, progress=True,
+                          backend=None if args.backend == "auto" else args.backend)
         levels, logits = result if record else (result, None)
         levels = levels.cpu()  # waits for the device: the time below is the generation's
         gen_secs += time.perf_counter() - start
