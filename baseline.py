@@ -102,7 +102,8 @@ class FastFlatSampler:
                                     dtype=model.rnn.h0.dtype) if record else None
         self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
         if backend == "numba":
-            from lib.kernels import stacked_gru
+            from lib.kernels import flat_frame, stacked_gru  # numba loads only when used
+            self.kernel = flat_frame
             inputs, gru, out = self.weights
             self.kernel_weights = (inputs, *stacked_gru(gru), *out)
             self.kernel_recorded = self.arrays[3] if record else np.zeros((0, model.q_levels), inputs.dtype)
@@ -111,8 +112,7 @@ class FastFlatSampler:
         """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
         h, last, frame, recorded = self.arrays
         if self.backend == "numba":
-            from lib.kernels import flat_frame
-            flat_frame(last, frame, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
+            self.kernel(last, frame, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
             return self.frame
         inputs, gru, (out_w, out_b) = self.weights
         for t in range(self.frame_len):

@@ -162,7 +162,8 @@ class FastTwoTierSampler:
         self.recorded = torch.zeros(fs, q, device=w.device, dtype=w.dtype) if record else None
         self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
         if backend == "numba":
-            from lib.kernels import stacked_gru
+            from lib.kernels import stacked_gru, twotier_frame  # numba loads only when used
+            self.kernel = twotier_frame
             reals, gru, cond, table, _, hidden, out = self.weights
             self.kernel_weights = (reals, *stacked_gru(gru), *cond, table, np.stack([w for w, _ in hidden]),
                                    np.stack([b for _, b in hidden]), *out)
@@ -173,8 +174,7 @@ class FastTwoTierSampler:
         xp, fs = self.xp, self.fs
         h, win, recorded = self.arrays
         if self.backend == "numba":
-            from lib.kernels import twotier_frame
-            twotier_frame(win, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
+            self.kernel(win, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
             return self.window[:, fs:]
         reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)

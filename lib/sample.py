@@ -41,8 +41,8 @@ class GumbelNoise:
         while steps:
             if self.pos == NOISE_BLOCK:
                 u = torch.rand(self.shape, generator=self.generator, device=self.generator.device)
-                self.block = as_arrays(-torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny))).to(self.dtype),
-                                       self.xp)
+                gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny)))
+                self.block = as_arrays(gumbel.to(self.dtype), self.xp)
                 self.pos = 0
             k = min(steps, NOISE_BLOCK - self.pos)
             parts.append(self.block[:, self.pos:self.pos + k])
