@@ -9,6 +9,8 @@ layer predicts the next sample. For a chunk x of 1 + seq_len samples (the first 
 logits[:, t] predicts x[:, 1 + t] from x[:, :1 + t] only. Everything but the model is shared with
 two_tier.py through lib/train.py.
 """
+import weakref
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,21 +100,31 @@ class FastFlatSampler:
             h, last = model.prime_state(n, prime)
         self.h, self.last = h.clone(), last.clone()  # (n_rnn, n, dim), (n, 1)
         self.frame = last.new_zeros(n, self.frame_len)
-        self.recorded = torch.zeros(self.frame_len, model.q_levels, device=last.device,
-                                    dtype=model.rnn.h0.dtype) if record else None
-        self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
+        q, dtype = model.q_levels, model.rnn.h0.dtype
+        self.recorded = torch.zeros(self.frame_len, q, device=last.device, dtype=dtype) if record else None
+        self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":
-            from lib.kernels import flat_frame, stacked_gru  # numba loads only when used
-            self.kernel = flat_frame
+            from lib.kernels import Team, by_thread, flat_frame, flat_worker, shares, stacked_gru
+            threads = torch.get_num_threads()
+            lasts = self.last.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
+            self.last = lasts[0]
             inputs, gru, out = self.weights
-            self.kernel_weights = (inputs, *stacked_gru(gru), *out)
-            self.kernel_recorded = self.arrays[3] if record else np.zeros((0, model.q_levels), inputs.dtype)
+            self.noise = np.zeros((n, self.frame_len, q), inputs.dtype)  # the threads read the noise from here
+            recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), inputs.dtype)
+            logits = np.zeros((2, n, q), inputs.dtype)  # shared by the threads
+            self.team = Team(flat_frame, flat_worker, threads,
+                             (lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), self.noise, temperature,
+                              recorded, logits, inputs, *stacked_gru(gru, threads),
+                              *(by_thread(p, shares(q, threads)) for p in out)))
+            self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
+        self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
         """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
         h, last, frame, recorded = self.arrays
         if self.backend == "numba":
-            self.kernel(last, frame, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
+            self.noise[...] = noise
+            self.team.step()
             return self.frame
         inputs, gru, (out_w, out_b) = self.weights
         for t in range(self.frame_len):

@@ -9,6 +9,8 @@ frame f = x[f*FS : (f+1)*FS] is read by the frame-level RNN, whose output condit
 NEXT frame; the MLP predicts x[FS + t] from its conditioning vector and the FS samples x[t : t + FS].
 So logits[:, t] predicts x[:, FS + t] from x[:, :FS + t] only.
 """
+import weakref
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -160,21 +162,35 @@ class FastTwoTierSampler:
         self.h = h.clone()  # (n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
         self.recorded = torch.zeros(fs, q, device=w.device, dtype=w.dtype) if record else None
-        self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
+        self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":
-            from lib.kernels import stacked_gru, twotier_frame  # numba loads only when used
-            self.kernel = twotier_frame
+            from lib.kernels import Team, by_thread, shares, stacked_gru, twotier_frame, twotier_worker
+            threads = torch.get_num_threads()
+            windows = self.window.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
+            self.window = windows[0]
             reals, gru, cond, table, _, hidden, out = self.weights
-            self.kernel_weights = (reals, *stacked_gru(gru), *cond, table, np.stack([w for w, _ in hidden]),
-                                   np.stack([b for _, b in hidden]), *out)
-            self.kernel_recorded = self.arrays[2] if record else np.zeros((0, q), reals.dtype)
+            dim, dtype = table.shape[1], reals.dtype
+            self.noise = np.zeros((n, fs, q), dtype)  # the threads read each frame's noise from here
+            recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), dtype)
+            scratch = (np.zeros((n, fs * dim), dtype), np.zeros((len(hidden), n, dim), dtype),
+                       np.zeros((2, n, q), dtype))  # conditioning, hidden layers, logits: shared by the threads
+            split = [shares(m, threads) for m in (fs * dim, dim, q)]  # thread t's columns of each product
+            weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
+                       by_thread(np.stack([w for w, _ in hidden]), split[1]),
+                       by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
+            self.team = Team(twotier_frame, twotier_worker, threads,
+                             (windows.numpy(), as_arrays(self.h, np), self.noise, temperature, recorded, *scratch,
+                              *weights))
+            self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
+        self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
         """noise (n, FS, q_levels) -> the next frame (n, FS) of levels; advances h and the window in place."""
         xp, fs = self.xp, self.fs
         h, win, recorded = self.arrays
         if self.backend == "numba":
-            self.kernel(win, h, noise, self.temperature, self.kernel_recorded, *self.kernel_weights)
+            self.noise[...] = noise
+            self.team.step()
             return self.window[:, fs:]
         reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)

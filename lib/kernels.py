@@ -1,4 +1,5 @@
-"""The fast path's frame step compiled for the CPU with numba: one call per frame, no Python in between.
+"""The fast path's frame step compiled for the CPU with numba: one call per frame, no Python in between,
+optionally shared by several threads.
 
 At small batch on the CPU the numpy step spends about half its time in the ~1 us each of its hundred small
 calls per frame; compiled, a frame costs little more than reading the weights once. Each function here is
@@ -6,42 +7,128 @@ the numpy step of two_tier.py / baseline.py written as loops over rows; tests/te
 they give exactly the reference's samples. Weights come in as plain float arrays, transposed as in the
 numpy step, with the GRU layers stacked: w_ih0 (n_in, 3 dim) for layer 0, w_ih (n_rnn - 1, dim, 3 dim) for
 the others, w_hh (n_rnn, dim, 3 dim), b_ih and b_hh (n_rnn, 3 dim).
+
+Threads. At batch 1 a frame is bound by reading the weights (6 MB per frame for two-tier dim 256), and one
+core reads them at only about 25 GB/s. With T threads (`Team`), thread t computes the t-th share of the
+output columns of every product, so each reads 1/T of every matrix; a barrier (`sync`, spinning on
+counters, then yielding the core) follows each product whose whole output the next one reads. Thread 0 is
+the caller; the others wait in the first barrier of the next frame. Every thread draws the samples itself
+from the same logits and noise, so all agree without passing them around.
 Compiled code is cached next to this file (numba's cache=True): the first call per dtype takes seconds.
 """
+import threading
+
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LINE = 16  # int64s per cache line and a half: each thread's barrier counter on a line of its own
+SPINS = 2000  # polls of a barrier before yielding the core to another thread (~1 us each way)
 
 
-@njit(cache=True)
-def linear(x, w, b, out):
-    """out (B, m) = x (B, k) @ w (k, m) + b: each row of w is read once for all B rows."""
+@intrinsic
+def load_acquire(typingctx, arr, i):
+    """arr[i], read atomically: the compiler may not cache it in a register or move reads above it."""
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], array, [args[1]])
+        return builder.load_atomic(ptr, "acquire", 8)
+    return arr.dtype(arr, i), codegen
+
+
+@intrinsic
+def store_release(typingctx, arr, i, value):
+    """arr[i] = value, written atomically after every write before it."""
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], array, [args[1]])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+    return types.void(arr, i, arr.dtype), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """The C library's sched_yield(): let another thread have this core."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@njit(cache=True, nogil=True)
+def sync(flags, tid, threads):
+    """Barrier of `threads` threads: flags[t * LINE] counts the barriers thread t has reached."""
+    if threads == 1:
+        return
+    reached = flags[tid * LINE] + 1
+    store_release(flags, tid * LINE, reached)
+    for t in range(threads):
+        polls = 0
+        while load_acquire(flags, t * LINE) < reached:
+            polls += 1
+            if polls > SPINS:  # the other thread is not running: give it this core
+                sched_yield()
+
+
+@njit(cache=True, nogil=True)
+def share(m, tid, threads):
+    """Thread tid's columns [start, end) of m."""
+    return m * tid // threads, m * (tid + 1) // threads
+
+
+@njit(cache=True, nogil=True)
+def linear(x, w, b, out, start, end):
+    """out[:, start:end] = x (B, k) @ w[:, :end - start] + b[:end - start] (w and b hold this thread's columns).
+    Four rows of w at a time, each read once for all B rows: a quarter of the loads and stores of out that a
+    row at a time costs."""
+    k, c = w.shape[0], end - start
+    k4 = k - k % 4
     for r in range(x.shape[0]):
-        out[r, :] = b
-    for i in range(w.shape[0]):
+        out[r, start:end] = b[:c]
+    for i in range(0, k4, 4):
+        w0, w1, w2, w3 = w[i, :c], w[i + 1, :c], w[i + 2, :c], w[i + 3, :c]
+        for r in range(x.shape[0]):
+            x0, x1, x2, x3 = x[r, i], x[r, i + 1], x[r, i + 2], x[r, i + 3]
+            o = out[r, start:end]
+            for j in range(c):
+                o[j] += (x0 * w0[j] + x1 * w1[j]) + (x2 * w2[j] + x3 * w3[j])
+    for i in range(k4, k):
         for r in range(x.shape[0]):
             xi = x[r, i]
-            for j in range(w.shape[1]):
-                out[r, j] += xi * w[i, j]
+            o = out[r, start:end]
+            for j in range(c):
+                o[j] += xi * w[i, j]
 
 
-@njit(cache=True)
-def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh):
-    """One step of the stacked GRU (gates r, z, n as torch.gru_cell): x (B, n_in), h (n_rnn, B, dim) in place."""
-    d = h.shape[2]
-    gi = np.empty((x.shape[0], 3 * d), h.dtype)
-    gh = np.empty((x.shape[0], 3 * d), h.dtype)
-    for k in range(h.shape[0]):
-        linear(x if k == 0 else h[k - 1], w_ih0 if k == 0 else w_ih[k - 1], b_ih[k], gi)
-        linear(h[k], w_hh[k], b_hh[k], gh)
-        for r in range(h.shape[1]):
-            for j in range(d):
-                rg = 0.5 * np.tanh(0.5 * (gi[r, j] + gh[r, j])) + 0.5
-                zg = 0.5 * np.tanh(0.5 * (gi[r, d + j] + gh[r, d + j])) + 0.5
-                n = np.tanh(gi[r, 2 * d + j] + rg * gh[r, 2 * d + j])
-                h[k, r, j] = n + zg * (h[k, r, j] - n)
+@njit(cache=True, nogil=True)
+def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags):
+    """One step of the stacked GRU (gates r, z, n as torch.gru_cell): x (B, n_in), h (n_rnn, B, dim) in place.
+    This thread computes its c units of each layer; the next layer reads the whole layer below. The weights
+    are this thread's (stacked_gru): columns [0, c) are its r gates, [c, 2 c) z and [2 c, 3 c) n."""
+    n_rnn, n, d = h.shape
+    start, end = share(d, tid, threads)
+    c = end - start
+    gi = np.empty((n, 3 * c), h.dtype)
+    gh = np.empty((n_rnn, n, 3 * c), h.dtype)
+    for k in range(n_rnn):
+        linear(h[k], w_hh[k], b_hh[k], gh[k], 0, 3 * c)
+    sync(flags, tid, threads)  # every thread has read the old h: it may be overwritten
+    for k in range(n_rnn):
+        linear(x if k == 0 else h[k - 1], w_ih0 if k == 0 else w_ih[k - 1], b_ih[k], gi, 0, 3 * c)
+        for r in range(n):
+            for j in range(c):
+                rg = 0.5 * np.tanh(0.5 * (gi[r, j] + gh[k, r, j])) + 0.5
+                zg = 0.5 * np.tanh(0.5 * (gi[r, c + j] + gh[k, r, c + j])) + 0.5
+                hn = np.tanh(gi[r, 2 * c + j] + rg * gh[k, r, 2 * c + j])
+                h[k, r, start + j] = hn + zg * (h[k, r, start + j] - hn)
+        sync(flags, tid, threads)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def draw(logits, noise, temperature):
     """argmax(logits / temperature + noise) of one row, the first on ties, as lib.sample.draw."""
     best, arg = -np.inf, 0
@@ -52,63 +139,152 @@ def draw(logits, noise, temperature):
     return arg
 
 
-@njit(cache=True)
-def twotier_frame(win, h, noise, temperature, recorded, reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b,
-                  table, hidden_w, hidden_b, out_w, out_b):
-    """FastTwoTierSampler.step: win (B, 2 FS) levels (the last frame, then the new one), h (n_rnn, B, dim),
-    noise (B, FS, Q); recorded (FS, Q) gets row 0's logits if it has rows. hidden_w (2, dim, dim)."""
-    n, fs, q, d = win.shape[0], win.shape[1] // 2, out_w.shape[1], h.shape[2]
+@njit(cache=True, nogil=True)
+def twotier_frame(tid, threads, flags, windows, h, noise, temperature, recorded, cond, hidden, logits, reals,
+                  w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
+    """FastTwoTierSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
+    windows (threads, B, 2 FS) levels, each thread's own copy (the last frame, then the new one);
+    h (n_rnn, B, dim); noise (B, FS, Q); recorded (FS, Q) gets row 0's logits if it has rows. Shared by the
+    threads: cond (B, FS dim), hidden (n_hidden, B, dim) and logits (2, B, Q); hidden_w (n_hidden, dim, dim)."""
+    sync(flags, tid, threads)  # start: the caller has put the noise in place
+    if flags[threads * LINE]:
+        return False
+    win = windows[tid]
+    n, fs, q, d = win.shape[0], win.shape[1] // 2, logits.shape[2], h.shape[2]
+    if tid:
+        win[:, :fs] = windows[0, :, :fs]
+    w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b = w_ih0[tid], w_ih[tid], w_hh[tid], b_ih[tid], b_hh[tid], \
+        cond_w[tid], cond_b[tid]
+    hidden_w, hidden_b, out_w, out_b = hidden_w[tid], hidden_b[tid], out_w[tid], out_b[tid]
     x = np.empty((n, fs), h.dtype)
     for r in range(n):
         for j in range(fs):
             x[r, j] = reals[win[r, j]]
-    gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh)
-    cond = np.empty((n, fs * d), h.dtype)
-    linear(h[h.shape[0] - 1], cond_w, cond_b, cond)
-    a, a2, logits = np.empty((n, d), h.dtype), np.empty((n, d), h.dtype), np.empty((n, q), h.dtype)
+    gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags)
+    start, end = share(fs * d, tid, threads)
+    linear(h[h.shape[0] - 1], cond_w, cond_b, cond, start, end)
+    sync(flags, tid, threads)
+    a = np.empty((n, d), h.dtype)
     for j in range(fs):
         for r in range(n):
             a[r, :] = table[win[r, j]]  # first layer: the table rows of the FS samples before, summed
             for p in range(1, fs):
                 a[r, :] += table[p * q + win[r, j + p]]
-            a[r, :] += cond[r, j * d:(j + 1) * d]
-        for r in range(n):
-            a[r, :] = np.maximum(a[r], 0.0)
+            a[r, :] = np.maximum(a[r] + cond[r, j * d:(j + 1) * d], 0.0)
         for layer in range(hidden_w.shape[0]):
-            linear(a, hidden_w[layer], hidden_b[layer], a2)
+            start, end = share(d, tid, threads)
+            linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
+            sync(flags, tid, threads)
             for r in range(n):
-                a[r, :] = np.maximum(a2[r], 0.0)
-        linear(a, out_w, out_b, logits)
-        if recorded.shape[0]:
-            recorded[j, :] = logits[0]
+                a[r, :] = np.maximum(hidden[layer, r], 0.0)
+        start, end = share(q, tid, threads)
+        out = logits[j % 2]  # two buffers: a thread may write the next sample's while another draws this one
+        linear(a, out_w, out_b, out, start, end)
+        sync(flags, tid, threads)
+        if tid == 0 and recorded.shape[0]:
+            recorded[j, :] = out[0]
         for r in range(n):
-            win[r, fs + j] = draw(logits[r], noise[r, j], temperature)
-    for r in range(n):
-        win[r, :fs] = win[r, fs:]
+            win[r, fs + j] = draw(out[r], noise[r, j], temperature)
+    sync(flags, tid, threads)  # end: all are done with this frame's noise
+    win[:, :fs] = win[:, fs:]
+    return True
 
 
-@njit(cache=True)
-def flat_frame(last, frame, h, noise, temperature, recorded, inputs, w_ih0, w_ih, w_hh, b_ih, b_hh, out_w,
-               out_b):
-    """FastFlatSampler.step: last (B, 1) and frame (B, frame_len) levels, h (n_rnn, B, dim),
-    noise (B, frame_len, Q); recorded (frame_len, Q) gets row 0's logits if it has rows."""
-    n, q = last.shape[0], out_w.shape[1]
+@njit(cache=True, nogil=True)
+def flat_frame(tid, threads, flags, lasts, frame, h, noise, temperature, recorded, logits, inputs, w_ih0, w_ih,
+               w_hh, b_ih, b_hh, out_w, out_b):
+    """FastFlatSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
+    lasts (threads, B, 1) levels, each thread's own copy; frame (B, frame_len) levels (thread 0 writes it);
+    h (n_rnn, B, dim); noise (B, frame_len, Q); recorded (frame_len, Q) gets row 0's logits if it has rows;
+    logits (2, B, Q) shared by the threads."""
+    sync(flags, tid, threads)
+    if flags[threads * LINE]:
+        return False
+    last = lasts[tid]
+    if tid:
+        last[:] = lasts[0]
+    n, q = last.shape[0], logits.shape[2]
+    w_ih0, w_ih, w_hh, b_ih, b_hh, out_w, out_b = w_ih0[tid], w_ih[tid], w_hh[tid], b_ih[tid], b_hh[tid], \
+        out_w[tid], out_b[tid]
+    start, end = share(q, tid, threads)
     x = np.empty((n, inputs.shape[1]), h.dtype)
-    logits = np.empty((n, q), h.dtype)
     for t in range(frame.shape[1]):
         for r in range(n):
             x[r, :] = inputs[last[r, 0]]
-        gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh)
-        linear(h[h.shape[0] - 1], out_w, out_b, logits)
-        if recorded.shape[0]:
-            recorded[t, :] = logits[0]
+        gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags)
+        out = logits[t % 2]
+        linear(h[h.shape[0] - 1], out_w, out_b, out, start, end)
+        sync(flags, tid, threads)
+        if tid == 0 and recorded.shape[0]:
+            recorded[t, :] = out[0]
         for r in range(n):
-            last[r, 0] = draw(logits[r], noise[r, t], temperature)
-            frame[r, t] = last[r, 0]
+            last[r, 0] = draw(out[r], noise[r, t], temperature)
+            if tid == 0:
+                frame[r, t] = last[r, 0]
+    sync(flags, tid, threads)
+    return True
 
 
-def stacked_gru(gru):
-    """lib.layers.gru_weights as numpy arrays -> (w_ih0, w_ih, w_hh, b_ih, b_hh) as the kernels take them."""
-    w_hh = np.stack([layer[1] for layer in gru])  # (n_rnn, dim, 3 dim)
-    w_ih = np.stack([layer[0] for layer in gru[1:]]) if len(gru) > 1 else w_hh[:0]  # layers 1.. (dim, 3 dim)
-    return gru[0][0], w_ih, w_hh, np.stack([layer[2] for layer in gru]), np.stack([layer[3] for layer in gru])
+@njit(cache=True, nogil=True)
+def twotier_worker(*args):
+    while twotier_frame(*args):
+        pass
+
+
+@njit(cache=True, nogil=True)
+def flat_worker(*args):
+    while flat_frame(*args):
+        pass
+
+
+class Team:
+    """`threads` threads stepping one frame kernel together. step(*args) runs thread 0's part in the caller;
+    threads 1.. run `worker` (the kernel in a loop) from the start, each waiting for the next frame in the
+    kernel's first barrier. args must stay the same arrays for the team's life (they are updated in place)."""
+
+    def __init__(self, kernel, worker, threads, args):
+        self.kernel, self.threads, self.args = kernel, threads, args
+        self.flags = np.zeros((threads + 1) * LINE, np.int64)  # barrier counters, then the stop flag
+        self.workers = [threading.Thread(target=worker, args=(tid, threads, self.flags, *args), daemon=True)
+                        for tid in range(1, threads)]
+        for w in self.workers:
+            w.start()
+
+    def step(self):
+        self.kernel(0, self.threads, self.flags, *self.args)
+
+    def close(self):
+        """Stop the worker threads (they pass the next start barrier, see the flag and return)."""
+        if self.workers:
+            self.flags[self.threads * LINE] = 1
+            sync(self.flags, 0, self.threads)
+            for w in self.workers:
+                w.join()
+            self.workers = []
+
+
+def by_thread(w, bounds):
+    """w (..., m) -> (threads, ..., width): thread t's columns bounds[t] = (start, end), zero-padded to the
+    widest share, so that each thread reads one contiguous block (strided shares of rows ran 1.7x slower)."""
+    out = np.zeros((len(bounds), *w.shape[:-1], max(end - start for start, end in bounds)), w.dtype)
+    for t, (start, end) in enumerate(bounds):
+        out[t, ..., :end - start] = w[..., start:end]
+    return out
+
+
+def shares(m, threads):
+    return [share(m, t, threads) for t in range(threads)]
+
+
+def stacked_gru(gru, threads):
+    """lib.layers.gru_weights as numpy arrays -> (w_ih0, w_ih, w_hh, b_ih, b_hh) as gru_stack takes them, with
+    a leading thread axis: thread t gets the r, z and n columns of its units, one block after the other."""
+    d = gru[0][1].shape[0]
+    order = np.concatenate([np.arange(g * d + start, g * d + end) for start, end in shares(d, threads)
+                            for g in range(3)])
+    bounds = [(3 * start, 3 * end) for start, end in shares(d, threads)]
+    layers = [[by_thread(p[..., order], bounds) for p in layer] for layer in gru]
+    w_hh = np.stack([layer[1] for layer in layers], 1)  # (threads, n_rnn, dim, 3 c)
+    w_ih = np.stack([layer[0] for layer in layers[1:]], 1) if len(gru) > 1 else w_hh[:, :0]  # layers 1..
+    b_ih, b_hh = np.stack([layer[2] for layer in layers], 1), np.stack([layer[3] for layer in layers], 1)
+    return layers[0][0], w_ih, w_hh, b_ih, b_hh

@@ -110,10 +110,17 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     if progress:
         from tqdm import tqdm
         frames = tqdm(frames, unit="frame", disable=None, desc=f"{n} x {length} samples")
-    for f in frames:
-        out[:, f * fl:(f + 1) * fl] = step(noise.take(fl))
-        if record:
-            recorded[f * fl:(f + 1) * fl] = sampler.recorded
+    torch_threads = torch.get_num_threads()
+    if backend == "numba":  # the compiled step has its threads (as many); torch's would spin idle on their cores
+        torch.set_num_threads(1)
+    try:
+        for f in frames:
+            out[:, f * fl:(f + 1) * fl] = step(noise.take(fl))
+            if record:
+                recorded[f * fl:(f + 1) * fl] = sampler.recorded
+    finally:
+        sampler.close()
+        torch.set_num_threads(torch_threads)
     return (out[:, :length], recorded[:length]) if record else out[:, :length]
 
 

@@ -43,6 +43,47 @@ def test_fast_path_equals_reference(kind, temperature, primed, backend):
     assert not torch.equal(fast, generate(m, 3, 77, seed=12, temperature=temperature, prime=prime))
 
 
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test (the compiled step takes as many threads), then restore it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["twotier_fs2", "twotier_fs3", "baseline_reals"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_compiled_step_on_several_threads_equals_reference(kind, threads, torch_threads):
+    """Each thread computes its share of every product's columns, between barriers (lib/kernels.py): with 2
+    threads, and with 3, whose shares of 32 units are unequal, the samples and logits are the reference's."""
+    m = model(kind)
+    prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3))
+    ref, ref_logits = generate(m, 3, 77, seed=11, temperature=0.6, prime=prime, fast=False, record=True)
+    torch_threads(threads)
+    levels, logits = generate(m, 3, 77, seed=11, temperature=0.6, prime=prime, backend="numba", record=True)
+    assert torch.equal(ref, levels)
+    torch.testing.assert_close(logits, ref_logits)
+    assert torch.get_num_threads() == threads  # generate() gives torch its threads back
+
+
+def test_compiled_step_threads_stop(torch_threads):
+    """A sampler's worker threads end when it is closed, and when it is dropped without being closed."""
+    import gc
+    import threading
+    torch_threads(2)
+    before = threading.active_count()
+    sampler = model("twotier_fs2").fast_sampler(2, backend="numba")
+    assert threading.active_count() == before + 1
+    sampler.step(np.zeros((2, 2, Q)))
+    sampler.close()
+    assert threading.active_count() == before
+    sampler = model("baseline_reals").fast_sampler(2, backend="numba")
+    assert threading.active_count() == before + 1
+    del sampler
+    gc.collect()
+    assert threading.active_count() == before
+
+
 @pytest.mark.parametrize("kind", KINDS[1::2])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recorded_logits_are_the_first_sequences(kind, backend):
