@@ -6,7 +6,9 @@
 For each batch size: samples/second of the reference sampler and of the fast path (on the CPU: the fast step
 compiled with numba, below batch 16 only as it is slow beyond, on numpy and on torch; on CUDA: with and
 without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of this
-machine measured here, and achieved / FLOP-bound limit. Weights are random: speed does not depend on them.
+machine measured here, and achieved / FLOP-bound limit. At batch 1 the limit is reading the weights instead:
+it prints the bytes read per sample, the rate at which they are read, and one core's read rate measured here.
+Weights are random: speed does not depend on them.
 Each figure is the best of --repeats timings (this is a shared machine). Nothing here is asserted; the
 numbers go in README.
 """
@@ -49,6 +51,18 @@ def matmul_flops(device, n=2048):
     return 2 * n ** 3 * calls / (time.perf_counter() - start)
 
 
+def read_bandwidth(nbytes):
+    """Bytes/s at which one core reads a float32 array of nbytes (numpy's max, single-threaded and bound by
+    reading), best of 50: at batch 1 the fast path is bound by reading its weights, not by FLOPs."""
+    a = np.ones(nbytes // 4, np.float32)
+    best = float("inf")
+    for _ in range(50):
+        start = time.perf_counter()
+        a.max()
+        best = min(best, time.perf_counter() - start)
+    return a.nbytes / best
+
+
 def samples_per_sec(model, batch, length, repeats=1, **kw):
     """The best of `repeats` timings: on a shared machine, the least disturbed one."""
     generate(model, batch, min(length, 64), **kw)  # warm-up
@@ -78,6 +92,10 @@ def bench_generate(args):
           f"numpy {np.__version__} ({', '.join(blas)})")
     print(f"fast path: {flops / 1e6:.2f} MFLOP per generated sample; matmul here: {peak / 1e9:.1f} GFLOP/s "
           f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
+    weight_bytes = 2 * flops  # float32 weights read per sample at batch 1: one per multiply-add
+    if device.type == "cpu":
+        print(f"at batch 1 the fast path reads {weight_bytes / 1e6:.2f} MB of weights per sample; one core reads "
+              f"an array of that size at {read_bandwidth(int(weight_bytes)) / 1e9:.1f} GB/s here")
     print("* = the path generate.py takes at this batch size (without --cuda_graph)")
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
@@ -94,7 +112,8 @@ def bench_generate(args):
             graphed = samples_per_sec(model, batch, length, args.repeats, fast=True, cuda_graph=True)
             line += f" | fast + CUDA graphs {graphed:10,.0f} samples/s ({graphed / ref:5.1f}x)"
         line += f" | *: {default / args.sample_rate:6.2f}x real time at {args.sample_rate} Hz"
-        line += f", achieved / limit {default * flops / peak:.2f}"
+        line += (f", achieved / limit {default * flops / peak:.2f}, "
+                 f"weights read at {default * weight_bytes / batch / 1e9:.1f} GB/s")
         print(line, flush=True)
 
 

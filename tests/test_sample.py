@@ -55,7 +55,8 @@ def torch_threads():
 @pytest.mark.parametrize("threads", [2, 3])
 def test_compiled_step_on_several_threads_equals_reference(kind, threads, torch_threads):
     """Each thread computes its share of every product's columns, between barriers (lib/kernels.py): with 2
-    threads, and with 3, whose shares of 32 units are unequal, the samples and logits are the reference's."""
+    threads, and with 3, whose shares of 32 units are unequal, the samples and logits are the reference's,
+    and in float32 bit for bit those of one thread."""
     m = model(kind)
     prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3))
     ref, ref_logits = generate(m, 3, 77, seed=11, temperature=0.6, prime=prime, fast=False, record=True)
@@ -64,6 +65,12 @@ def test_compiled_step_on_several_threads_equals_reference(kind, threads, torch_
     assert torch.equal(ref, levels)
     torch.testing.assert_close(logits, ref_logits)
     assert torch.get_num_threads() == threads  # generate() gives torch its threads back
+    # each output is summed in the same order whichever thread computes it: float32 is bit-identical too
+    m32 = model(kind, torch.float32)
+    several = generate(m32, 3, 77, seed=11, prime=prime, backend="numba", record=True)
+    torch_threads(1)
+    one = generate(m32, 3, 77, seed=11, prime=prime, backend="numba", record=True)
+    assert torch.equal(several[0], one[0]) and torch.equal(several[1], one[1])
 
 
 def test_compiled_step_threads_stop(torch_threads):
@@ -189,4 +196,5 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     rows = [line for line in lines if line.startswith("batch")]
     assert len(rows) == 2 and all("reference" in r and "numpy" in r and "torch" in r for r in rows)
     assert "fast* numba" in rows[0] and "fast* numpy" in rows[1]  # the path generate.py takes on the CPU
-    assert all("achieved / limit" in r for r in rows) and "MFLOP per generated sample" in lines[1]
+    assert all("achieved / limit" in r and "weights read at" in r for r in rows)
+    assert "MFLOP per generated sample" in lines[1] and "MB of weights per sample" in lines[2]
