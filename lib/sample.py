@@ -16,9 +16,9 @@ The fast step is written once against the operations numpy arrays and torch tens
 argmax; only the GRU cell is torch's fused one on torch), and once more as compiled loops (lib/kernels.py).
 Which one runs (`default_backend`): torch on a GPU. On the CPU a frame is about a hundred small operations,
 each about 1 us in numpy and 2-4 us in eager torch, so for a few sequences the compiled step ("numba", one
-call per frame, its columns shared among threads) is fastest; otherwise numpy ("numpy"), whose BLAS does
-the matrix products (README has the benchmark). The state lives in torch tensors; numpy and the compiled
-step work on views of them.
+call per frame, its columns shared among threads) is fastest; for more, torch, where the matrix products
+dominate (README has the benchmark). The numpy step is the compiled one's readable twin, and a choice of
+--backend. The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
 import numpy as np
 import torch
@@ -61,12 +61,13 @@ def draw(logits, noise, temperature):
 def default_backend(model, n):
     """What the fast path steps with for n sequences of `model`: torch on a GPU. On the CPU, the compiled step
     (lib/kernels.py, on torch's thread count) for one sequence, and for fewer than 8 of a model under 2M
-    parameters: there one call per frame beats numpy's hundred calls. Otherwise numpy, whose BLAS does large
-    batches as matrix products. The crossovers were measured on 2-core machines (README); they vary by CPU."""
+    parameters: there one call per frame beats numpy's hundred calls. Otherwise torch, whose matrix products
+    were as fast as numpy's or faster at batch 64 on both 2-core machines measured (README), by up to 1.4x on
+    an Intel CPU, where numpy's OpenBLAS won on an AMD one by up to 1.4x."""
     if next(model.parameters()).device.type != "cpu":
         return "torch"
     small = sum(p.numel() for p in model.parameters()) < 2_000_000
-    return "numba" if n == 1 or (n < 8 and small) else "numpy"
+    return "numba" if n == 1 or (n < 8 and small) else "torch"
 
 
 def array_module(backend):

@@ -195,6 +195,6 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line.startswith("batch")]
     assert len(rows) == 2 and all("reference" in r and "numpy" in r and "torch" in r for r in rows)
-    assert "fast* numba" in rows[0] and "fast* numpy" in rows[1]  # the path generate.py takes on the CPU
+    assert "fast* numba" in rows[0] and "fast* torch" in rows[1]  # the path generate.py takes on the CPU
     assert all("achieved / limit" in r and "weights read at" in r for r in rows)
     assert "MFLOP per generated sample" in lines[1] and "MB of weights per sample" in lines[2]
