@@ -133,7 +133,8 @@ def main(argv=None):
     p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
     p.add_argument("--sample_rate", type=int, default=8000, help="for the real-time factor (Hz)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="CPU threads of torch (and so of the compiled step) and of numpy's BLAS (0 = their default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (and so of the compiled step) and of numpy's BLAS (0 = their default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
