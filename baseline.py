@@ -120,12 +120,13 @@ class FastFlatSampler:
         self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
-        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len); advances the state."""
+        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len), an xp array (a view
+        of the state); advances the state."""
         h, last, frame, recorded = self.arrays
         if self.backend == "numba":
             self.noise[...] = noise
             self.team.step()
-            return self.frame
+            return frame
         inputs, gru, (out_w, out_b) = self.weights
         for t in range(self.frame_len):
             x = gru_step(inputs[last[:, 0]], h, gru, self.xp)
@@ -135,7 +136,7 @@ class FastFlatSampler:
                 recorded[t] = logits[0]
             last[:, 0] = draw(logits, noise[:, t], self.temperature)
             frame[:, t] = last[:, 0]
-        return self.frame
+        return frame
 
     def state_copy(self):
         return self.h.clone(), self.last.clone()

@@ -185,13 +185,14 @@ class FastTwoTierSampler:
         self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
-        """noise (n, FS, q_levels) -> the next frame (n, FS) of levels; advances h and the window in place."""
+        """noise (n, FS, q_levels) -> the next frame (n, FS) of levels (an xp array, a view of the state);
+        advances h and the window in place."""
         xp, fs = self.xp, self.fs
         h, win, recorded = self.arrays
         if self.backend == "numba":
             self.noise[...] = noise
             self.team.step()
-            return self.window[:, fs:]
+            return win[:, fs:]
         reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)
         cond = (x @ cond_w + cond_b).reshape(x.shape[0], fs, -1)  # (n, FS, dim)
@@ -209,7 +210,7 @@ class FastTwoTierSampler:
                 recorded[j] = logits[0]
             win[:, fs + j] = draw(logits, noise[:, j], self.temperature)
         win[:, :fs] = win[:, fs:]
-        return self.window[:, fs:]
+        return win[:, fs:]
 
     def state_copy(self):
         return self.h.clone(), self.window.clone()
