@@ -5,8 +5,10 @@ At small batch on the CPU the numpy step spends about half its time in the ~1 us
 calls per frame; compiled, a frame costs little more than reading the weights once. Each function here is
 the numpy step of two_tier.py / baseline.py written as loops over rows; tests/test_sample.py checks that
 they give exactly the reference's samples. Weights come in as plain float arrays, transposed as in the
-numpy step, with the GRU layers stacked: w_ih0 (n_in, 3 dim) for layer 0, w_ih (n_rnn - 1, dim, 3 dim) for
-the others, w_hh (n_rnn, dim, 3 dim), b_ih and b_hh (n_rnn, 3 dim).
+numpy step (in, out), split by output columns into one block per thread (`by_thread`; a leading thread
+axis), with the GRU layers stacked (`stacked_gru`): w_ih0 (threads, n_in, 3 c) for layer 0, w_ih (threads,
+n_rnn - 1, dim, 3 c) for the others, w_hh (threads, n_rnn, dim, 3 c), b_ih and b_hh (threads, n_rnn, 3 c),
+for a thread's c units.
 
 Threads. At batch 1 a frame is bound by reading the weights (6 MB per frame for two-tier dim 256), and one
 core reads them at only about 25 GB/s. With T threads (`Team`), thread t computes the t-th share of the
@@ -24,8 +26,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LINE = 16  # int64s per cache line and a half: each thread's barrier counter on a line of its own
-SPINS = 2000  # polls of a barrier before yielding the core to another thread (~1 us each way)
+LINE = 16  # int64s in 128 bytes: each thread's barrier counter alone on its pair of cache lines
+SPINS = 2000  # polls of a barrier (some microseconds) before it yields the core to another thread
 
 
 @intrinsic
@@ -146,7 +148,9 @@ def twotier_frame(tid, threads, flags, windows, h, noise, temperature, recorded,
     """FastTwoTierSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
     windows (threads, B, 2 FS) levels, each thread's own copy (the last frame, then the new one);
     h (n_rnn, B, dim); noise (B, FS, Q); recorded (FS, Q) gets row 0's logits if it has rows. Shared by the
-    threads: cond (B, FS dim), hidden (n_hidden, B, dim) and logits (2, B, Q); hidden_w (n_hidden, dim, dim)."""
+    threads: cond (B, FS dim), hidden (n_hidden, B, dim) and logits (2, B, Q). Weights with a leading thread
+    axis (module docstring): cond_w (threads, dim, FS dim / threads), hidden_w (threads, n_hidden, dim,
+    dim / threads), out_w (threads, dim, Q / threads), rounded up."""
     sync(flags, tid, threads)  # start: the caller has put the noise in place
     if flags[threads * LINE]:
         return False
