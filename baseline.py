@@ -109,12 +109,11 @@ class FastFlatSampler:
             lasts = self.last.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
             self.last = lasts[0]
             inputs, gru, out = self.weights
-            self.noise = np.zeros((n, self.frame_len, q), inputs.dtype)  # the threads read the noise from here
             recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), inputs.dtype)
             logits = np.zeros((2, n, q), inputs.dtype)  # shared by the threads
-            self.team = Team(flat_frame, flat_worker, threads,
-                             (lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), self.noise, temperature,
-                              recorded, logits, inputs, *stacked_gru(gru, threads),
+            self.team = Team(flat_frame, flat_worker, threads, (n, self.frame_len, q), inputs.dtype,
+                             (lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), temperature, recorded,
+                              logits, inputs, *stacked_gru(gru, threads),
                               *(by_thread(p, shares(q, threads)) for p in out)))
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
@@ -124,8 +123,7 @@ class FastFlatSampler:
         of the state); advances the state."""
         h, last, frame, recorded = self.arrays
         if self.backend == "numba":
-            self.noise[...] = noise
-            self.team.step()
+            self.team.step(noise)
             return frame
         inputs, gru, (out_w, out_b) = self.weights
         for t in range(self.frame_len):

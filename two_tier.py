@@ -170,7 +170,6 @@ class FastTwoTierSampler:
             self.window = windows[0]
             reals, gru, cond, table, _, hidden, out = self.weights
             dim, dtype = table.shape[1], reals.dtype
-            self.noise = np.zeros((n, fs, q), dtype)  # the threads read each frame's noise from here
             recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), dtype)
             scratch = (np.zeros((n, fs * dim), dtype), np.zeros((len(hidden), n, dim), dtype),
                        np.zeros((2, n, q), dtype))  # conditioning, hidden layers, logits: shared by the threads
@@ -178,9 +177,8 @@ class FastTwoTierSampler:
             weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
                        by_thread(np.stack([w for w, _ in hidden]), split[1]),
                        by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
-            self.team = Team(twotier_frame, twotier_worker, threads,
-                             (windows.numpy(), as_arrays(self.h, np), self.noise, temperature, recorded, *scratch,
-                              *weights))
+            self.team = Team(twotier_frame, twotier_worker, threads, (n, fs, q), dtype,
+                             (windows.numpy(), as_arrays(self.h, np), temperature, recorded, *scratch, *weights))
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
 
@@ -190,8 +188,7 @@ class FastTwoTierSampler:
         xp, fs = self.xp, self.fs
         h, win, recorded = self.arrays
         if self.backend == "numba":
-            self.noise[...] = noise
-            self.team.step()
+            self.team.step(noise)
             return win[:, fs:]
         reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)

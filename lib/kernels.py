@@ -143,7 +143,7 @@ def draw(logits, noise, temperature):
 
 
 @njit(cache=True, nogil=True)
-def twotier_frame(tid, threads, flags, windows, h, noise, temperature, recorded, cond, hidden, logits, reals,
+def twotier_frame(tid, threads, flags, noise, windows, h, temperature, recorded, cond, hidden, logits, reals,
                   w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
     """FastTwoTierSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
     windows (threads, B, 2 FS) levels, each thread's own copy (the last frame, then the new one);
@@ -196,7 +196,7 @@ def twotier_frame(tid, threads, flags, windows, h, noise, temperature, recorded,
 
 
 @njit(cache=True, nogil=True)
-def flat_frame(tid, threads, flags, lasts, frame, h, noise, temperature, recorded, logits, inputs, w_ih0, w_ih,
+def flat_frame(tid, threads, flags, noise, lasts, frame, h, temperature, recorded, logits, inputs, w_ih0, w_ih,
                w_hh, b_ih, b_hh, out_w, out_b):
     """FastFlatSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
     lasts (threads, B, 1) levels, each thread's own copy; frame (B, frame_len) levels (thread 0 writes it);
@@ -243,20 +243,24 @@ def flat_worker(*args):
 
 
 class Team:
-    """`threads` threads stepping one frame kernel together. step(*args) runs thread 0's part in the caller;
-    threads 1.. run `worker` (the kernel in a loop) from the start, each waiting for the next frame in the
-    kernel's first barrier. args must stay the same arrays for the team's life (they are updated in place)."""
+    """`threads` threads stepping one frame kernel together. step(noise) puts the frame's noise where all
+    read it and runs thread 0's part in the caller; threads 1.. run `worker` (the kernel in a loop) from the
+    start, each waiting for the next frame in the kernel's first barrier. The kernel is called as
+    kernel(tid, threads, flags, noise, *args); args must stay the same arrays for the team's life (they are
+    updated in place)."""
 
-    def __init__(self, kernel, worker, threads, args):
+    def __init__(self, kernel, worker, threads, noise_shape, dtype, args):
         self.kernel, self.threads, self.args = kernel, threads, args
         self.flags = np.zeros((threads + 1) * LINE, np.int64)  # barrier counters, then the stop flag
-        self.workers = [threading.Thread(target=worker, args=(tid, threads, self.flags, *args), daemon=True)
-                        for tid in range(1, threads)]
+        self.noise = np.zeros(noise_shape, dtype)
+        self.workers = [threading.Thread(target=worker, args=(tid, threads, self.flags, self.noise, *args),
+                                         daemon=True) for tid in range(1, threads)]
         for w in self.workers:
             w.start()
 
-    def step(self):
-        self.kernel(0, self.threads, self.flags, *self.args)
+    def step(self, noise):
+        self.noise[...] = noise
+        self.kernel(0, self.threads, self.flags, self.noise, *self.args)
 
     def close(self):
         """Stop the worker threads (they pass the next start barrier, see the flag and return)."""
