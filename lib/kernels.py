@@ -24,7 +24,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 LINE = 16  # int64s in 128 bytes: each thread's barrier counter alone on its pair of cache lines
 SPINS = 2000  # polls of a barrier (some microseconds) before it yields the core to another thread
@@ -76,6 +76,37 @@ def sync(flags, tid, threads):
                 sched_yield()
 
 
+def gate_tanh(x):
+    """tanh for the GRU gates: libm's in float64 (the reference's, to the last bit in the equality tests); in
+    float32 a rational approximation (Eigen's, clamped at +-7.9) that the compiler vectorizes: the gates of 384
+    units took 4.4 us against 12.8 with libm's tanhf, and it is at most 4.5 ulp from tanh, 1.1 on average
+    (tests/test_sample.py checks it), where tanhf is within 1.4."""
+    return np.tanh(x)
+
+
+_A = [np.float32(v) for v in (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+                              5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+                              4.89352455891786e-03)]  # numerator / x, in x^2, highest power first
+_B = [np.float32(v) for v in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+                              4.89352518554385e-03)]  # denominator, in x^2
+
+
+@overload(gate_tanh, jit_options={"fastmath": {"contract"}})
+def _gate_tanh(x):
+    if x != types.float32:
+        return lambda x: np.tanh(x)
+    (a13, a11, a9, a7, a5, a3, a1), (b6, b4, b2, b0) = _A, _B
+    clamp, tiny = np.float32(7.90531110763549805), np.float32(0.0004)
+
+    def rational(x):
+        y = min(max(x, -clamp), clamp)  # beyond 7.9, tanh is within 3e-7 of +-1
+        y2 = y * y
+        p = ((((((a13 * y2 + a11) * y2 + a9) * y2 + a7) * y2 + a5) * y2 + a3) * y2 + a1) * y
+        q = ((b6 * y2 + b4) * y2 + b2) * y2 + b0
+        return x if abs(x) < tiny else p / q
+    return rational
+
+
 @njit(cache=True, nogil=True)
 def share(m, tid, threads):
     """Thread tid's columns [start, end) of m."""
@@ -120,14 +151,16 @@ def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags):
     for k in range(n_rnn):
         linear(h[k], w_hh[k], b_hh[k], gh[k], 0, 3 * c)
     sync(flags, tid, threads)  # every thread has read the old h: it may be overwritten
+    half = h.dtype.type(0.5)  # a float64 0.5 would turn float32 gates into float64 ones
     for k in range(n_rnn):
         linear(x if k == 0 else h[k - 1], w_ih0 if k == 0 else w_ih[k - 1], b_ih[k], gi, 0, 3 * c)
         for r in range(n):
+            i, g, hk = gi[r], gh[k, r], h[k, r, start:end]
             for j in range(c):
-                rg = 0.5 * np.tanh(0.5 * (gi[r, j] + gh[k, r, j])) + 0.5
-                zg = 0.5 * np.tanh(0.5 * (gi[r, c + j] + gh[k, r, c + j])) + 0.5
-                hn = np.tanh(gi[r, 2 * c + j] + rg * gh[k, r, 2 * c + j])
-                h[k, r, start + j] = hn + zg * (h[k, r, start + j] - hn)
+                rg = half * gate_tanh(half * (i[j] + g[j])) + half  # sigmoid(a) = (tanh(a / 2) + 1) / 2
+                zg = half * gate_tanh(half * (i[c + j] + g[c + j])) + half
+                hn = gate_tanh(i[2 * c + j] + rg * g[2 * c + j])
+                hk[j] = hn + zg * (hk[j] - hn)
         sync(flags, tid, threads)
 
 

@@ -1,5 +1,6 @@
 """Sampling: the fast path equals the reference, determinism, a stored regression, and generate.py."""
 import glob
+import math
 import os
 
 import numpy as np
@@ -71,6 +72,30 @@ def test_compiled_step_on_several_threads_equals_reference(kind, threads, torch_
     torch_threads(1)
     one = generate(m32, 3, 77, seed=11, prime=prime, backend="numba", record=True)
     assert torch.equal(several[0], one[0]) and torch.equal(several[1], one[1])
+
+
+def test_compiled_gate_tanh_is_accurate():
+    """The compiled GRU gates' tanh: libm's, to the bit, in float64 (the equality tests rest on it); in float32 a
+    rational approximation within 5 ulp of tanh everywhere, odd, and never beyond +-1."""
+    from numba import njit
+    from lib.kernels import gate_tanh
+
+    @njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = gate_tanh(x[i])
+        return out
+
+    x64 = np.concatenate([np.linspace(-20, 20, 400_001), np.random.default_rng(0).standard_normal(100_000) * 3,
+                          [0.0, 1e-30, 3.9e-4, 4.1e-4, np.inf, -np.inf]])
+    assert apply(x64).tolist() == [math.tanh(v) for v in x64]  # the C library's
+    x = x64.astype(np.float32)
+    got, exact = apply(x).astype(np.float64), np.tanh(x.astype(np.float64))
+    ulps = np.abs(got - exact) / np.spacing(np.abs(exact).astype(np.float32))
+    assert ulps.max() <= 5 and ulps.mean() < 1.5
+    assert np.array_equal(apply(-x), -apply(x))
+    assert np.abs(got).max() <= 1  # a GRU's state stays within [-1, 1]
 
 
 def test_compiled_step_threads_stop(torch_threads):
