@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import array_module, as_arrays, draw
+from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
 from lib.train import train_main
 
 MODEL_ID = "baseline"
@@ -88,7 +88,7 @@ class FastFlatSampler:
     input a table lookup, state preallocated and updated in place, no host-device sync (CUDA-graph
     capturable); one step() for numpy and torch (xp is the module it calls), and the same step compiled for
     the CPU (backend "numba", lib/kernels.py)."""
-    frame_len = 8
+    frame_len = STEP_SAMPLES
 
     def __init__(self, model, n, temperature, prime, record, backend):
         xp = array_module(backend)

@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import array_module, as_arrays, draw
+from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
 from lib.train import add_training_args, train_main
 
 MODEL_ID = "twotier"
@@ -135,7 +135,8 @@ class TwoTier(nn.Module):
 
 
 class FastTwoTierSampler:
-    """The fast path of TwoTier.generate, one frame per step() call, with
+    """The fast path of TwoTier.generate, frame_len samples (whole frames, about STEP_SAMPLES) per step() call,
+    with
     - the MLP's first layer as a table: Embedding then Linear(FS*emb -> dim) is, per window position j, a
       (q_levels, dim) table E @ W_j^T, so each sample's first layer is a lookup and a sum;
     - weight norm folded into plain transposed weights once, the frame-level GRU stepped once per frame;
@@ -146,7 +147,8 @@ class FastTwoTierSampler:
     def __init__(self, model, n, temperature, prime, record, backend):
         fs, q = model.frame_size, model.q_levels
         xp = array_module(backend)
-        self.frame_len, self.fs, self.temperature, self.record = fs, fs, temperature, record
+        self.frame_len = fs * -(-STEP_SAMPLES // fs)
+        self.fs, self.temperature, self.record = fs, temperature, record
         self.xp, self.backend = xp, backend
         with torch.no_grad(), parametrize.cached():
             mlp = model.sample_mlp
@@ -161,7 +163,8 @@ class FastTwoTierSampler:
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
-        self.recorded = torch.zeros(fs, q, device=w.device, dtype=w.dtype) if record else None
+        self.frames = last.new_zeros(n, self.frame_len)  # what step() returns
+        self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":
             from lib.kernels import Team, by_thread, shares, stacked_gru, twotier_frame, twotier_worker
@@ -177,19 +180,27 @@ class FastTwoTierSampler:
             weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
                        by_thread(np.stack([w for w, _ in hidden]), split[1]),
                        by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
-            self.team = Team(twotier_frame, twotier_worker, threads, (n, fs, q), dtype,
-                             (windows.numpy(), as_arrays(self.h, np), temperature, recorded, *scratch, *weights))
+            self.team = Team(twotier_frame, twotier_worker, threads, (n, self.frame_len, q), dtype,
+                             (windows.numpy(), self.frames.numpy(), as_arrays(self.h, np), temperature, recorded,
+                              *scratch, *weights))
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
-        self.arrays = as_arrays((self.h, self.window, self.recorded), xp)  # numpy views on the CPU
+        self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
-        """noise (n, FS, q_levels) -> the next frame (n, FS) of levels (an xp array, a view of the state);
-        advances h and the window in place."""
-        xp, fs = self.xp, self.fs
-        h, win, recorded = self.arrays
+        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len) of levels (an xp array,
+        a view of the state); advances h and the window in place."""
+        fs, frames = self.fs, self.arrays[2]
         if self.backend == "numba":
             self.team.step(noise)
-            return win[:, fs:]
+            return frames
+        for f in range(self.frame_len // fs):
+            frames[:, f * fs:(f + 1) * fs] = self.frame_step(noise[:, f * fs:(f + 1) * fs], f * fs)
+        return frames
+
+    def frame_step(self, noise, t):
+        """noise (n, FS, q_levels) -> the next frame (n, FS), whose logits are recorded from row t on."""
+        xp, fs = self.xp, self.fs
+        h, win, _, recorded = self.arrays
         reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)
         cond = (x @ cond_w + cond_b).reshape(x.shape[0], fs, -1)  # (n, FS, dim)
@@ -204,7 +215,7 @@ class FastTwoTierSampler:
             logits = a @ out_w
             logits += out_b
             if self.record:
-                recorded[j] = logits[0]
+                recorded[t + j] = logits[0]
             win[:, fs + j] = draw(logits, noise[:, j], self.temperature)
         win[:, :fs] = win[:, fs:]
         return win[:, fs:]

@@ -165,6 +165,14 @@ def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags):
 
 
 @njit(cache=True, nogil=True)
+def relu(x, y, out):
+    """out = max(x + y, 0) in x's dtype, with no temporary arrays (np.maximum(x + y, 0.0) makes two, in float64)."""
+    zero = x.dtype.type(0)
+    for j in range(x.shape[0]):
+        out[j] = max(x[j] + y[j], zero)
+
+
+@njit(cache=True, nogil=True)
 def draw(logits, noise, temperature):
     """argmax(logits / temperature + noise) of one row, the first on ties, as lib.sample.draw."""
     best, arg = -np.inf, 0
@@ -176,11 +184,12 @@ def draw(logits, noise, temperature):
 
 
 @njit(cache=True, nogil=True)
-def twotier_frame(tid, threads, flags, noise, windows, h, temperature, recorded, cond, hidden, logits, reals,
-                  w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
-    """FastTwoTierSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
-    windows (threads, B, 2 FS) levels, each thread's own copy (the last frame, then the new one);
-    h (n_rnn, B, dim); noise (B, FS, Q); recorded (FS, Q) gets row 0's logits if it has rows. Shared by the
+def twotier_frame(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
+                  reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
+    """FastTwoTierSampler.step for thread tid of `threads`: frame_len / FS frames, one after the other; False
+    once the team is told to stop (Team.close). windows (threads, B, 2 FS) levels, each thread's own copy (the
+    last frame, then the new one); frames (B, frame_len) levels (thread 0 writes them); h (n_rnn, B, dim);
+    noise (B, frame_len, Q); recorded (frame_len, Q) gets row 0's logits if it has rows. Shared by the
     threads: cond (B, FS dim), hidden (n_hidden, B, dim) and logits (2, B, Q). Weights with a leading thread
     axis (module docstring): cond_w (threads, dim, FS dim / threads), hidden_w (threads, n_hidden, dim,
     dim / threads), out_w (threads, dim, Q / threads), rounded up."""
@@ -195,36 +204,40 @@ def twotier_frame(tid, threads, flags, noise, windows, h, temperature, recorded,
         cond_w[tid], cond_b[tid]
     hidden_w, hidden_b, out_w, out_b = hidden_w[tid], hidden_b[tid], out_w[tid], out_b[tid]
     x = np.empty((n, fs), h.dtype)
-    for r in range(n):
-        for j in range(fs):
-            x[r, j] = reals[win[r, j]]
-    gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags)
-    start, end = share(fs * d, tid, threads)
-    linear(h[h.shape[0] - 1], cond_w, cond_b, cond, start, end)
-    sync(flags, tid, threads)
-    a = np.empty((n, d), h.dtype)
-    for j in range(fs):
+    a, zero = np.empty((n, d), h.dtype), np.zeros((1, d), h.dtype)
+    for f in range(frames.shape[1] // fs):
         for r in range(n):
-            a[r, :] = table[win[r, j]]  # first layer: the table rows of the FS samples before, summed
-            for p in range(1, fs):
-                a[r, :] += table[p * q + win[r, j + p]]
-            a[r, :] = np.maximum(a[r] + cond[r, j * d:(j + 1) * d], 0.0)
-        for layer in range(hidden_w.shape[0]):
-            start, end = share(d, tid, threads)
-            linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
-            sync(flags, tid, threads)
-            for r in range(n):
-                a[r, :] = np.maximum(hidden[layer, r], 0.0)
-        start, end = share(q, tid, threads)
-        out = logits[j % 2]  # two buffers: a thread may write the next sample's while another draws this one
-        linear(a, out_w, out_b, out, start, end)
+            for j in range(fs):
+                x[r, j] = reals[win[r, j]]
+        gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags)  # its first barrier: all are past
+        start, end = share(fs * d, tid, threads)                             # the last frame's MLP
+        linear(h[h.shape[0] - 1], cond_w, cond_b, cond, start, end)
         sync(flags, tid, threads)
-        if tid == 0 and recorded.shape[0]:
-            recorded[j, :] = out[0]
-        for r in range(n):
-            win[r, fs + j] = draw(out[r], noise[r, j], temperature)
-    sync(flags, tid, threads)  # end: all are done with this frame's noise
-    win[:, :fs] = win[:, fs:]
+        for j in range(fs):
+            for r in range(n):
+                a[r, :] = table[win[r, j]]  # first layer: the table rows of the FS samples before, summed
+                for p in range(1, fs):
+                    a[r, :] += table[p * q + win[r, j + p]]
+                relu(a[r], cond[r, j * d:(j + 1) * d], a[r])
+            for layer in range(hidden_w.shape[0]):
+                start, end = share(d, tid, threads)
+                linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
+                sync(flags, tid, threads)
+                for r in range(n):
+                    relu(hidden[layer, r], zero[0], a[r])
+            start, end = share(q, tid, threads)
+            out = logits[j % 2]  # two buffers: a thread may write the next sample's while another draws this one
+            linear(a, out_w, out_b, out, start, end)
+            sync(flags, tid, threads)
+            t = f * fs + j
+            if tid == 0 and recorded.shape[0]:
+                recorded[t, :] = out[0]
+            for r in range(n):
+                win[r, fs + j] = draw(out[r], noise[r, t], temperature)
+        win[:, :fs] = win[:, fs:]
+        if tid == 0:
+            frames[:, f * fs:(f + 1) * fs] = win[:, :fs]
+    sync(flags, tid, threads)  # end: all are done with this call's noise
     return True
 
 

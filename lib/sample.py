@@ -2,21 +2,21 @@
 
 Each sample is argmax(logits / temperature + Gumbel noise), an exact draw from the softmax. The noise comes
 from one seeded generator in fixed blocks (`GumbelNoise`), so any way of walking the steps (the plain
-reference loop, the fast path a frame at a time, a CUDA graph) draws the same noise for the same step: with
+reference loop, the fast path a few frames at a time, a CUDA graph) draws the same noise for the same step: with
 the same seed, the fast and reference paths give the same samples (tests/test_sample.py checks it).
 
 A model offers two samplers:
   model.generate(n, length, noise, temperature, prime, keep_logits)  the plain, obviously correct reference
   model.fast_sampler(n, temperature, prime, record, backend)          the fast path: an object whose
-      step(noise (n, frame_len, Q)) -> (n, frame_len) levels generates one frame, updating its state in place
-      (so that one frame's worth of steps can be captured in a CUDA graph); record=True keeps the first
-      sequence's logits in .recorded for the softmax picture.
+      step(noise (n, frame_len, Q)) -> (n, frame_len) levels generates frame_len samples (whole frames, about
+      STEP_SAMPLES), updating its state in place (so that a call's steps can be captured in a CUDA graph);
+      record=True keeps the first sequence's logits of the call in .recorded for the softmax picture.
 
 The fast step is written once against the operations numpy arrays and torch tensors share (@, +=, indexing,
 argmax; only the GRU cell is torch's fused one on torch), and once more as compiled loops (lib/kernels.py).
 Which one runs (`default_backend`): torch on a GPU. On the CPU a frame is about a hundred small operations,
 each about 1 us in numpy and 2-4 us in eager torch, so for a few sequences the compiled step ("numba", one
-call per frame, its columns shared among threads) is fastest; for more, torch, where the matrix products
+call per step(), its columns shared among threads) is fastest; for more, torch, where the matrix products
 dominate (README has the benchmark). The numpy step is the compiled one's readable twin, and a choice of
 --backend. The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 NOISE_BLOCK = 256  # steps of noise drawn at once
+STEP_SAMPLES = 32  # samples per fast step() call, at least: the ~20 us of Python around a call is then ~1%
 BACKENDS = ("numba", "numpy", "torch")  # what the fast path can step with
 
 
@@ -91,7 +92,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
              progress=False, backend=None):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
     prime: 1-D int levels that every sequence continues from (they are not part of the output).
-    cuda_graph: replay one frame's steps as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in).
+    cuda_graph: replay each step() call as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in).
     backend: what the fast path steps with, one of BACKENDS (default: default_backend(model, n))."""
     model.eval()
     device = next(model.parameters()).device
@@ -103,34 +104,39 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     backend = backend or default_backend(model, n)
     noise = GumbelNoise(n, model.q_levels, seed, device, dtype, array_module(backend))
     sampler = model.fast_sampler(n, temperature, prime, record, backend)
-    fl = sampler.frame_len
-    n_frames = -(-length // fl)
-    out = torch.empty(n, n_frames * fl, dtype=torch.long, device=device)
-    recorded = torch.empty(n_frames * fl, model.q_levels, device=device, dtype=dtype) if record else None
+    fl = sampler.frame_len  # samples per step() call
+    calls = -(-length // fl)
+    out = torch.empty(n, calls * fl, dtype=torch.long, device=device)
+    recorded = torch.empty(calls * fl, model.q_levels, device=device, dtype=dtype) if record else None
     step = sampler.step
     if cuda_graph and device.type == "cuda" and backend == "torch":
-        step = graphed(sampler.step, noise.take(fl), sampler)
-    frames = range(n_frames)
+        step = graphed(sampler.step, torch.zeros(n, fl, model.q_levels, device=device, dtype=dtype), sampler)
+    bar = None
     if progress:
         from tqdm import tqdm
-        frames = tqdm(frames, unit="frame", disable=None, desc=f"{n} x {length} samples")
+        bar = tqdm(total=calls * fl, unit="sample", unit_scale=True, disable=None, desc=f"{n} x {length} samples")
     torch_threads = torch.get_num_threads()
     if backend == "numba":  # the compiled step has its threads (as many); torch's would spin idle on their cores
         torch.set_num_threads(1)
     try:
         out_xp = as_arrays(out, array_module(backend))  # numpy's indexing costs a tenth of torch's
-        for f in frames:
-            out_xp[:, f * fl:(f + 1) * fl] = step(noise.take(fl))
+        for c in range(calls):
+            out_xp[:, c * fl:(c + 1) * fl] = step(noise.take(fl))
             if record:
-                recorded[f * fl:(f + 1) * fl] = sampler.recorded
+                recorded[c * fl:(c + 1) * fl] = sampler.recorded
+            if bar is not None:
+                bar.update(fl)
     finally:
         sampler.close()
         torch.set_num_threads(torch_threads)
+        if bar is not None:
+            bar.close()
     return (out[:, :length], recorded[:length]) if record else out[:, :length]
 
 
 def graphed(step, example_noise, sampler):
-    """`step` captured in a CUDA graph: each call copies the noise into a static buffer and replays."""
+    """`step` captured in a CUDA graph: each call copies the noise into a static buffer and replays.
+    example_noise only gives the shape: the generator's noise is not used up here."""
     static_noise = example_noise.clone()
     state = sampler.state_copy()
     stream = torch.cuda.Stream()

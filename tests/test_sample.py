@@ -106,7 +106,7 @@ def test_compiled_step_threads_stop(torch_threads):
     before = threading.active_count()
     sampler = model("twotier_fs2").fast_sampler(2, backend="numba")
     assert threading.active_count() == before + 1
-    sampler.step(np.zeros((2, 2, Q)))
+    sampler.step(np.zeros((2, sampler.frame_len, Q)))
     sampler.close()
     assert threading.active_count() == before
     sampler = model("baseline_reals").fast_sampler(2, backend="numba")
