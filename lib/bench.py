@@ -7,12 +7,14 @@ For each batch size: samples/second of the reference sampler and of the fast pat
 compiled with numba, below batch 16 only as it is slow beyond, on numpy and on torch; on CUDA: with and
 without CUDA graphs), their ratio, the fast path's FLOPs per generated sample, the matmul FLOP/s of this
 machine measured here, and achieved / FLOP-bound limit. At batch 1 the limit is reading the weights instead:
-it prints the bytes read per sample, the rate at which they are read, and one core's read rate measured here.
+it prints the bytes read per sample, the rate at which they are read, and the read-bound limit: the rate at
+which torch's thread count of threads read arrays of the model's size here, over the bytes per sample.
 Weights are random: speed does not depend on them.
 Each figure is the best of --repeats timings (this is a shared machine). Nothing here is asserted; the
 numbers go in README.
 """
 import argparse
+import threading
 import time
 
 import numpy as np
@@ -54,16 +56,32 @@ def matmul_flops(device, n=2048):
     return 2 * n ** 3 / best
 
 
-def read_bandwidth(nbytes):
-    """Bytes/s at which one core reads a float32 array of nbytes (numpy's max, single-threaded and bound by
-    reading), best of 50: at batch 1 the fast path is bound by reading its weights, not by FLOPs."""
-    a = np.ones(nbytes // 4, np.float32)
-    best = float("inf")
-    for _ in range(50):
+def read_bandwidth(nbytes, threads):
+    """Bytes/s at which `threads` threads together read float32 arrays of nbytes in all, each its own share
+    (numpy's max, which releases the GIL and is bound by reading): the best in a second of rounds of 1 GB in
+    all (a read-bound limit, as matmul_flops is a FLOP-bound one). At batch 1 the fast path is bound by
+    reading its weights, not by FLOPs, and the compiled step reads them on as many threads as torch has."""
+    arrays = [np.ones(nbytes // 4 // threads, np.float32) for _ in range(threads)]
+    reads = max(1, 10 ** 9 // nbytes)
+    barrier = threading.Barrier(threads + 1)
+
+    def read(a):
+        barrier.wait()
+        for _ in range(reads):
+            a.max()
+        barrier.wait()
+    best, begin = float("inf"), time.perf_counter()
+    while time.perf_counter() - begin < 1.0:
+        readers = [threading.Thread(target=read, args=(a,)) for a in arrays]
+        for r in readers:
+            r.start()
+        barrier.wait()
         start = time.perf_counter()
-        a.max()
+        barrier.wait()
         best = min(best, time.perf_counter() - start)
-    return a.nbytes / best
+        for r in readers:
+            r.join()
+    return reads * sum(a.nbytes for a in arrays) / best
 
 
 def samples_per_sec(model, batch, length, repeats=1, **kw):
@@ -96,9 +114,14 @@ def bench_generate(args):
     print(f"fast path: {flops / 1e6:.2f} MFLOP per generated sample; matmul here: {peak / 1e9:.1f} GFLOP/s "
           f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
     weight_bytes = 2 * flops  # float32 weights read per sample at batch 1: one per multiply-add
-    if device.type == "cpu":
-        print(f"at batch 1 the fast path reads {weight_bytes / 1e6:.2f} MB of weights per sample; one core reads "
-              f"an array of that size at {read_bandwidth(int(weight_bytes)) / 1e9:.1f} GB/s here")
+    read_limit = None
+    if device.type == "cpu":  # at batch 1: reading the weights, which the model's parameters about are
+        model_bytes, threads = sum(p.numel() * 4 for p in model.parameters()), torch.get_num_threads()
+        rate = read_bandwidth(model_bytes, threads)
+        read_limit = rate / weight_bytes
+        print(f"at batch 1 the fast path reads {weight_bytes / 1e6:.2f} MB of weights per sample; {threads} threads "
+              f"read arrays of the model's size ({model_bytes / 1e6:.2f} MB) at {rate / 1e9:.1f} GB/s here "
+              f"-> read-bound limit {read_limit:,.0f} samples/s")
     print("* = the path generate.py takes at this batch size (without --cuda_graph)")
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
@@ -117,6 +140,8 @@ def bench_generate(args):
         line += f" | *: {default / args.sample_rate:6.2f}x real time at {args.sample_rate} Hz"
         line += (f", achieved / limit {default * flops / peak:.2f}, "
                  f"weights read at {default * weight_bytes / batch / 1e9:.1f} GB/s")
+        if batch == 1 and read_limit:
+            line += f", achieved / read-bound limit {default / read_limit:.2f}"
         print(line, flush=True)
 
 

@@ -1,5 +1,5 @@
-"""The fast path's frame step compiled for the CPU with numba: one call per frame, no Python in between,
-optionally shared by several threads.
+"""The fast path's step compiled for the CPU with numba: one call per step() (about 32 samples), no Python in
+between, optionally shared by several threads.
 
 At small batch on the CPU the numpy step spends about half its time in the ~1 us each of its hundred small
 calls per frame; compiled, a frame costs little more than reading the weights once. Each function here is
@@ -14,7 +14,7 @@ Threads. At batch 1 a frame is bound by reading the weights (6 MB per frame for 
 core reads them at only about 25 GB/s. With T threads (`Team`), thread t computes the t-th share of the
 output columns of every product, so each reads 1/T of every matrix; a barrier (`sync`, spinning on
 counters, then yielding the core) follows each product whose whole output the next one reads. Thread 0 is
-the caller; the others wait in the first barrier of the next frame. Every thread draws the samples itself
+the caller; the others wait in the first barrier of the next call. Every thread draws the samples itself
 from the same logits and noise, so all agree without passing them around.
 Compiled code is cached next to this file (numba's cache=True): the first call per dtype takes seconds.
 """
@@ -289,9 +289,9 @@ def flat_worker(*args):
 
 
 class Team:
-    """`threads` threads stepping one frame kernel together. step(noise) puts the frame's noise where all
-    read it and runs thread 0's part in the caller; threads 1.. run `worker` (the kernel in a loop) from the
-    start, each waiting for the next frame in the kernel's first barrier. The kernel is called as
+    """`threads` threads stepping one kernel together. step(noise) puts the call's noise where all read it
+    and runs thread 0's part in the caller; threads 1.. run `worker` (the kernel in a loop) from the start,
+    each waiting for the next call in the kernel's first barrier. The kernel is called as
     kernel(tid, threads, flags, noise, *args); args must stay the same arrays for the team's life (they are
     updated in place)."""
 

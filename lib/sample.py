@@ -65,7 +65,7 @@ def draw(logits, noise, temperature):
 def default_backend(model, n):
     """What the fast path steps with for n sequences of `model`: torch on a GPU. On the CPU, the compiled step
     (lib/kernels.py, on torch's thread count) for one sequence, and for fewer than 8 of a model under 2M
-    parameters: there one call per frame beats numpy's hundred calls. Otherwise torch, whose matrix products
+    parameters: there one compiled call beats numpy's hundred calls per frame. Otherwise torch, whose matrix products
     were as fast as numpy's or faster at batch 64 on both 2-core machines measured (README), by up to 1.4x on
     an Intel CPU, where numpy's OpenBLAS won on an AMD one by up to 1.4x."""
     if next(model.parameters()).device.type != "cpu":

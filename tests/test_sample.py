@@ -223,3 +223,5 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     assert "fast* numba" in rows[0] and "fast* torch" in rows[1]  # the path generate.py takes on the CPU
     assert all("achieved / limit" in r and "weights read at" in r for r in rows)
     assert "MFLOP per generated sample" in lines[1] and "MB of weights per sample" in lines[2]
+    assert "read-bound limit" in lines[2] and "achieved / read-bound limit" in rows[0]  # batch 1 only
+    assert "read-bound" not in rows[1]
