@@ -74,6 +74,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder (default RUN/generated)")
     p.add_argument("--batch", type=int, default=64, help="sequences generated in parallel")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (torch's, and the compiled step's on the CPU); 0 = torch's default")
     p.add_argument("--cuda_graph", action="store_true", help="on CUDA, replay each frame's steps as a CUDA graph")
     p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
@@ -83,11 +85,14 @@ def main(argv=None):
     p.add_argument("--plot_secs", type=float, default=0.25, help="seconds shown in softmax.png")
     p.add_argument("--animate", action="store_true", help="with --plot_softmax, also softmax.gif, step by step")
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     try:
         generate_files(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
 
 
 def generate_files(args):
@@ -97,6 +102,10 @@ def generate_files(args):
         raise UserError(f"--secs must be positive (got {args.secs})")
     if not args.temperature > 0:
         raise UserError(f"--temperature must be positive (got {args.temperature})")
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 (torch's default) or more (got {args.threads})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
