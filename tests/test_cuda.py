@@ -1,0 +1,52 @@
+"""The same checks on a GPU: skipped where torch sees no CUDA device (as in CI). Run them on a GPU box with
+    python -m pytest -q tests/test_cuda.py
+"""
+import glob
+import os
+
+import pytest
+import torch
+
+from conftest import run_main
+from generate import main as generate_main
+from lib.sample import generate
+from test_sample import Q, model
+from test_train import SCRIPTS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("kind", ["twotier_fs2", "twotier_fs3", "baseline_reals", "baseline_embed"])
+@pytest.mark.parametrize("temperature, primed", [(1.0, False), (0.6, True)])
+def test_fast_path_and_cuda_graphs_equal_reference_on_cuda(kind, temperature, primed):
+    """The fast step on torch, plain and replayed as CUDA graphs, gives the reference's samples (float64, so that
+    rounding cannot move an argmax); in float32 the same seed gives the same samples twice."""
+    m = model(kind).cuda()
+    prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3)) if primed else None
+    kw = dict(seed=11, temperature=temperature, prime=prime)
+    ref = generate(m, 3, 77, fast=False, **kw)
+    fast = generate(m, 3, 77, **kw)
+    graphed = generate(m, 3, 77, cuda_graph=True, **kw)
+    assert ref.device.type == "cuda" and ref.shape == (3, 77)
+    assert torch.equal(ref, fast) and torch.equal(ref, graphed)
+    m32 = model(kind, torch.float32).cuda()
+    assert torch.equal(generate(m32, 3, 77, **kw), generate(m32, 3, 77, **kw))
+    assert torch.equal(generate(m32, 3, 77, cuda_graph=True, **kw), generate(m32, 3, 77, cuda_graph=True, **kw))
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_train_and_generate_on_cuda(tmp_path, speech_wav, name):
+    """A tiny run trains on the GPU, and generate.py writes the same files from it twice, with CUDA graphs too."""
+    runs_dir = tmp_path / "runs"
+    assert run_main(SCRIPTS[name], ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs_dir),
+                                    "--device", "cuda"]) == 0
+    (run_dir,) = glob.glob(str(runs_dir / "*"))
+    assert "device cuda" in open(os.path.join(run_dir, "log.txt")).read()
+    for out, flags in (("a", []), ("b", []), ("graphed", ["--cuda_graph"])):
+        assert run_main(generate_main, [run_dir, "--n", "2", "--secs", "0.1", "--device", "cuda", "--out",
+                                        str(tmp_path / out), *flags]) == 0
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert len(files) == 2
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+        assert os.path.getsize(tmp_path / "graphed" / f) == os.path.getsize(tmp_path / "a" / f)
