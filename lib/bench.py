@@ -10,8 +10,8 @@ machine measured here, and achieved / FLOP-bound limit. At batch 1 the limit is 
 it prints the bytes read per sample, the rate at which they are read, and the read-bound limit: the rate at
 which torch's thread count of threads read arrays of the model's size here, over the bytes per sample.
 Weights are random: speed does not depend on them.
-Each figure is the best of --repeats timings (this is a shared machine). Nothing here is asserted; the
-numbers go in README.
+Each figure is the best of --repeats timings, the paths timed in turns (this is a shared machine). Nothing
+here is asserted; the numbers go in README.
 """
 import argparse
 import threading
@@ -84,15 +84,19 @@ def read_bandwidth(nbytes, threads):
     return reads * sum(a.nbytes for a in arrays) / best
 
 
-def samples_per_sec(model, batch, length, repeats=1, **kw):
-    """The best of `repeats` timings: on a shared machine, the least disturbed one."""
-    generate(model, batch, min(length, 64), **kw)  # warm-up
-    best = float("inf")
+def samples_per_sec(model, batch, paths, repeats):
+    """{name: samples/s} of each path (name -> (length, generate() keywords)): the best of `repeats` timings,
+    taken in turns, so that a slow spell of this shared machine falls on every path alike."""
+    best = {}
+    for name, (length, kw) in paths.items():
+        generate(model, batch, min(length, 64), **kw)  # warm-up
+        best[name] = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        generate(model, batch, length, **kw).cpu()
-        best = min(best, time.perf_counter() - start)
-    return batch * length / best
+        for name, (length, kw) in paths.items():
+            start = time.perf_counter()
+            generate(model, batch, length, **kw).cpu()
+            best[name] = min(best[name], (time.perf_counter() - start) / (batch * length))
+    return {name: 1 / secs for name, secs in best.items()}
 
 
 def bench_generate(args):
@@ -125,17 +129,20 @@ def bench_generate(args):
     print("* = the path generate.py takes at this batch size (without --cuda_graph)")
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
-        ref = samples_per_sec(model, batch, max(1, length // args.ref_fraction), args.repeats, fast=False)
-        line = f"batch {batch:4d}: reference {ref:10,.0f} samples/s"
         backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
-        chosen, speed = default_backend(model, batch), {}
-        for backend in backends:  # the same fast step, several ways
-            speed[backend] = samples_per_sec(model, batch, length, args.repeats, fast=True, backend=backend)
+        paths = {"reference": (max(1, length // args.ref_fraction), dict(fast=False))}
+        paths.update({backend: (length, dict(backend=backend)) for backend in backends})  # one fast step, ways
+        if device.type == "cuda":
+            paths["CUDA graphs"] = (length, dict(cuda_graph=True))
+        speed = samples_per_sec(model, batch, paths, args.repeats)
+        ref, chosen = speed["reference"], default_backend(model, batch)
+        line = f"batch {batch:4d}: reference {ref:10,.0f} samples/s"
+        for backend in backends:
             line += (f" | fast{'*' if backend == chosen else ''} {backend} {speed[backend]:10,.0f} samples/s "
                      f"({speed[backend] / ref:5.1f}x)")
         default = speed[chosen]
         if device.type == "cuda":
-            graphed = samples_per_sec(model, batch, length, args.repeats, fast=True, cuda_graph=True)
+            graphed = speed["CUDA graphs"]
             line += f" | fast + CUDA graphs {graphed:10,.0f} samples/s ({graphed / ref:5.1f}x)"
         line += f" | *: {default / args.sample_rate:6.2f}x real time at {args.sample_rate} Hz"
         line += (f", achieved / limit {default * flops / peak:.2f}, "
