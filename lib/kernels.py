@@ -166,7 +166,7 @@ def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags):
 
 @njit(cache=True, nogil=True)
 def relu(x, y, out):
-    """out = max(x + y, 0) in x's dtype, with no temporary arrays (np.maximum(x + y, 0.0) makes two, in float64)."""
+    """out = max(x + y, 0) in x's dtype, with no temporary arrays (np.maximum(x + y, 0.0) made two, float64)."""
     zero = x.dtype.type(0)
     for j in range(x.shape[0]):
         out[j] = max(x[j] + y[j], zero)

@@ -2,8 +2,8 @@
 
 Each sample is argmax(logits / temperature + Gumbel noise), an exact draw from the softmax. The noise comes
 from one seeded generator in fixed blocks (`GumbelNoise`), so any way of walking the steps (the plain
-reference loop, the fast path a few frames at a time, a CUDA graph) draws the same noise for the same step: with
-the same seed, the fast and reference paths give the same samples (tests/test_sample.py checks it).
+reference loop, the fast path a few frames at a time, a CUDA graph) draws the same noise for the same step:
+with the same seed, the fast and reference paths give the same samples (tests/test_sample.py checks it).
 
 A model offers two samplers:
   model.generate(n, length, noise, temperature, prime, keep_logits)  the plain, obviously correct reference
@@ -65,9 +65,9 @@ def draw(logits, noise, temperature):
 def default_backend(model, n):
     """What the fast path steps with for n sequences of `model`: torch on a GPU. On the CPU, the compiled step
     (lib/kernels.py, on torch's thread count) for one sequence, and for fewer than 8 of a model under 2M
-    parameters: there one compiled call beats numpy's hundred calls per frame. Otherwise torch, whose matrix products
-    were as fast as numpy's or faster at batch 64 on both 2-core machines measured (README), by up to 1.4x on
-    an Intel CPU, where numpy's OpenBLAS won on an AMD one by up to 1.4x."""
+    parameters: there one compiled call beats numpy's hundred calls per frame. Otherwise torch, whose matrix
+    products were as fast as numpy's or faster at batch 64 on both 2-core machines measured (README), by up to
+    1.4x on an Intel CPU, where numpy's OpenBLAS won on an AMD one by up to 1.4x."""
     if next(model.parameters()).device.type != "cpu":
         return "torch"
     small = sum(p.numel() for p in model.parameters()) < 2_000_000
