@@ -104,14 +104,14 @@ class FastFlatSampler:
         self.recorded = torch.zeros(self.frame_len, q, device=last.device, dtype=dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":
-            from lib.kernels import Team, by_thread, flat_frame, flat_worker, shares, stacked_gru
+            from lib.kernels import Team, by_thread, flat_step, flat_worker, shares, stacked_gru
             threads = torch.get_num_threads()
             lasts = self.last.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
             self.last = lasts[0]
             inputs, gru, out = self.weights
             recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), inputs.dtype)
             logits = np.zeros((2, n, q), inputs.dtype)  # shared by the threads
-            self.team = Team(flat_frame, flat_worker, threads, (n, self.frame_len, q), inputs.dtype,
+            self.team = Team(flat_step, flat_worker, threads, (n, self.frame_len, q), inputs.dtype,
                              (lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), temperature, recorded,
                               logits, inputs, *stacked_gru(gru, threads),
                               *(by_thread(p, shares(q, threads)) for p in out)))

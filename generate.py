@@ -76,7 +76,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (torch's, and the compiled step's on the CPU); 0 = torch's default")
-    p.add_argument("--cuda_graph", action="store_true", help="on CUDA, replay each frame's steps as a CUDA graph")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="on CUDA, replay each step() call (about 32 samples) as a CUDA graph")
     p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
                    help="what the fast path steps with; auto = lib.sample.default_backend (numba and numpy: CPU only)")

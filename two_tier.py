@@ -167,7 +167,7 @@ class FastTwoTierSampler:
         self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":
-            from lib.kernels import Team, by_thread, shares, stacked_gru, twotier_frame, twotier_worker
+            from lib.kernels import Team, by_thread, shares, stacked_gru, twotier_step, twotier_worker
             threads = torch.get_num_threads()
             windows = self.window.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
             self.window = windows[0]
@@ -180,7 +180,7 @@ class FastTwoTierSampler:
             weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
                        by_thread(np.stack([w for w, _ in hidden]), split[1]),
                        by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
-            self.team = Team(twotier_frame, twotier_worker, threads, (n, self.frame_len, q), dtype,
+            self.team = Team(twotier_step, twotier_worker, threads, (n, self.frame_len, q), dtype,
                              (windows.numpy(), self.frames.numpy(), as_arrays(self.h, np), temperature, recorded,
                               *scratch, *weights))
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed

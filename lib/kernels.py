@@ -184,7 +184,7 @@ def draw(logits, noise, temperature):
 
 
 @njit(cache=True, nogil=True)
-def twotier_frame(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
+def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
                   reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
     """FastTwoTierSampler.step for thread tid of `threads`: frame_len / FS frames, one after the other; False
     once the team is told to stop (Team.close). windows (threads, B, 2 FS) levels, each thread's own copy (the
@@ -242,7 +242,7 @@ def twotier_frame(tid, threads, flags, noise, windows, frames, h, temperature, r
 
 
 @njit(cache=True, nogil=True)
-def flat_frame(tid, threads, flags, noise, lasts, frame, h, temperature, recorded, logits, inputs, w_ih0, w_ih,
+def flat_step(tid, threads, flags, noise, lasts, frame, h, temperature, recorded, logits, inputs, w_ih0, w_ih,
                w_hh, b_ih, b_hh, out_w, out_b):
     """FastFlatSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
     lasts (threads, B, 1) levels, each thread's own copy; frame (B, frame_len) levels (thread 0 writes it);
@@ -278,13 +278,13 @@ def flat_frame(tid, threads, flags, noise, lasts, frame, h, temperature, recorde
 
 @njit(cache=True, nogil=True)
 def twotier_worker(*args):
-    while twotier_frame(*args):
+    while twotier_step(*args):
         pass
 
 
 @njit(cache=True, nogil=True)
 def flat_worker(*args):
-    while flat_frame(*args):
+    while flat_step(*args):
         pass
 
 
