@@ -119,7 +119,7 @@ def bench_generate(args):
           f"(2048^3 float32) -> FLOP-bound limit {peak / flops:,.0f} samples/s")
     weight_bytes = 2 * flops  # float32 weights read per sample at batch 1: one per multiply-add
     read_limit = None
-    if device.type == "cpu":  # at batch 1: reading the weights, which the model's parameters about are
+    if device.type == "cpu":  # batch 1 is bound by reading the weights: about the model's parameters
         model_bytes, threads = sum(p.numel() * 4 for p in model.parameters()), torch.get_num_threads()
         rate = read_bandwidth(model_bytes, threads)
         read_limit = rate / weight_bytes
@@ -131,7 +131,7 @@ def bench_generate(args):
         length = max(1, round(args.secs * args.sample_rate))
         backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
         paths = {"reference": (max(1, length // args.ref_fraction), dict(fast=False))}
-        paths.update({backend: (length, dict(backend=backend)) for backend in backends})  # one fast step, ways
+        paths.update({backend: (length, dict(backend=backend)) for backend in backends})  # one step, ways
         if device.type == "cuda":
             paths["CUDA graphs"] = (length, dict(cuda_graph=True))
         speed = samples_per_sec(model, batch, paths, args.repeats)

@@ -185,7 +185,7 @@ def draw(logits, noise, temperature):
 
 @njit(cache=True, nogil=True)
 def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
-                  reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
+                 reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
     """FastTwoTierSampler.step for thread tid of `threads`: frame_len / FS frames, one after the other; False
     once the team is told to stop (Team.close). windows (threads, B, 2 FS) levels, each thread's own copy (the
     last frame, then the new one); frames (B, frame_len) levels (thread 0 writes them); h (n_rnn, B, dim);
