@@ -9,6 +9,10 @@ layer predicts the next sample. For a chunk x of 1 + seq_len samples (the first 
 logits[:, t] predicts x[:, 1 + t] from x[:, :1 + t] only. Everything but the model is shared with
 two_tier.py through lib/train.py.
 """
+if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
+    from lib import quiet_interrupts
+    quiet_interrupts("interrupted while starting; nothing was saved")
+
 import weakref
 
 import numpy as np

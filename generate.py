@@ -13,33 +13,44 @@ import os
 import sys
 import time
 
+if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
+    from lib import quiet_interrupts
+    quiet_interrupts("interrupted; the files already written are complete (each is written whole, then renamed)")
+
 import numpy as np
 import soxr
 import torch
 
 import baseline
 import two_tier
-from lib import ArgumentParser, UserError
+from lib import ArgumentParser, UserError, WriteError
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.train import last_checkpoint
+from lib.train import load_latest_checkpoint, read_run_settings
 
 SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
 
 
 def load_run(path, device):
-    """(model in eval mode, settings namespace, sample_rate, run folder) from a run folder or a checkpoint."""
+    """(model in eval mode, settings namespace, sample_rate, run folder) from a run folder (its newest checkpoint
+    that loads) or a checkpoint."""
     if os.path.isdir(path):
-        path = last_checkpoint(path)
-    if not os.path.isfile(path):
+        read_run_settings(path)  # a folder that is no run at all gets its own message
+        found = load_latest_checkpoint(path, "generating from")
+        if found is None:
+            raise UserError(f"{path} has no readable checkpoint (checkpoints/it*.pt): pass a run folder that has "
+                            f"trained for at least one interval, or a checkpoint file")
+        path, ckpt = found
+    elif not os.path.isfile(path):
         raise UserError(f"{path} is neither a run folder nor a checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model_id = ckpt.get("model_id")
-    except Exception as e:  # torch raises many types for files that are not checkpoints
-        raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # torch raises many types for files that are not checkpoints
+            raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
+    model_id = ckpt.get("model_id") if isinstance(ckpt, dict) else None
     if model_id not in SCRIPTS:
         raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(SCRIPTS)}")
     settings = argparse.Namespace(**ckpt["settings"])
@@ -51,9 +62,9 @@ def load_run(path, device):
 
 def load_prime(path, settings, sample_rate, min_len):
     """1-D int levels of a WAV file, quantized as the run's data was; resampled when its rate differs."""
-    audio, rate = read_mono(path) if os.path.isfile(path) else (None, None)
-    if audio is None:
-        raise UserError(f"--prime {path} is not a readable audio file")
+    if not os.path.isfile(path):
+        raise UserError(f"--prime {path} is not a file")
+    audio, rate = read_mono(path)  # BadAudio (a UserError) names the file and what is wrong
     if rate != sample_rate:
         print(f"note: --prime {path} is at {rate} Hz; resampled to the run's {sample_rate} Hz")
         audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
@@ -92,6 +103,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
 
@@ -116,7 +130,10 @@ def generate_files(args):
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
     out_dir = args.out or os.path.join(run_dir, "generated")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise WriteError(out_dir, e) from None
 
     written, gen_secs = [], 0.0
     for first in range(0, args.n, args.batch):

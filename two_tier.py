@@ -9,6 +9,10 @@ frame f = x[f*FS : (f+1)*FS] is read by the frame-level RNN, whose output condit
 NEXT frame; the MLP predicts x[FS + t] from its conditioning vector and the FS samples x[t : t + FS].
 So logits[:, t] predicts x[:, FS + t] from x[:, :FS + t] only.
 """
+if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
+    from lib import quiet_interrupts
+    quiet_interrupts("interrupted while starting; nothing was saved")
+
 import weakref
 
 import numpy as np

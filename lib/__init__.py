@@ -1,5 +1,8 @@
-"""Shared pieces of the two models: data, quantization, layers, the training loop."""
+"""Shared pieces of the two models: data, quantization, layers, the training loop; and the few helpers
+every script uses: one-line errors, atomic writes, a quiet Ctrl-C."""
 import argparse
+import os
+import signal
 import sys
 
 
@@ -7,12 +10,52 @@ class UserError(Exception):
     """Bad input from the user (a path, a flag, a file). Scripts print it as one line and exit with status 2."""
 
 
+class WriteError(Exception):
+    """A file could not be written (disk full, read-only, not a folder): one line, exit status 1."""
+
+    def __init__(self, path, error):
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (not the whole usage) and exit status 2."""
+    """argparse, but every flag's help shows its default, and a bad flag is one line (not the whole usage)
+    and exit status 2."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        super().__init__(formatter_class=HelpFormatter, **kw)
 
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and '(default: X)' after each flag's help."""
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temporary name next to `path`, then rename it over `path`: a kill, a Ctrl-C or a full disk
+    never leaves a partial `path`, and the partial temporary file is removed. OSError -> WriteError(path)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # the extension stays last: writers such as soundfile pick the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise WriteError(path, e) from None
+        raise
+
+
+def quiet_interrupts(message):
+    """Ctrl-C (or SIGTERM) while a script starts up or works without its own handlers: `message` as one line,
+    exit status 130 (143 for SIGTERM), no traceback. Scripts call it before their slow imports."""
+    def stop(signum, frame):
+        print(f"\n{message}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)

@@ -5,33 +5,43 @@ import sys
 import numpy as np
 import soundfile as sf
 
+from lib import UserError, atomic_write
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
+class BadAudio(UserError):
+    """A file that cannot be used as audio: unreadable, or holding NaN or infinite samples."""
+
+
 def find_audio(folder):
-    """All audio files under `folder`, recursively, sorted by path (so every listing is reproducible)."""
-    found = []
+    """(audio files under `folder`, other files under it), recursively, each sorted by path (so every listing is
+    reproducible). Hidden folders such as .cache/ and hidden files are not searched."""
+    found, other = [], []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip caches such as .cache/
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(AUDIO_EXTENSIONS)]
-    return sorted(found)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in files:
+            if not f.startswith("."):
+                (found if f.lower().endswith(AUDIO_EXTENSIONS) else other).append(os.path.join(root, f))
+    return sorted(found), sorted(other)
 
 
 def read_mono(path):
-    """(float32 samples in [-1, 1], sample rate), channels averaged; None (with a warning) if unreadable."""
+    """(float32 samples, sample rate), channels averaged. BadAudio if the file is unreadable or holds non-finite
+    samples (a float WAV can hold NaN; quantizing it would make nonsense levels)."""
     try:
         audio, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for broken or foreign files
-        warn(f"skipping {path}: not readable as audio ({str(e).splitlines()[0]})")
-        return None, None
+        raise BadAudio(f"{path} is not readable as audio ({str(e).splitlines()[0]})") from None
+    bad = np.count_nonzero(~np.isfinite(audio))
+    if bad:
+        raise BadAudio(f"{path} holds {bad} non-finite samples (NaN or infinity): repair or remove the file")
     return audio.mean(axis=1, dtype=np.float32), rate
 
 
 def write_wav(path, samples, rate):
-    """Float audio in [-1, 1] -> 16-bit WAV, written to a temporary name and renamed."""
-    tmp = path + ".tmp.wav"
-    sf.write(tmp, np.clip(samples, -1.0, 1.0), rate, subtype="PCM_16")
-    os.replace(tmp, path)
+    """Float audio in [-1, 1] -> 16-bit WAV, written to a temporary name and renamed (lib.atomic_write)."""
+    atomic_write(path, lambda tmp: sf.write(tmp, np.clip(samples, -1.0, 1.0), rate, subtype="PCM_16"))
 
 
 def warn(message):

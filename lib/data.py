@@ -16,8 +16,8 @@ import os
 import numpy as np
 import torch
 
-from lib import UserError
-from lib.audio import find_audio, read_mono, warn
+from lib import UserError, WriteError, atomic_write
+from lib.audio import BadAudio, find_audio, read_mono, warn
 from lib.prepare import SPLITS, cut_clips
 from lib.quantize import normalize, q_zero, quantize
 
@@ -25,13 +25,16 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def _read_files(paths):
-    """Decode files -> list of float32 arrays (unreadable ones skipped with a warning) and their one rate."""
+    """Decode files -> list of float32 arrays (unusable ones skipped with a warning) and their one rate."""
     arrays, rates = [], set()
     for path in paths:
-        samples, rate = read_mono(path)
-        if samples is not None:
-            arrays.append(samples)
-            rates.add(rate)
+        try:
+            samples, rate = read_mono(path)
+        except BadAudio as e:
+            warn(f"skipping {e}")
+            continue
+        arrays.append(samples)
+        rates.add(rate)
     if len(rates) > 1:
         raise UserError(f"files in {os.path.dirname(paths[0])} have different sample rates {sorted(rates)}: "
                         f"run python -m lib.prepare on them first")
@@ -40,7 +43,7 @@ def _read_files(paths):
 
 def _load_split(folder):
     """(n_clips, clip_len) float32 array and rate of one split, through the .npy cache."""
-    paths = find_audio(folder)
+    paths, _ = find_audio(folder)
     if not paths:
         raise UserError(f"no audio files in {folder}")
     stats = [(os.path.relpath(p, folder), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
@@ -51,17 +54,15 @@ def _load_split(folder):
             return f["clips"], int(f["rate"])
     arrays, rate = _read_files(paths)
     if not arrays:
-        raise UserError(f"none of the {len(paths)} audio files in {folder} is readable")
+        raise UserError(f"none of the {len(paths)} audio files in {folder} is usable (unreadable or non-finite)")
     clip_len = min(len(a) for a in arrays)
     if any(len(a) != clip_len for a in arrays):
         warn(f"clips in {folder} differ in length: all are cut to the shortest, {clip_len} samples")
     clips = np.stack([a[:clip_len] for a in arrays])
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, clips=clips, rate=rate)
-        os.replace(tmp, cache)
-    except OSError:
+        atomic_write(cache, lambda tmp: np.savez(tmp, clips=clips, rate=rate))
+    except (OSError, WriteError):
         pass  # a read-only dataset still loads; it is decoded again next time
     return clips, rate
 
@@ -72,10 +73,7 @@ def load_audio(path, clip_secs=8.0):
         raise UserError(f"--data {path} does not exist: give a folder made by python -m lib.prepare, "
                         f"or one audio file")
     if os.path.isfile(path):
-        arrays, rate = _read_files([path])
-        if not arrays:
-            raise UserError(f"--data {path} is not a readable audio file")
-        audio = arrays[0]
+        audio, rate = read_mono(path)  # BadAudio names the file
         if not np.any(audio):
             raise UserError(f"--data {path} is silent: every sample is zero")
         clip_len = min(len(audio), int(round(clip_secs * rate)))

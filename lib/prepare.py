@@ -1,24 +1,31 @@
 """Turn any folder of audio into a dataset: python -m lib.prepare SRC OUT [--sample_rate 8000] [--clip_secs 8]
 
 Every WAV/FLAC/OGG file under SRC (recursively; any rate, any channel count) is read, mixed to mono and
-resampled with soxr to --sample_rate. Unreadable and silent files (peak below --silence_db) are skipped with a warning. Files are
+resampled with soxr to --sample_rate. Other files, unreadable ones, files with NaN or infinite samples and
+silent ones (peak below --silence_db) are skipped with a warning and listed in dataset.json. Files are
 split into train/valid/test by a seeded shuffle of the sorted file list (so no recording is in two splits);
 each split is concatenated in that order and cut into clips of --clip_secs with stride = clip length (no
 sample is in two clips; only the final partial clip of each split is dropped). Clips are written as 16-bit
 FLAC to OUT/{train,valid,test}/, with OUT/dataset.json recording the settings, the split and the counts.
+They are written into OUT.partial/, renamed to OUT at the end, so an interrupted run leaves no OUT behind.
 """
 import json
 import os
 import random
+import shutil
 import sys
+
+if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load or while reading is one line
+    from lib import quiet_interrupts
+    quiet_interrupts("interrupted; nothing was written (a rerun starts over)")
 
 import numpy as np
 import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError
-from lib.audio import find_audio, read_mono, warn
+from lib import ArgumentParser, UserError, WriteError
+from lib.audio import AUDIO_EXTENSIONS, BadAudio, find_audio, read_mono, warn
 
 SPLITS = ("train", "valid", "test")
 
@@ -47,20 +54,27 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
         raise UserError(f"source folder {src} does not exist (or is not a folder)")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output {out} already exists and is not empty: choose a new folder (nothing was changed)")
-    if sample_rate < 1 or clip_secs <= 0:
+    if not (sample_rate >= 1 and 0 < clip_secs < float("inf")):
         raise UserError("--sample_rate and --clip_secs must be positive")
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+    if len(fractions) != 3 or not min(fractions) >= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise UserError(f"--split {fractions} must be three non-negative fractions that sum to 1")
-    paths = find_audio(src)
+    paths, other = find_audio(src)
+    skipped = {os.path.relpath(p, src): "extension" for p in other}
+    if other:
+        names = ", ".join(skipped)
+        warn(f"skipping {len(other)} files that are not {' '.join(AUDIO_EXTENSIONS)} (convert them first, e.g. "
+             f"with ffmpeg): {names[:300]}{' ...' if len(names) > 300 else ''}")
     if not paths:
-        raise UserError(f"no audio files (.wav .flac .ogg) found under {src}")
+        raise UserError(f"no audio files ({' '.join(AUDIO_EXTENSIONS)}) found under {src}")
 
-    audio, skipped = {}, {}
+    audio = {}
     for path in tqdm(paths, desc="reading", unit="file", disable=None):
         rel = os.path.relpath(path, src)
-        samples, rate = read_mono(path)
-        if samples is None:
-            skipped[rel] = "unreadable"
+        try:
+            samples, rate = read_mono(path)
+        except BadAudio as e:
+            warn(f"skipping {e}")
+            skipped[rel] = "unreadable" if "not readable" in str(e) else "non-finite"
             continue
         if rate != sample_rate:
             samples = soxr.resample(samples, rate, sample_rate, quality="HQ").astype(np.float32)
@@ -74,21 +88,33 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
 
     clip_len = int(round(clip_secs * sample_rate))
     splits = split_files(list(audio), fractions, seed)
-    os.makedirs(out, exist_ok=True)
     meta = {"source": src, "silence_db": silence_db, "sample_rate": sample_rate, "clip_secs": clip_secs,
             "clip_len": clip_len, "split_fractions": list(fractions), "seed": seed, "skipped": skipped, "splits": {}}
-    for name in SPLITS:
-        joined = np.concatenate([audio[rel] for rel in splits[name]])
-        clips = cut_clips(joined, clip_len)
-        os.makedirs(os.path.join(out, name))
-        for i, clip in enumerate(clips):
-            # clip to the 16-bit range: resampling can overshoot full scale slightly
-            sf.write(os.path.join(out, name, f"{i:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768), sample_rate,
-                     subtype="PCM_16")
-        meta["splits"][name] = {"files": splits[name], "source_samples": len(joined), "clips": len(clips),
-                                "minutes": len(clips) * clip_len / sample_rate / 60}
-    with open(os.path.join(out, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    # everything is written into OUT.partial and renamed at the end: a crash or Ctrl-C leaves no half-made OUT
+    # that a rerun would refuse (a rerun removes a stale OUT.partial)
+    partial = os.path.normpath(out) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for name in SPLITS:
+            joined = np.concatenate([audio[rel] for rel in splits[name]])
+            clips = cut_clips(joined, clip_len)
+            os.makedirs(os.path.join(partial, name))
+            for i, clip in enumerate(clips):
+                # clip to the 16-bit range: resampling can overshoot full scale slightly
+                sf.write(os.path.join(partial, name, f"{i:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768),
+                         sample_rate, subtype="PCM_16")
+            meta["splits"][name] = {"files": splits[name], "source_samples": len(joined), "clips": len(clips),
+                                    "minutes": len(clips) * clip_len / sample_rate / 60}
+        with open(os.path.join(partial, "dataset.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(partial, out)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(out, e) from None
+        raise
 
     print(f"dataset {out}: {sample_rate} Hz mono, clips of {clip_secs:g} s ({clip_len} samples), "
           f"{len(audio)} files used, {len(skipped)} skipped")
@@ -97,6 +123,9 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
         print(f"  {name:5s}  {len(s['files']):4d} files  {s['clips']:5d} clips  {s['minutes']:7.2f} min")
         if s["clips"] == 0:
             warn(f"split {name} has no full clip of {clip_secs:g} s: use shorter --clip_secs or more audio")
+        elif len(s["files"]) == 1 and name != "train":
+            warn(f"split {name} comes from a single source file ({s['files'][0]}): its NLL describes one "
+                 f"recording; more files (or a larger --split fraction) make it a fairer estimate")
     return meta
 
 
@@ -117,6 +146,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except WriteError as e:
+        print(f"error: {e}; nothing was written", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Every type maps silence (0.0) to `q_zero = q_levels // 2` and decodes `q_zero` b
   alaw    A-law companding (A = 87.6, as in G.711), then the linear map
 Per-clip options applied before quantizing: `zero_dc` (subtract the clip's mean) and `norm='minmax'`
 (stretch each clip's min..max to -1..1, as the original code did; kept to compare with old numbers).
-Values outside [-1, 1] are clipped.
+Values outside [-1, 1] are clipped, NaN is silence: a level is always in [0, q_levels).
 """
 import math
 
@@ -70,9 +70,10 @@ def normalize(clips, zero_dc=False, norm="none"):
 
 
 def quantize(x, q_levels=256, qtype="linear"):
-    """Float audio -> int64 levels in [0, q_levels). Input outside [-1, 1] is clipped."""
+    """Float audio -> int64 levels in [0, q_levels). Input outside [-1, 1] is clipped; NaN becomes silence
+    (the readers refuse NaN before this; here it must still never make a level outside the range)."""
     check_q_levels(q_levels, qtype)
-    y = _compress(x.double().clamp(-1.0, 1.0), q_levels, qtype)
+    y = _compress(torch.nan_to_num(x.double(), nan=0.0).clamp(-1.0, 1.0), q_levels, qtype)
     return torch.round((y + 1) * (q_levels / 2)).clamp(0, q_levels - 1).long()
 
 

@@ -2,6 +2,9 @@
 import json
 import os
 
+from lib import atomic_write
+from lib.audio import warn
+
 import matplotlib
 import numpy as np
 
@@ -10,11 +13,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir):
+    """The rows of RUN/metrics.jsonl. A line that is not a JSON row (half-written by a kill or a full disk) is
+    dropped with a warning."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                warn(f"{path} line {n} is not a complete row (a write was cut off); it is ignored")
+    return rows
 
 
 def plot_curves(runs, path):
@@ -33,9 +46,10 @@ def plot_curves(runs, path):
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def plot_softmax(probs, sampled, sample_rate, path):
@@ -56,8 +70,10 @@ def plot_softmax(probs, sampled, sample_rate, path):
     ax.legend(loc="upper right", fontsize=8)
     fig.colorbar(image, ax=ax, label="probability")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)
 
 
 def animate_softmax(probs, sampled, path):

@@ -11,6 +11,10 @@ A run lives in runs/{model}_{tag}_{unixtime}/:
   checkpoints/    it0000300.pt ...: everything needed to continue exactly (written atomically)
   samples/        it0000300_0.wav ...: generated at every interval, from a fixed sampling seed
   curves.png      train and valid NLL by training time and by iteration
+
+Faults cost at most one step: Ctrl-C or SIGTERM saves a checkpoint mid-interval and exits 130 / 143; a
+checkpoint is written only from finite values; --resume skips a damaged newest checkpoint and repairs what a
+kill left (metrics row, samples, temporary files); a failed write is one line naming the last checkpoint.
 """
 import argparse
 import glob
@@ -18,8 +22,11 @@ import json
 import math
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -27,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError
-from lib.audio import write_wav
+from lib import ArgumentParser, UserError, WriteError, atomic_write
+from lib.audio import warn, write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_audio, quantize_clips
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
 from lib.report import plot_curves, read_metrics
@@ -82,25 +89,33 @@ def train_main(model_id, doc, add_model_args, build_model, default_tag, presets,
     add_model_args(parser)
     add_training_args(parser, presets)
     try:
-        sys.exit(train(model_id, parser, build_model, default_tag, presets, argv))
+        code = train(model_id, parser, build_model, default_tag, presets, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except KeyboardInterrupt:  # before the loop's own handlers (start-up), or a second Ctrl-C while saving
+        print("\ninterrupted; nothing more was saved (no partial file is left)", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 def parse_settings(model_id, parser, presets, argv):
-    """Resolved flags: defaults < preset < command line; on --resume, the run's settings < command line."""
+    """Resolved flags: defaults < preset < command line; on --resume, the run's settings < command line.
+    -> (args, resumed): resumed is None for a new run, else (checkpoint path, checkpoint), both None for a run
+    killed before its first checkpoint (it starts again from iteration 0 in its own folder)."""
     first, _ = parser.parse_known_args(argv)
     if first.resume is None:
         if first.preset:
             parser.set_defaults(**presets[first.preset])
         return parser.parse_args(argv), None
-    ckpt_path = last_checkpoint(first.resume)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if ckpt.get("model_id") != model_id:
-        raise UserError(f"{first.resume} is a {ckpt.get('model_id')} run, not {model_id}: resume it with "
-                        f"{SCRIPTS.get(ckpt.get('model_id'), 'the script that made it')}")
-    saved = dict(ckpt["settings"])
+    run = read_run_settings(first.resume)
+    found = load_latest_checkpoint(first.resume, "resuming from")
+    ckpt_path, ckpt = found or (None, None)
+    saved_id, saved = (ckpt["model_id"], ckpt["settings"]) if ckpt else (run["model_id"], run["settings"])
+    if saved_id != model_id:
+        raise UserError(f"{first.resume} is a {saved_id} run, not {model_id}: resume it with "
+                        f"{SCRIPTS.get(saved_id, 'the script that made it')}")
+    saved = dict(saved)
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
     changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]
     if changed:
@@ -109,26 +124,51 @@ def parse_settings(model_id, parser, presets, argv):
     return args, (ckpt_path, ckpt)
 
 
-def last_checkpoint(run_dir):
-    paths = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "it*.pt")))
-    if not os.path.isfile(os.path.join(run_dir, "settings.json")) or not paths:
-        raise UserError(f"{run_dir} is not a run folder with checkpoints (no settings.json or "
-                        f"checkpoints/it*.pt): pass a folder under runs/")
-    return paths[-1]  # names are zero-padded iteration numbers
+def read_run_settings(run_dir):
+    try:
+        with open(os.path.join(run_dir, "settings.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{run_dir} is not a run folder (no readable settings.json): pass a folder under runs/") \
+            from None
+
+
+def checkpoint_paths(run_dir):
+    """The run's checkpoints it0000300.pt ..., oldest first (names are zero-padded iteration numbers)."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in sorted(names) if re.fullmatch(r"it\d+\.pt", n)]
+
+
+def load_latest_checkpoint(run_dir, verb):
+    """(path, checkpoint) of the newest checkpoint that loads, newest first: a damaged one (truncated, empty) is
+    skipped with a warning. None if the run has no checkpoint that loads."""
+    paths = checkpoint_paths(run_dir)[::-1]
+    for i, path in enumerate(paths):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(ckpt, dict) or not {"model_id", "settings", "model"} <= set(ckpt):
+                raise ValueError("not a checkpoint of this repository")
+            return path, ckpt
+        except Exception as e:  # torch raises many types for damaged files
+            then = f"{verb} {os.path.basename(paths[i + 1])}" if i + 1 < len(paths) else "no older checkpoint"
+            warn(f"{os.path.basename(path)} is unreadable ({str(e).splitlines()[0][:100]}); {then}")
+    return None
 
 
 def check_settings(args):
     check_q_levels(args.q_levels, args.qtype)
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number (got {value})")
     positive = {"batch_size": args.batch_size, "lr": args.lr, "stop_time": args.stop_time,
                 "print_time": args.print_time, "clip_secs": args.clip_secs}
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")
-    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples"):
+    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
-    if args.grad_clip < 0 or args.sample_secs < 0:
-        raise UserError("--grad_clip and --sample_secs must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
 
@@ -156,30 +196,44 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    run_dir = args.resume or new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
+    try:
+        return start(model_id, args, model, optimizer, levels, sample_rate, batches, device, n_params, run_dir,
+                     resumed)
+    except WriteError as e:
+        saved = checkpoint_paths(run_dir)
+        print(f"error: {e}; " + (f"the last checkpoint is {os.path.basename(saved[-1])}" if saved else
+                                 "no checkpoint had been written"), file=sys.stderr)
+        return 1
 
+
+def start(model_id, args, model, optimizer, levels, sample_rate, batches, device, n_params, run_dir, resumed):
+    """Restore a resumed run (repairing what a kill left) or write a new run's settings; then train."""
+    ckpt_path, ckpt = resumed or (None, None)
+    ctx = dict(args=args, model=model, optimizer=optimizer, levels=levels, sample_rate=sample_rate,
+               run_dir=run_dir, device=device, model_id=model_id)
+    state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "interval": None}
+    h = None
     if resumed:
-        ckpt_path, ckpt = resumed
-        run_dir = args.resume
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        state = ckpt["state"]
-        h = None if ckpt["h"] is None else ckpt["h"].to(device)
-        drop_metrics_after(run_dir, state["iteration"])
+        remove_temporary_files(run_dir)
     else:
-        run_dir = new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
-        state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf")}
-        h = None
         settings = {"model_id": model_id, "settings": vars(args), "parameters": n_params,
                     "sample_rate": sample_rate, "clips": {k: list(v.shape) for k, v in levels.items()},
                     "device": str(device), "command": " ".join(sys.argv), "git": git_info(),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "numpy": np.__version__}}
-        with open(os.path.join(run_dir, "settings.json"), "w") as f:
-            json.dump(settings, f, indent=1)
-
-    log = Logger(os.path.join(run_dir, "log.txt"))
-    log(f"{'resuming' if resumed else 'run'} {run_dir} from iteration {state['iteration']}")
+        write_text(os.path.join(run_dir, "settings.json"), json.dumps(settings, indent=1))
+    log = ctx["log"] = Logger(os.path.join(run_dir, "log.txt"))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state.update(ckpt["state"])
+        h = None if ckpt["h"] is None else ckpt["h"].to(device)
+    log(f"{'resuming' if resumed else 'run'} {run_dir} from iteration {state['iteration']}" +
+        (f" ({os.path.basename(ckpt_path)})" if ckpt_path else ""))
+    if resumed:
+        repair_interval_end(ctx, state["iteration"], ckpt.get("row") if ckpt else None)
     log(f"{model_id}: {n_params:,} parameters | device {device} float32 | torch {torch.__version__}")
     log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
     log(f"data {args.data}: {sample_rate} Hz, clips train/valid/test {levels['train'].shape[0]}/"
@@ -188,13 +242,65 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     if batches.with_replacement:
         log(f"note: {levels['train'].shape[0]} train clips < --batch_size {args.batch_size}: "
             f"each batch draws clips with replacement")
-
-    ctx = dict(args=args, model=model, optimizer=optimizer, levels=levels, sample_rate=sample_rate,
-               run_dir=run_dir, device=device, log=log, model_id=model_id)
-    return loop(ctx, batches, state, h)
+    with Interrupts() as interrupts:
+        return loop(ctx, batches, state, h, interrupts)
 
 
-def loop(ctx, batches, state, h):
+def repair_interval_end(ctx, iteration, row):
+    """On resume: forget metrics rows logged after the checkpoint; if the checkpoint ends an interval (it holds the
+    interval's row), put back that row and the interval's samples where a kill came before they were written."""
+    run_dir = ctx["run_dir"]
+    rows = read_metrics(run_dir)
+    keep = [r for r in rows if r["iteration"] <= iteration]
+    if row is not None and (not keep or keep[-1]["iteration"] != iteration):
+        keep.append(row)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if keep != rows or (os.path.exists(path) and len(open(path).read().splitlines()) != len(rows)):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    if row is not None and any(not os.path.exists(p) for p in sample_paths(ctx, iteration)):
+        ctx["log"](f"writing the samples of iteration {iteration}, which a stop had cut off")
+        write_samples(ctx, iteration)
+
+
+def remove_temporary_files(run_dir):
+    """Temporary files (*.tmp*) that a kill left in the run folder: partial checkpoints, samples, metrics."""
+    for root, _, files in os.walk(run_dir):
+        for name in files:
+            if ".tmp" in name:
+                os.remove(os.path.join(root, name))
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM during the loop: the first sets .signum, and the loop saves after the current
+    step and exits 128 + signum; a second one aborts at once (KeyboardInterrupt), even inside the save, whose
+    temporary file is then removed (lib.atomic_write). Handlers are restored afterwards."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NonFinite(Exception):
+    """Training produced a non-finite value; nothing from it was saved."""
+
+
+def new_interval():
+    return {"bits": 0.0, "grad_norm": 0.0, "steps": 0, "secs": 0.0}
+
+
+def loop(ctx, batches, state, h, interrupts):
     args, model, optimizer, device, log = ctx["args"], ctx["model"], ctx["optimizer"], ctx["device"], ctx["log"]
 
     def stopping():
@@ -205,42 +311,69 @@ def loop(ctx, batches, state, h):
         log(f"nothing to do: the run is at iteration {state['iteration']}, {state['train_secs'] / 3600:.3f} h "
             f"(--stop_iters {args.stop_iters}, --stop_time {args.stop_time})")
         return 0
-    interval = {"bits": 0.0, "grad_norm": 0.0, "steps": 0, "secs": 0.0}
+    interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
     wall_start = time.time() - state["wall_secs"]
     bar = tqdm(total=args.stop_iters or None, initial=state["iteration"], unit="it", disable=None,
                dynamic_ncols=True)
     model.train()
-    while True:
-        t0 = time.perf_counter()
-        chunk, reset = batches(state["iteration"])
-        bits, grad_norm, h = train_step(model, optimizer, chunk.to(device), reset, h, args.grad_clip)
-        step_secs = time.perf_counter() - t0
-        state["iteration"] += 1
-        state["train_secs"] += step_secs
-        if not math.isfinite(bits):
-            saved = sorted(glob.glob(os.path.join(ctx["run_dir"], "checkpoints", "it*.pt")))
-            log(f"error: non-finite loss at iteration {state['iteration']}; stopped without saving. " +
-                (f"The last good checkpoint is {saved[-1]}" if saved else "No checkpoint had been saved yet."))
-            return 1
-        interval["bits"] += bits
-        interval["grad_norm"] += grad_norm
-        interval["steps"] += 1
-        interval["secs"] += step_secs
-        bar.update(1)
-        if interval["steps"] % 10 == 1:
-            bar.set_postfix(bits=f"{interval['bits'] / interval['steps']:.3f}")
+    try:
+        while True:
+            t0 = time.perf_counter()
+            chunk, reset = batches(state["iteration"])
+            bits, grad_norm, h = train_step(model, optimizer, chunk.to(device), reset, h, args.grad_clip)
+            step_secs = time.perf_counter() - t0
+            state["iteration"] += 1
+            state["train_secs"] += step_secs
+            if not math.isfinite(bits):
+                raise NonFinite(f"non-finite train NLL ({bits}) at iteration {state['iteration']}")
+            interval["bits"] += bits
+            interval["grad_norm"] += grad_norm
+            interval["steps"] += 1
+            interval["secs"] += step_secs
+            bar.update(1)
+            if interval["steps"] % 10 == 1:
+                bar.set_postfix(bits=f"{interval['bits'] / interval['steps']:.3f}")
 
-        final = stopping()
-        due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
-            (interval["secs"] >= args.print_time)
-        if due or final:
+            final = stopping()
+            due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
+                (interval["secs"] >= args.print_time)
             state["wall_secs"] = time.time() - wall_start
-            end_interval(ctx, state, interval, h, chunk.numel() - chunk.shape[0] * model.overlap, final)
-            interval = {"bits": 0.0, "grad_norm": 0.0, "steps": 0, "secs": 0.0}
-            model.train()
-        if final:
-            bar.close()
-            return 0
+            if due or final:
+                end_interval(ctx, state, interval, h, chunk.numel() - chunk.shape[0] * model.overlap, final)
+                interval = new_interval()
+                model.train()
+            if final:
+                return 0
+            if interrupts.signum is not None:
+                return interrupted(ctx, state, interval, h, interrupts.signum)
+    except NonFinite as e:
+        saved = checkpoint_paths(ctx["run_dir"])
+        log(f"error: {e}; stopped without saving it. " + (f"The last good checkpoint is {saved[-1]}" if saved
+                                                            else "No checkpoint had been saved yet."))
+        return 1
+    finally:
+        bar.close()
+
+
+def interrupted(ctx, state, interval, h, signum):
+    """Save mid-interval (with the interval's running sums, so that resuming gives the uninterrupted run's
+    metrics) and say how to continue."""
+    it, run_dir = state["iteration"], ctx["run_dir"]
+    path = os.path.join(run_dir, "checkpoints", f"it{it:07d}.pt")
+    if interval["steps"]:  # else the interval's end has just saved this iteration
+        bad = non_finite(ctx["model"], {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
+        if bad:
+            raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
+        save_checkpoint(ctx, dict(state, interval=interval), h, row=None)
+    script = SCRIPTS[ctx["model_id"]]
+    ctx["log"](f"interrupted at iteration {it}; saved {path}; continue with: python {script} --resume {run_dir}")
+    return 128 + signum
+
+
+def non_finite(model, values):
+    """Names of what is not finite: 'parameters' and the keys of `values` (floats)."""
+    bad = [] if all(torch.isfinite(p).all() for p in model.parameters()) else ["parameters"]
+    return bad + [name for name, v in values.items() if not math.isfinite(v)]
 
 
 def train_step(model, optimizer, chunk, reset, h, grad_clip):
@@ -288,58 +421,92 @@ def evaluate(model, levels, batch_size, device, max_clips=0):
 
 
 def end_interval(ctx, state, interval, h, samples_per_step, final):
-    """Log the interval, evaluate, checkpoint, write samples. None of this counts as training time."""
+    """Log the interval, evaluate, checkpoint, write samples. None of this counts as training time.
+    Nothing is saved from non-finite values (NonFinite). The checkpoint holds the interval's metrics row and is
+    written first: a failed write leaves no row without its checkpoint, and resume puts back a row or samples
+    that a kill cut off."""
     args, model, levels, log, run_dir = ctx["args"], ctx["model"], ctx["levels"], ctx["log"], ctx["run_dir"]
     it = state["iteration"]
     row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
            "train_bits": interval["bits"] / interval["steps"],
            "valid_bits": evaluate(model, levels["valid"], args.batch_size, ctx["device"], args.valid_clips),
            "grad_norm": interval["grad_norm"] / interval["steps"],
-           "samples_per_sec": round(samples_per_step * interval["steps"] / interval["secs"], 1)}
+           "samples_per_sec": round(samples_per_step * interval["steps"] / interval["secs"], 1),
+           "max_rss_mb": max_rss_mb()}
+    bad = non_finite(model, {"train NLL": row["train_bits"], "grad norm": row["grad_norm"],
+                             "valid NLL": row["valid_bits"]})
     improved = row["valid_bits"] < state["best_valid"]
-    state["best_valid"] = min(state["best_valid"], row["valid_bits"])
-    if final or (args.test_on_best and improved):
+    if not bad and (final or (args.test_on_best and improved)):
         row["test_bits"] = evaluate(model, levels["test"], args.batch_size, ctx["device"])
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    save_checkpoint(ctx, state, h)
-
-    n = max(1, round(args.sample_secs * ctx["sample_rate"]))
-    if args.n_samples:  # the same noise at every interval: samples differ only by the weights
-        seqs = generate(model, args.n_samples, n, seed=args.seed).cpu()
-        audio = dequantize(seqs, args.q_levels, args.qtype).numpy()
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        for k, a in enumerate(audio):
-            write_wav(os.path.join(run_dir, "samples", f"it{it:07d}_{k}.wav"), a, ctx["sample_rate"])
-    plot_curves({os.path.basename(run_dir): read_metrics(run_dir)}, os.path.join(run_dir, "curves.png"))
-
     test = f" | test {row['test_bits']:.4f}" if "test_bits" in row else ""
     log(f"iter {it:7d} | train {row['train_bits']:.4f} | valid {row['valid_bits']:.4f}{test} bits/sample | "
         f"grad norm {row['grad_norm']:.3f} | {row['samples_per_sec']:,.0f} samples/s | "
         f"train {state['train_secs'] / 3600:.3f} h, wall {state['wall_secs'] / 3600:.3f} h")
+    if bad:
+        raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
+    state["best_valid"] = min(state["best_valid"], row["valid_bits"])
+    save_checkpoint(ctx, state, h, row)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise WriteError(path, e) from None
+    write_samples(ctx, it)
+    plot_curves({os.path.basename(run_dir): read_metrics(run_dir)}, os.path.join(run_dir, "curves.png"))
 
 
-def save_checkpoint(ctx, state, h):
-    """Everything needed to continue exactly; written to a temporary file and renamed (a kill never corrupts)."""
+def sample_paths(ctx, it):
+    return [os.path.join(ctx["run_dir"], "samples", f"it{it:07d}_{k}.wav") for k in range(ctx["args"].n_samples)]
+
+
+def write_samples(ctx, it):
+    """--n_samples sequences from the model, with the same noise at every interval (samples differ only by the
+    weights)."""
+    args, paths = ctx["args"], sample_paths(ctx, it)
+    if not paths:
+        return
+    n = max(1, round(args.sample_secs * ctx["sample_rate"]))
+    seqs = generate(ctx["model"], args.n_samples, n, seed=args.seed).cpu()
+    audio = dequantize(seqs, args.q_levels, args.qtype).numpy()
+    try:
+        os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    except OSError as e:
+        raise WriteError(os.path.dirname(paths[0]), e) from None
+    for path, a in zip(paths, audio):
+        write_wav(path, a, ctx["sample_rate"])
+
+
+def save_checkpoint(ctx, state, h, row):
+    """Everything needed to continue exactly, and the interval's metrics row (None when saved mid-interval);
+    written to a temporary file and renamed (lib.atomic_write: a kill or a full disk never leaves a partial one)."""
     folder = os.path.join(ctx["run_dir"], "checkpoints")
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"it{state['iteration']:07d}.pt")
     ckpt = {"model_id": ctx["model_id"], "settings": vars(ctx["args"]), "sample_rate": ctx["sample_rate"],
             "model": ctx["model"].state_dict(), "optimizer": ctx["optimizer"].state_dict(), "state": dict(state),
-            "h": None if h is None else h.cpu(), "torch_rng": torch.get_rng_state()}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+            "row": row, "h": None if h is None else h.cpu(), "torch_rng": torch.get_rng_state()}
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise WriteError(folder, e) from None
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def drop_metrics_after(run_dir, iteration):
-    """On resume, forget rows logged after the checkpoint (a kill between logging and saving)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    rows = read_metrics(run_dir)
-    keep = [r for r in rows if r["iteration"] <= iteration]
-    if len(keep) < len(rows):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(path + ".tmp", path)
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def max_rss_mb():
+    """Peak resident memory of this process so far (MB); None where the resource module is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)  # bytes on macOS, KB on Linux
 
 
 def new_run_dir(runs_dir, prefix):
@@ -352,6 +519,9 @@ def new_run_dir(runs_dir, prefix):
             return path
         except FileExistsError:
             stamp += 1
+        except OSError as e:
+            raise UserError(f"cannot create a run folder under --runs_dir {runs_dir}: {e.strerror}; "
+                            f"give a writable folder") from None
 
 
 def git_info():
@@ -371,5 +541,8 @@ class Logger:
 
     def __call__(self, message):
         tqdm.write(message)
-        with open(self.path, "a") as f:
-            f.write(message + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(message + "\n")
+        except OSError as e:
+            raise WriteError(self.path, e) from None

@@ -111,7 +111,7 @@ def test_non_finite_loss_stops_the_run_without_saving(tmp_path, speech_wav):
     assert run_main(two_tier_main, ["--preset", "tiny", "--data", speech_wav, "--runs_dir", runs_dir,
                                     "--lr", "1e30"]) == 1
     (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
-    assert "error: non-finite loss at iteration" in open(os.path.join(run_dir, "log.txt")).read()
+    assert "error: non-finite train NLL" in open(os.path.join(run_dir, "log.txt")).read()
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
     assert read_metrics(run_dir) == []
 
