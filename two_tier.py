@@ -25,7 +25,7 @@ from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
-from lib.train import add_training_args, train_main
+from lib.train import train_main
 
 MODEL_ID = "twotier"
 PRESETS = {  # each preset holds only the values it changes
