@@ -95,3 +95,24 @@ def animate_softmax(probs, sampled, path):
         return line, marker
     FuncAnimation(fig, show, frames=len(probs)).save(path, writer=PillowWriter(fps=10))
     plt.close(fig)
+
+
+def plot_spectrograms(wavs, path, secs=2.0, labels=None):
+    """One row per audio file (labelled by `labels`, or its path's last three parts): log-magnitude spectrogram of
+    its first `secs` seconds, on one colour scale, so that real and generated audio can be compared by eye."""
+    import soundfile as sf
+    labels = labels or [os.path.join(*wav.split(os.sep)[-3:]) for wav in wavs]
+    fig, axes = plt.subplots(len(wavs), 1, figsize=(10, 1.9 * len(wavs)), squeeze=False, sharex=True)
+    for ax, wav, label in zip(axes[:, 0], wavs, labels):
+        audio, rate = sf.read(wav, dtype="float32", always_2d=True)
+        audio = audio[:int(secs * rate), 0]
+        with np.errstate(divide="ignore"):  # digital silence is -inf dB: drawn as the floor
+            ax.specgram(audio, NFFT=256, Fs=rate, noverlap=192, cmap="magma", vmin=-120, vmax=-20)
+        ax.set_ylabel("Hz")
+        ax.set_title(label, fontsize=8, loc="left")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=72))
+    finally:
+        plt.close(fig)
