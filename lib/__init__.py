@@ -17,6 +17,15 @@ class WriteError(Exception):
         super().__init__(f"cannot write {path}: {error.strerror or error}")
 
 
+class Interrupted(Exception):
+    """A long computation (evaluation, sampling) stopped early because a signal asked the run to stop.
+    saved: whether the interval's checkpoint had been written before."""
+
+    def __init__(self, saved=False):
+        super().__init__("interrupted")
+        self.saved = saved
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but every flag's help shows its default, and a bad flag is one line (not the whole usage)
     and exit status 2."""

@@ -23,6 +23,8 @@ dominate (README has the benchmark). The numpy step is the compiled one's readab
 import numpy as np
 import torch
 
+from lib import Interrupted
+
 NOISE_BLOCK = 256  # steps of noise drawn at once
 STEP_SAMPLES = 32  # samples per fast step() call, at least: the ~20 us of Python around a call is then ~1%
 BACKENDS = ("numba", "numpy", "torch")  # what the fast path can step with
@@ -89,11 +91,12 @@ def as_arrays(tensors, xp):
 
 @torch.inference_mode()
 def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=False, record=False,
-             progress=False, backend=None):
+             progress=False, backend=None, stop=None):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
     prime: 1-D int levels that every sequence continues from (they are not part of the output).
     cuda_graph: replay each step() call as a CUDA graph (CUDA only; not yet checked on a GPU, so opt-in).
-    backend: what the fast path steps with, one of BACKENDS (default: default_backend(model, n))."""
+    backend: what the fast path steps with, one of BACKENDS (default: default_backend(model, n)).
+    stop: a callable checked between step() calls (the fast path); when true, lib.Interrupted is raised."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -121,6 +124,8 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     try:
         out_xp = as_arrays(out, array_module(backend))  # numpy's indexing costs a tenth of torch's
         for c in range(calls):
+            if stop is not None and stop():
+                raise Interrupted()
             out_xp[:, c * fl:(c + 1) * fl] = step(noise.take(fl))
             if record:
                 recorded[c * fl:(c + 1) * fl] = sampler.recorded

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError, WriteError, atomic_write
+from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write
 from lib.audio import warn, write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_audio, quantize_clips
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
@@ -46,8 +46,10 @@ LN2 = math.log(2)
 EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chunks)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags that may change when a run is resumed; every other setting comes from the run
-RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "valid_clips",
+RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "valid_clips",
              "n_samples", "sample_secs", "test_on_best", "dry_run"}
+SPEED_STEPS = 5  # the speed line comes after this many steps (the first step, a warm-up, is not counted)
+PROGRESS_SECS = 300  # without a terminal, a plain progress line this often (wall seconds)
 
 
 def add_training_args(p, presets):
@@ -79,15 +81,25 @@ def add_training_args(p, presets):
     g.add_argument("--runs_dir", default="runs", help="folder that holds the run folders")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
-    g.add_argument("--preset", default=None, choices=sorted(presets), help="named set of defaults, e.g. tiny")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0 = torch's default (one per core)")
+    g.add_argument("--preset", default=None, choices=sorted(presets),
+                   help="named set of defaults that flags given after it still override: " +
+                   "; ".join(f"{name} = " + " ".join(f"--{k} {v}" for k, v in values.items())
+                             for name, values in sorted(presets.items())))
     g.add_argument("--dry_run", action="store_true", help="print the settings and parameter count, then exit")
+
+
+def build_parser(script, doc, add_model_args, presets):
+    parser = ArgumentParser(prog=f"python {script}", description=doc)
+    add_model_args(parser)
+    add_training_args(parser, presets)
+    return parser
 
 
 def train_main(model_id, doc, add_model_args, build_model, default_tag, presets, argv=None):
     """Entry point of a model script: bad input is one line on stderr and exit status 2."""
-    parser = ArgumentParser(description=doc)
-    add_model_args(parser)
-    add_training_args(parser, presets)
+    parser = build_parser(SCRIPTS[model_id], doc, add_model_args, presets)
+    threads = torch.get_num_threads()
     try:
         code = train(model_id, parser, build_model, default_tag, presets, argv)
     except UserError as e:
@@ -96,6 +108,8 @@ def train_main(model_id, doc, add_model_args, build_model, default_tag, presets,
     except KeyboardInterrupt:  # before the loop's own handlers (start-up), or a second Ctrl-C while saving
         print("\ninterrupted; nothing more was saved (no partial file is left)", file=sys.stderr)
         code = 130
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
     sys.exit(code)
 
 
@@ -166,7 +180,7 @@ def check_settings(args):
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")
-    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs"):
+    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs", "threads"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -176,6 +190,8 @@ def check_settings(args):
 def train(model_id, parser, build_model, default_tag, presets, argv):
     args, resumed = parse_settings(model_id, parser, presets, argv)
     check_settings(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_model(args)  # checks the model flags and fills derived ones
     n_params = sum(p.numel() for p in model.parameters())
@@ -234,7 +250,8 @@ def start(model_id, args, model, optimizer, levels, sample_rate, batches, device
         (f" ({os.path.basename(ckpt_path)})" if ckpt_path else ""))
     if resumed:
         repair_interval_end(ctx, state["iteration"], ckpt.get("row") if ckpt else None)
-    log(f"{model_id}: {n_params:,} parameters | device {device} float32 | torch {torch.__version__}")
+    log(f"{model_id}: {n_params:,} parameters | device {device} float32 | torch {torch.__version__}" +
+        (f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
     log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
     log(f"data {args.data}: {sample_rate} Hz, clips train/valid/test {levels['train'].shape[0]}/"
         f"{levels['valid'].shape[0]}/{levels['test'].shape[0]} of {levels['train'].shape[1]} samples; "
@@ -243,6 +260,7 @@ def start(model_id, args, model, optimizer, levels, sample_rate, batches, device
         log(f"note: {levels['train'].shape[0]} train clips < --batch_size {args.batch_size}: "
             f"each batch draws clips with replacement")
     with Interrupts() as interrupts:
+        ctx["stop"] = lambda: interrupts.signum is not None
         return loop(ctx, batches, state, h, interrupts)
 
 
@@ -307,40 +325,45 @@ def loop(ctx, batches, state, h, interrupts):
         return (args.stop_iters and state["iteration"] >= args.stop_iters) or \
             state["train_secs"] >= args.stop_time * 3600
 
-    if stopping():
+    interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
+    due = state.pop("interval_due", False)  # ... and whether the interval's end was cut short
+    if stopping() and not due:
         log(f"nothing to do: the run is at iteration {state['iteration']}, {state['train_secs'] / 3600:.3f} h "
             f"(--stop_iters {args.stop_iters}, --stop_time {args.stop_time})")
         return 0
-    interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
     wall_start = time.time() - state["wall_secs"]
-    bar = tqdm(total=args.stop_iters or None, initial=state["iteration"], unit="it", disable=None,
-               dynamic_ncols=True)
+    samples_per_step = args.batch_size * model.seq_len
+    progress = Progress(args, state, log, device)
     model.train()
     try:
         while True:
-            t0 = time.perf_counter()
-            chunk, reset = batches(state["iteration"])
-            bits, grad_norm, h = train_step(model, optimizer, chunk.to(device), reset, h, args.grad_clip)
-            step_secs = time.perf_counter() - t0
-            state["iteration"] += 1
-            state["train_secs"] += step_secs
-            if not math.isfinite(bits):
-                raise NonFinite(f"non-finite train NLL ({bits}) at iteration {state['iteration']}")
-            interval["bits"] += bits
-            interval["grad_norm"] += grad_norm
-            interval["steps"] += 1
-            interval["secs"] += step_secs
-            bar.update(1)
-            if interval["steps"] % 10 == 1:
-                bar.set_postfix(bits=f"{interval['bits'] / interval['steps']:.3f}")
-
+            if not due:
+                t0 = time.perf_counter()
+                chunk, reset = batches(state["iteration"])
+                bits, grad_norm, h = train_step(model, optimizer, chunk.to(device), reset, h, args.grad_clip)
+                step_secs = time.perf_counter() - t0
+                state["iteration"] += 1
+                state["train_secs"] += step_secs
+                if not math.isfinite(bits):
+                    raise NonFinite(f"non-finite train NLL ({bits}) at iteration {state['iteration']}")
+                interval["bits"] += bits
+                interval["grad_norm"] += grad_norm
+                interval["steps"] += 1
+                interval["secs"] += step_secs
+                progress.step(state, interval, step_secs, samples_per_step)
+                due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
+                    (interval["secs"] >= args.print_time)
             final = stopping()
-            due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
-                (interval["secs"] >= args.print_time)
             state["wall_secs"] = time.time() - wall_start
             if due or final:
-                end_interval(ctx, state, interval, h, chunk.numel() - chunk.shape[0] * model.overlap, final)
-                interval = new_interval()
+                try:
+                    end_interval(ctx, state, interval, h, samples_per_step, final)
+                except Interrupted as e:  # a signal during the evaluation or the samples:
+                    if e.saved:  # the checkpoint is saved, and resuming writes the missing samples
+                        return interrupted(ctx, state, new_interval(), h, interrupts.signum)
+                    # else resuming does the whole interval end again
+                    return interrupted(ctx, dict(state, interval_due=True), interval, h, interrupts.signum)
+                interval, due = new_interval(), False
                 model.train()
             if final:
                 return 0
@@ -352,15 +375,85 @@ def loop(ctx, batches, state, h, interrupts):
                                                             else "No checkpoint had been saved yet."))
         return 1
     finally:
-        bar.close()
+        progress.close()
+
+
+class Progress:
+    """How far the run is toward the budget that stops it: iterations when --stop_iters is given, else training
+    time. On a terminal a tqdm bar; otherwise (a file, nohup) a plain line every PROGRESS_SECS. Once, after the
+    first few steps, a line with the measured speed and when the first interval and the end will come."""
+
+    def __init__(self, args, state, log, device):
+        self.args, self.log, self.device = args, log, device
+        self.by_iters = bool(args.stop_iters)
+        if self.by_iters:
+            self.bar = tqdm(total=args.stop_iters, initial=state["iteration"], unit="it", disable=None,
+                            dynamic_ncols=True)
+        else:
+            self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=None,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                                                           "[{elapsed}<{remaining}{postfix}]")
+        self.steps, self.timed_secs, self.last_line = 0, 0.0, time.time()
+
+    def step(self, state, interval, step_secs, samples_per_step):
+        self.steps += 1
+        if self.steps > 1:  # the first step warms up (allocations, kernels)
+            self.timed_secs += step_secs
+        secs_per_it = self.timed_secs / max(1, self.steps - 1)
+        if self.steps == SPEED_STEPS + 1:
+            self.speed_line(state, interval, secs_per_it, samples_per_step)
+        self.bar.update(1 if self.by_iters else step_secs)
+        if interval["steps"] % 10 == 1:
+            self.bar.set_postfix(bits=f"{interval['bits'] / interval['steps']:.3f}")
+        if self.bar.disable and time.time() - self.last_line >= PROGRESS_SECS:
+            self.last_line = time.time()
+            left = self.budget_left(state, secs_per_it)
+            self.log(f"progress: iteration {state['iteration']:,}, {state['train_secs'] / 3600:.3f} h of training | "
+                     f"{secs_per_it:.3f} s per iteration | train {interval['bits'] / interval['steps']:.3f} bits/sample "
+                     f"since the last interval | {duration(left)} of training left")
+
+    def budget_left(self, state, secs_per_it):
+        left = self.args.stop_time * 3600 - state["train_secs"]
+        if self.args.stop_iters:
+            left = min(left, (self.args.stop_iters - state["iteration"]) * secs_per_it)
+        return max(0.0, left)
+
+    def speed_line(self, state, interval, secs_per_it, samples_per_step):
+        args = self.args
+        if args.print_iters:
+            to_interval = (args.print_iters - state["iteration"] % args.print_iters) % args.print_iters * secs_per_it
+        else:
+            to_interval = args.print_time - interval["secs"]
+        to_interval = min(to_interval, self.budget_left(state, secs_per_it))
+        to_end = self.budget_left(state, secs_per_it)
+        self.log(f"speed: {secs_per_it:.3f} s per iteration ({samples_per_step / secs_per_it:,.0f} samples/s); "
+                 f"the first interval (valid NLL, checkpoint, samples) in about {duration(to_interval)} of training "
+                 f"({clock(to_interval)}), the end of the run in about {duration(to_end)} ({clock(to_end)})")
+        if self.device.type == "cpu" and to_interval > 600:
+            self.log("note: this model is sized for a GPU. On a CPU, --preset tiny runs in seconds, and "
+                     "--dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something in minutes")
+
+    def close(self):
+        self.bar.close()
+
+
+def duration(secs):
+    return f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
+
+
+def clock(secs_from_now):
+    """The wall-clock time in secs_from_now seconds, e.g. 'at 14:05' or 'at 09:30 on Fri 27 Nov'."""
+    then = time.localtime(time.time() + secs_from_now)
+    same_day = time.strftime("%Y%m%d", then) == time.strftime("%Y%m%d")
+    return "at " + time.strftime("%H:%M" if same_day else "%H:%M on %a %d %b", then)
 
 
 def interrupted(ctx, state, interval, h, signum):
-    """Save mid-interval (with the interval's running sums, so that resuming gives the uninterrupted run's
-    metrics) and say how to continue."""
+    """Save mid-interval (with the interval's running sums, and whether its end is still to do, so that resuming
+    gives the uninterrupted run's metrics) and say how to continue."""
     it, run_dir = state["iteration"], ctx["run_dir"]
     path = os.path.join(run_dir, "checkpoints", f"it{it:07d}.pt")
-    if interval["steps"]:  # else the interval's end has just saved this iteration
+    if interval["steps"] or state.get("interval_due"):  # else the interval's end has just saved this iteration
         bad = non_finite(ctx["model"], {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:
             raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
@@ -401,8 +494,9 @@ def chunk_loss(model, chunk, h):
 
 
 @torch.no_grad()
-def evaluate(model, levels, batch_size, device, max_clips=0):
-    """Mean NLL in bits per sample over every predicted sample of the clips (all chunks, in a fixed order)."""
+def evaluate(model, levels, batch_size, device, max_clips=0, stop=None):
+    """Mean NLL in bits per sample over every predicted sample of the clips (all chunks, in a fixed order).
+    stop: a callable checked before each chunk; when it is true, Interrupted is raised."""
     model.eval()
     if max_clips:
         levels = levels[:max_clips]
@@ -410,6 +504,8 @@ def evaluate(model, levels, batch_size, device, max_clips=0):
     # longer chunks than in training give the same predictions (h is carried), with fewer calls
     eval_len = model.seq_len * max(1, EVAL_CHUNK // model.seq_len)
     for chunk, reset in eval_chunks(levels, batch_size, model.seq_len, model.overlap, model.q_levels, eval_len):
+        if stop is not None and stop():
+            raise Interrupted(saved=False)
         if reset:
             h = None
         chunk = chunk.to(device)
@@ -424,12 +520,13 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     """Log the interval, evaluate, checkpoint, write samples. None of this counts as training time.
     Nothing is saved from non-finite values (NonFinite). The checkpoint holds the interval's metrics row and is
     written first: a failed write leaves no row without its checkpoint, and resume puts back a row or samples
-    that a kill cut off."""
+    that a kill cut off. A signal stops the evaluation or the samples (Interrupted, saying whether the checkpoint
+    was written)."""
     args, model, levels, log, run_dir = ctx["args"], ctx["model"], ctx["levels"], ctx["log"], ctx["run_dir"]
-    it = state["iteration"]
+    it, stop = state["iteration"], ctx["stop"]
     row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
            "train_bits": interval["bits"] / interval["steps"],
-           "valid_bits": evaluate(model, levels["valid"], args.batch_size, ctx["device"], args.valid_clips),
+           "valid_bits": evaluate(model, levels["valid"], args.batch_size, ctx["device"], args.valid_clips, stop),
            "grad_norm": interval["grad_norm"] / interval["steps"],
            "samples_per_sec": round(samples_per_step * interval["steps"] / interval["secs"], 1),
            "rss_mb": rss_mb()}
@@ -437,7 +534,7 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
                              "valid NLL": row["valid_bits"]})
     improved = row["valid_bits"] < state["best_valid"]
     if not bad and (final or (args.test_on_best and improved)):
-        row["test_bits"] = evaluate(model, levels["test"], args.batch_size, ctx["device"])
+        row["test_bits"] = evaluate(model, levels["test"], args.batch_size, ctx["device"], stop=stop)
     test = f" | test {row['test_bits']:.4f}" if "test_bits" in row else ""
     log(f"iter {it:7d} | train {row['train_bits']:.4f} | valid {row['valid_bits']:.4f}{test} bits/sample | "
         f"grad norm {row['grad_norm']:.3f} | {row['samples_per_sec']:,.0f} samples/s | "
@@ -452,7 +549,10 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
             f.write(json.dumps(row) + "\n")
     except OSError as e:
         raise WriteError(path, e) from None
-    write_samples(ctx, it)
+    try:
+        write_samples(ctx, it)
+    except Interrupted:
+        raise Interrupted(saved=True) from None
     plot_curves({os.path.basename(run_dir): read_metrics(run_dir)}, os.path.join(run_dir, "curves.png"))
     gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
 
@@ -468,7 +568,7 @@ def write_samples(ctx, it):
     if not paths:
         return
     n = max(1, round(args.sample_secs * ctx["sample_rate"]))
-    seqs = generate(ctx["model"], args.n_samples, n, seed=args.seed).cpu()
+    seqs = generate(ctx["model"], args.n_samples, n, seed=args.seed, stop=ctx.get("stop")).cpu()
     audio = dequantize(seqs, args.q_levels, args.qtype).numpy()
     try:
         os.makedirs(os.path.dirname(paths[0]), exist_ok=True)

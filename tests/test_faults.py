@@ -89,6 +89,36 @@ def test_signal_saves_and_resume_equals_the_uninterrupted_run(tmp_path, speech_w
     assert_same_run(run_dir, straight)
 
 
+@pytest.mark.parametrize("during", ["evaluate", "generate"])
+def test_ctrl_c_during_an_interval_end_stops_it_and_resume_equals_the_uninterrupted_run(tmp_path, speech_wav,
+                                                                                       monkeypatch, during):
+    """Evaluation and sampling can take minutes on a CPU: a signal stops them at once. Cut in the evaluation, the
+    checkpoint saved says the interval's end is still to do; cut in the samples (after the interval's checkpoint),
+    resume writes them. Either way the resumed run equals the uninterrupted one, samples included."""
+    real = getattr(lib.train, during)
+
+    def ctrl_c_at_iteration_20(*a, **kw):
+        if ctrl_c_at_iteration_20.calls == 1:  # the second interval's end (valid NLL, or its samples)
+            signal.raise_signal(signal.SIGINT)
+        ctrl_c_at_iteration_20.calls += 1
+        return real(*a, **kw)
+    ctrl_c_at_iteration_20.calls = 0
+    monkeypatch.setattr(lib.train, during, ctrl_c_at_iteration_20)
+    runs = tmp_path / "runs"
+    assert run_main(SCRIPTS["twotier"], ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs)]) == 130
+    (run_dir,) = glob.glob(f"{runs}/*")
+    assert "interrupted at iteration 20; saved" in open(os.path.join(run_dir, "log.txt")).read()
+    assert [r["iteration"] for r in read_metrics(run_dir)] == ([10] if during == "evaluate" else [10, 20])
+
+    monkeypatch.setattr(lib.train, during, real)
+    assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
+    straight = train(tmp_path, speech_wav, runs="straight")
+    assert_same_run(run_dir, straight)
+    for name in os.listdir(os.path.join(straight, "samples")):
+        assert open(os.path.join(run_dir, "samples", name), "rb").read() == \
+            open(os.path.join(straight, "samples", name), "rb").read()
+
+
 def test_ctrl_c_while_starting_is_one_line(tmp_path, speech_wav):
     proc = script("twotier", "--preset", "tiny", "--data", speech_wav, "--runs_dir", str(tmp_path / "runs"))
     time.sleep(0.5)  # inside the imports (torch alone takes longer than this)
