@@ -1,4 +1,4 @@
-"""Flat baseline: a sample-level GRU language model (SPEC "Flat baseline").
+"""Flat baseline: a sample-level GRU language model.
 
     python baseline.py                                # 3 x 512 GRU, reals in, chunks of 128 samples
     python baseline.py --input embed --seq_len 64

@@ -57,7 +57,7 @@ def load_run(path, device):
     model = SCRIPTS[model_id].build_model(settings)
     model.load_state_dict(ckpt["model"])
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    return model.to(device).eval(), settings, ckpt["sample_rate"], run_dir
+    return model.to(device).eval(), settings, ckpt["sample_rate"], run_dir, ckpt.get("state", {}).get("iteration")
 
 
 def load_prime(path, settings, sample_rate, min_len):
@@ -74,15 +74,17 @@ def load_prime(path, settings, sample_rate, min_len):
     return quantize(x, settings.q_levels, settings.qtype)[0]
 
 
-def main(argv=None):
-    p = ArgumentParser(description=__doc__)
+def build_parser():
+    p = ArgumentParser(prog="python generate.py", description=__doc__)
     p.add_argument("run", help="run folder (its last checkpoint) or checkpoint file")
     p.add_argument("--n", type=int, default=4, help="sequences to generate")
     p.add_argument("--secs", type=float, default=4.0, help="length of each sequence (seconds)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; < 1 is more conservative)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--prime", default=None, metavar="WAV", help="continue this audio (written before the continuation)")
-    p.add_argument("--out", default=None, help="output folder (default RUN/generated)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/generated)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files of the same name (same prime, seed and temperature); else refused")
     p.add_argument("--batch", type=int, default=64, help="sequences generated in parallel")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--threads", type=int, default=0,
@@ -95,8 +97,12 @@ def main(argv=None):
     p.add_argument("--plot_softmax", action="store_true",
                    help="write softmax.png: the first sequence's predicted distribution over time")
     p.add_argument("--plot_secs", type=float, default=0.25, help="seconds shown in softmax.png")
-    p.add_argument("--animate", action="store_true", help="with --plot_softmax, also softmax.gif, step by step")
-    args = p.parse_args(argv)
+    p.add_argument("--animate", action="store_true", help="with --plot_softmax, also a GIF of it, step by step")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
         generate_files(args)
@@ -126,10 +132,19 @@ def generate_files(args):
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.backend in ("numba", "numpy") and device.type != "cpu":
         raise UserError(f"--backend {args.backend} runs on the CPU only; add --device cpu, or use --backend torch")
-    model, settings, rate, run_dir = load_run(args.run, device)
+    model, settings, rate, run_dir, iteration = load_run(args.run, device)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
     out_dir = args.out or os.path.join(run_dir, "generated")
+    # files are named after the prime (if any), the seed and the temperature: one never replaces another silently
+    base = os.path.join(out_dir, (f"{os.path.splitext(os.path.basename(args.prime))[0]}_" if args.prime else "") +
+                        f"seed{args.seed}_temp{args.temperature:g}")
+    paths = [f"{base}_{k:03d}.wav" for k in range(args.n)]
+    plots = [f"{base}_softmax.png"] + ([f"{base}_softmax.gif"] if args.animate else []) if args.plot_softmax else []
+    existing = [p for p in paths + plots if os.path.exists(p)]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists ({len(existing)} of the files to write do): pass --overwrite to replace "
+                        f"them, or choose another --out or --seed")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -151,15 +166,18 @@ def generate_files(args):
             head = dequantize(prime, settings.q_levels, settings.qtype).numpy()
             audio = np.concatenate([np.broadcast_to(head, (n, len(head))), audio], axis=1)
         for k, a in enumerate(audio):
-            path = os.path.join(out_dir, f"seed{args.seed}_temp{args.temperature:g}_{first + k:03d}.wav")
-            write_wav(path, a, rate)
-            written.append(path)
+            write_wav(paths[first + k], a, rate)
+            written.append(paths[first + k])
         if record:
             shown = max(1, round(args.plot_secs * rate))
             probs = torch.softmax(logits[:shown].float() / args.temperature, dim=-1).cpu().numpy()
-            plot_softmax(probs, levels[0, :shown].cpu().numpy(), rate, os.path.join(out_dir, "softmax.png"))
+            title = (f"{os.path.basename(run_dir)}, iteration {iteration}, temperature {args.temperature:g}, "
+                     f"seed {args.seed}, sequence 0" +
+                     (f"; time 0 is the start of the continuation after {os.path.basename(args.prime)}"
+                      if args.prime else ""))
+            plot_softmax(probs, levels[0, :shown].cpu().numpy(), rate, plots[0], title)
             if args.animate:
-                animate_softmax(probs[:200], levels[0, :200].cpu().numpy(), os.path.join(out_dir, "softmax.gif"))
+                animate_softmax(probs[:200], levels[0, :200].cpu().numpy(), plots[1])
     secs, total = gen_secs, args.n * length
     print(f"wrote {len(written)} files to {out_dir}")
     print(f"generated {args.n} x {length} samples in {secs:.2f} s on {device}: {total / secs:,.0f} samples/s, "

@@ -1,4 +1,4 @@
-"""Two-tier SampleRNN: a frame-level GRU conditions a sample-level MLP (SPEC "Two-tier").
+"""Two-tier SampleRNN: a frame-level GRU conditions a sample-level MLP (SampleRNN, Mehri et al. 2017).
 
     python two_tier.py --frame_size 2                 # train on the default speech data
     python two_tier.py --preset tiny                  # a few seconds on a CPU

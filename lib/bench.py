@@ -13,7 +13,6 @@ Weights are random: speed does not depend on them.
 Each figure is the best of --repeats timings, the paths timed in turns (this is a shared machine). Nothing
 here is asserted; the numbers go in README.
 """
-import argparse
 import threading
 import time
 
@@ -22,6 +21,7 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from baseline import FlatGRU
+from lib import ArgumentParser
 from lib.sample import BACKENDS, default_backend, generate
 from two_tier import TwoTier
 
@@ -152,24 +152,29 @@ def bench_generate(args):
         print(line, flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["generate"])
-    p.add_argument("--model", default="twotier", choices=["twotier", "baseline"])
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--frame_size", type=int, default=2)
-    p.add_argument("--n_rnn", type=int, default=3)
-    p.add_argument("--emb_size", type=int, default=256)
-    p.add_argument("--input", default="reals", choices=["reals", "embed"])
-    p.add_argument("--q_levels", type=int, default=256)
+def build_parser():
+    p = ArgumentParser(prog="python -m lib.bench", description=__doc__)
+    p.add_argument("what", choices=["generate"], help="what to measure")
+    p.add_argument("--model", default="twotier", choices=["twotier", "baseline"], help="which model")
+    p.add_argument("--dim", type=int, default=1024, help="width of the GRUs (and of the two-tier's MLP)")
+    p.add_argument("--frame_size", type=int, default=2, help="two-tier frame size (samples)")
+    p.add_argument("--n_rnn", type=int, default=3, help="stacked GRUs")
+    p.add_argument("--emb_size", type=int, default=256, help="embedding size")
+    p.add_argument("--input", default="reals", choices=["reals", "embed"], help="the baseline's input")
+    p.add_argument("--q_levels", type=int, default=256, help="quantization levels")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes to measure")
     p.add_argument("--secs", type=float, default=0.5, help="audio generated per measurement (seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timings per measurement; the best one is reported")
     p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
     p.add_argument("--sample_rate", type=int, default=8000, help="for the real-time factor (Hz)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads of torch (and so of the compiled step) and of numpy's BLAS (0 = their default)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,7 @@ A dataset is either a folder made by `python -m lib.prepare` (train/, valid/, te
 or one audio file (the "overfit one recording" experiment: it is cut into clips and serves as every split).
 Decoded audio is cached as .npy in `<dataset>/.cache/` so a restart does not decode again.
 
-Chunking (SPEC): each clip is prefixed with `overlap` samples of q_zero and walked in chunks of
+Chunking: each clip is prefixed with `overlap` samples of q_zero and walked in chunks of
 `overlap + seq_len` samples with stride `seq_len`, so a chunk's first `overlap` samples are the previous
 chunk's last ones. Inputs are chunk[:, :-overlap], targets chunk[:, overlap:]. The first chunk of each
 clip carries reset=True: the model starts it from its learned h0.

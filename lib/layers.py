@@ -1,4 +1,4 @@
-"""Layers with the original initialization (SPEC "Two-tier"):
+"""Layers with the original initialization:
 LeCun uniform for linear layers, He uniform for layers followed by ReLU, orthogonal for the square recurrent
 matrices of GRUs; weight norm on every linear layer (not on embeddings, not inside the cuDNN GRU).
 """

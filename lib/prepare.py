@@ -129,8 +129,8 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
     return meta
 
 
-def main(argv=None):
-    p = ArgumentParser(description=__doc__)
+def build_parser():
+    p = ArgumentParser(prog="python -m lib.prepare", description=__doc__)
     p.add_argument("src", help="folder of audio files (searched recursively)")
     p.add_argument("out", help="new folder for the dataset (must not exist or be empty)")
     p.add_argument("--sample_rate", type=int, default=8000, help="output sample rate (Hz)")
@@ -140,7 +140,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the file shuffle that makes the split")
     p.add_argument("--silence_db", type=float, default=-60.0,
                    help="skip files whose peak is below this level (dB relative to full scale)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         prepare(args.src, args.out, args.sample_rate, args.clip_secs, tuple(args.split), args.seed, args.silence_db)
     except UserError as e:

@@ -52,17 +52,21 @@ def plot_curves(runs, path):
         plt.close(fig)
 
 
-def plot_softmax(probs, sampled, sample_rate, path):
+def plot_softmax(probs, sampled, sample_rate, path, title=None):
     """probs (T, Q) per step, sampled (T,) levels: time on x, level on y, probability as colour (log scale,
     so the tails show), the sampled level drawn on top; the y range is zoomed to the levels in use."""
+    from matplotlib import patheffects
     from matplotlib.colors import LogNorm
     fig, ax = plt.subplots(figsize=(12, 5))
     t_ms = len(probs) / sample_rate * 1000
     image = ax.imshow(np.maximum(probs.T, 1e-5), origin="lower", aspect="auto", cmap="magma",
                       norm=LogNorm(vmin=1e-5, vmax=1.0), extent=(0, t_ms, -0.5, probs.shape[1] - 0.5),
                       interpolation="nearest")
-    ax.plot((np.arange(len(sampled)) + 0.5) / sample_rate * 1000, sampled, "-", color="cyan", linewidth=0.6,
-            alpha=0.8, label="sampled level")
+    # a bright line with a dark outline stands out over the dense bands of probability
+    ax.plot((np.arange(len(sampled)) + 0.5) / sample_rate * 1000, sampled, "-", color="#39ff14", linewidth=1.0,
+            label="sampled level", path_effects=[patheffects.withStroke(linewidth=2.2, foreground="black")])
+    if title:
+        ax.set_title(title, fontsize=9)
     used = np.nonzero((probs > 1e-3).any(axis=0))[0]
     ax.set_ylim(max(-0.5, used.min() - 8), min(probs.shape[1] - 0.5, used.max() + 8))
     ax.set_xlabel("time (ms)")

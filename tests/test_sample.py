@@ -160,7 +160,7 @@ def test_generate_writes_bit_identical_files(tmp_path, runs, name, speech_wav, c
         assert run_main(generate_main, [runs[name], "--n", "3", "--batch", "2", "--secs", "0.1", "--out",
                                         str(tmp_path / out), "--plot_softmax", "--threads", threads]) == 0
     files = sorted(os.listdir(tmp_path / "a"))
-    assert files == ["seed0_temp1_000.wav", "seed0_temp1_001.wav", "seed0_temp1_002.wav", "softmax.png"]
+    assert files == ["seed0_temp1_000.wav", "seed0_temp1_001.wav", "seed0_temp1_002.wav", "seed0_temp1_softmax.png"]
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     audio, rate = sf.read(tmp_path / "a" / files[0])
@@ -185,8 +185,27 @@ def test_generate_from_a_checkpoint_with_a_prime_at_another_rate(tmp_path, runs,
     assert run_main(generate_main, [ckpt, "--n", "1", "--secs", "0.05", "--prime", str(prime16k), "--out",
                                     str(tmp_path / "out")]) == 0
     assert "resampled" in capsys.readouterr().out
-    written, rate = sf.read(tmp_path / "out" / "seed0_temp1_000.wav")
+    written, rate = sf.read(tmp_path / "out" / "prime16k_seed0_temp1_000.wav")  # named after the prime
     assert rate == RATE and len(written) == 800 + 400  # the prime, then the continuation
+
+
+def test_generate_never_overwrites_without_overwrite(tmp_path, runs, speech_wav, capsys):
+    """An unprimed and a primed run write different files; the same command again is refused (one line, exit 2,
+    files untouched) unless --overwrite is given."""
+    out = str(tmp_path / "out")
+    flags = ["--n", "1", "--secs", "0.05", "--out", out, "--plot_softmax"]
+    assert run_main(generate_main, [runs["twotier"], *flags]) == 0
+    assert run_main(generate_main, [runs["twotier"], *flags, "--prime", speech_wav]) == 0
+    files = sorted(os.listdir(out))
+    assert files == ["seed0_temp1_000.wav", "seed0_temp1_softmax.png", "speech_seed0_temp1_000.wav",
+                     "speech_seed0_temp1_softmax.png"]
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in files}
+    capsys.readouterr()
+    assert run_main(generate_main, [runs["twotier"], *flags, "--temperature", "1.0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed0_temp1_000.wav exists" in err[0] and "--overwrite" in err[0]
+    assert {f: os.path.getmtime(os.path.join(out, f)) for f in files} == before
+    assert run_main(generate_main, [runs["twotier"], *flags, "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("flags, message", [

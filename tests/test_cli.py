@@ -1,0 +1,74 @@
+"""What a newcomer meets first: every --help shows every default, README's commands parse as written, and a run
+says what it is doing when its output is not a terminal."""
+import os
+import re
+import shlex
+
+import pytest
+
+import baseline
+import generate
+import lib.bench
+import lib.prepare
+import lib.train
+import two_tier
+from conftest import REPO, run_main
+from test_train import train
+
+MAINS = {"two_tier.py": two_tier.main, "baseline.py": baseline.main, "generate.py": generate.main,
+         "lib.prepare": lib.prepare.main, "lib.bench": lib.bench.main}
+PARSERS = {
+    "two_tier.py": lambda: lib.train.build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS),
+    "baseline.py": lambda: lib.train.build_parser("baseline.py", "", baseline.add_model_args, baseline.PRESETS),
+    "generate.py": generate.build_parser, "lib.prepare": lib.prepare.build_parser, "lib.bench": lib.bench.build_parser,
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAINS))
+def test_help_shows_every_default(name, capsys):
+    assert run_main(MAINS[name], ["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: python {'-m ' if name.startswith('lib.') else ''}{name}")
+    options = re.split(r"\n  (?=-)", text.split("options:", 1)[1])[1:]  # one chunk per flag and its help
+    assert len(options) > 3
+    for chunk in options:
+        if not chunk.startswith("-h"):
+            assert "(default:" in chunk, chunk
+    assert "SPEC" not in text
+
+
+def test_preset_help_says_what_it_sets(capsys):
+    run_main(two_tier.main, ["--help"])
+    assert "tiny = --frame_size 2 --n_frames 16 --dim 32" in " ".join(capsys.readouterr().out.split())
+
+
+def readme_commands():
+    """Every `python ...` command in README's code blocks, as argv lists (comments and pipes cut off)."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            for part in line.split("#")[0].split("&&"):
+                argv = shlex.split(part.split("|")[0])
+                if argv[:1] == ["python"] and argv[1:3] != ["-m", "pytest"]:
+                    yield argv[2:] if argv[1] == "-m" else argv[1:]
+
+
+def test_readme_commands_parse():
+    commands = list(readme_commands())
+    assert len(commands) >= 10
+    for script, *argv in commands:
+        args = PARSERS[script]().parse_args(argv)  # an unknown flag or bad choice exits here
+        if script in ("two_tier.py", "baseline.py") and not args.resume:
+            assert run_main(MAINS[script], [*argv, "--dry_run"]) == 0, argv  # and the values are accepted
+
+
+def test_progress_lines_without_a_terminal(tmp_path, speech_wav, capsys, monkeypatch):
+    """Under nohup or with output to a file there is no bar: a plain progress line instead (every 5 minutes;
+    here every step), and once the measured speed with when the first interval and the end come."""
+    monkeypatch.setattr(lib.train, "PROGRESS_SECS", 0)
+    train(tmp_path, speech_wav, "--n_samples", "0")
+    out = capsys.readouterr().out
+    (speed,) = [s for s in out.splitlines() if s.startswith("speed: ")]
+    assert "s per iteration" in speed and "the first interval (valid NLL, checkpoint, samples) in about" in speed
+    progress = [s for s in out.splitlines() if s.startswith("progress: iteration")]
+    assert len(progress) >= 15 and "of training left" in progress[-1]
