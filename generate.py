@@ -77,6 +77,8 @@ def load_prime(path, settings, sample_rate, min_len):
 def build_parser():
     p = ArgumentParser(prog="python generate.py", description=__doc__)
     p.add_argument("run", help="run folder (its last checkpoint) or checkpoint file")
+    p.add_argument("--best", action="store_true",
+                   help="from a run folder, use checkpoints/best.pt (the best valid NLL) instead of the last checkpoint")
     p.add_argument("--n", type=int, default=4, help="sequences to generate")
     p.add_argument("--secs", type=float, default=4.0, help="length of each sequence (seconds)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0; < 1 is more conservative)")
@@ -132,6 +134,12 @@ def generate_files(args):
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.backend in ("numba", "numpy") and device.type != "cpu":
         raise UserError(f"--backend {args.backend} runs on the CPU only; add --device cpu, or use --backend torch")
+    if args.best:
+        if not os.path.isdir(args.run):
+            raise UserError("--best takes a run folder (it uses RUN/checkpoints/best.pt)")
+        args.run = os.path.join(args.run, "checkpoints", "best.pt")
+        if not os.path.isfile(args.run):
+            raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
     model, settings, rate, run_dir, iteration = load_run(args.run, device)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))

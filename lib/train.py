@@ -17,12 +17,14 @@ checkpoint is written only from finite values; --resume skips a damaged newest c
 kill left (metrics row, samples, temporary files); a failed write is one line naming the last checkpoint.
 """
 import argparse
+import copy
 import gc
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +49,8 @@ EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags that may change when a run is resumed; every other setting comes from the run
 RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "valid_clips",
-             "n_samples", "sample_secs", "test_on_best", "dry_run"}
+             "n_samples", "sample_secs", "test_on_best", "patience", "dry_run"}
+PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
 SPEED_STEPS = 5  # the speed line comes after this many steps (the first step, a warm-up, is not counted)
 PROGRESS_SECS = 300  # without a terminal, a plain progress line this often (wall seconds)
 
@@ -73,6 +76,9 @@ def add_training_args(p, presets):
     g.add_argument("--print_iters", type=int, default=0, help="... or every this many iterations (overrides "
                    "--print_time when > 0)")
     g.add_argument("--valid_clips", type=int, default=0, help="evaluate valid NLL on this many clips (0 = all)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop when valid NLL has not improved for this many intervals (0 = off: a run spends its "
+                        "whole budget, and checkpoints/best.pt keeps the best weights anyway)")
     g.add_argument("--test_on_best", action="store_true", help="also evaluate test NLL whenever valid NLL improves "
                    "(it is always evaluated at the end)")
     g.add_argument("--n_samples", type=int, default=4, help="sequences generated at every interval")
@@ -180,7 +186,8 @@ def check_settings(args):
     for name, value in positive.items():
         if not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")
-    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs", "threads"):
+    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs", "threads",
+                 "patience"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -227,8 +234,10 @@ def start(model_id, args, model, optimizer, levels, sample_rate, batches, device
     """Restore a resumed run (repairing what a kill left) or write a new run's settings; then train."""
     ckpt_path, ckpt = resumed or (None, None)
     ctx = dict(args=args, model=model, optimizer=optimizer, levels=levels, sample_rate=sample_rate,
-               run_dir=run_dir, device=device, model_id=model_id)
-    state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "interval": None}
+               run_dir=run_dir, device=device, model_id=model_id, first_interval=True,
+               chunks_per_epoch=levels["train"].shape[0] * batches.chunks_per_clip)  # one pass: this many clip-chunks
+    state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "best_iteration": None,
+             "since_best": 0, "interval": None}
     h = None
     if resumed:
         remove_temporary_files(run_dir)
@@ -275,9 +284,20 @@ def repair_interval_end(ctx, iteration, row):
     path = os.path.join(run_dir, "metrics.jsonl")
     if keep != rows or (os.path.exists(path) and len(open(path).read().splitlines()) != len(rows)):
         write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    best = os.path.join(run_dir, "checkpoints", "best.pt")
+    if row is not None and row.get("best_iteration") == iteration and (
+            not os.path.exists(best) or load_checkpoint_state(best).get("iteration") != iteration):
+        write_best(run_dir, os.path.join(run_dir, "checkpoints", f"it{iteration:07d}.pt"))
     if row is not None and any(not os.path.exists(p) for p in sample_paths(ctx, iteration)):
         ctx["log"](f"writing the samples of iteration {iteration}, which a stop had cut off")
         write_samples(ctx, iteration)
+
+
+def load_checkpoint_state(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["state"]
+    except Exception:  # damaged: treated as missing
+        return {}
 
 
 def remove_temporary_files(run_dir):
@@ -323,7 +343,7 @@ def loop(ctx, batches, state, h, interrupts):
 
     def stopping():
         return (args.stop_iters and state["iteration"] >= args.stop_iters) or \
-            state["train_secs"] >= args.stop_time * 3600
+            state["train_secs"] >= args.stop_time * 3600 or patience_reached(args, state)
 
     interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
     due = state.pop("interval_due", False)  # ... and whether the interval's end was cut short
@@ -357,7 +377,7 @@ def loop(ctx, batches, state, h, interrupts):
             state["wall_secs"] = time.time() - wall_start
             if due or final:
                 try:
-                    end_interval(ctx, state, interval, h, samples_per_step, final)
+                    final = end_interval(ctx, state, interval, h, samples_per_step, final)
                 except Interrupted as e:  # a signal during the evaluation or the samples:
                     if e.saved:  # the checkpoint is saved, and resuming writes the missing samples
                         return interrupted(ctx, state, new_interval(), h, interrupts.signum)
@@ -376,6 +396,10 @@ def loop(ctx, batches, state, h, interrupts):
         return 1
     finally:
         progress.close()
+
+
+def patience_reached(args, state):
+    return bool(args.patience) and state.get("since_best", 0) >= args.patience
 
 
 class Progress:
@@ -517,14 +541,16 @@ def evaluate(model, levels, batch_size, device, max_clips=0, stop=None):
 
 
 def end_interval(ctx, state, interval, h, samples_per_step, final):
-    """Log the interval, evaluate, checkpoint, write samples. None of this counts as training time.
+    """Log the interval, evaluate, checkpoint (and best.pt when valid NLL improved), write samples -> whether the
+    run ends here (its budget, or --patience). None of this counts as training time.
     Nothing is saved from non-finite values (NonFinite). The checkpoint holds the interval's metrics row and is
-    written first: a failed write leaves no row without its checkpoint, and resume puts back a row or samples
-    that a kill cut off. A signal stops the evaluation or the samples (Interrupted, saying whether the checkpoint
-    was written)."""
+    written first: a failed write leaves no row without its checkpoint, and resume puts back a row, best.pt or
+    samples that a kill cut off. A signal stops the evaluation or the samples (Interrupted, saying whether the
+    checkpoint was written). At the end, test NLL is measured on the last weights and on best.pt's."""
     args, model, levels, log, run_dir = ctx["args"], ctx["model"], ctx["levels"], ctx["log"], ctx["run_dir"]
     it, stop = state["iteration"], ctx["stop"]
     row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
+           "epochs": round(it * args.batch_size / ctx["chunks_per_epoch"], 4),
            "train_bits": interval["bits"] / interval["steps"],
            "valid_bits": evaluate(model, levels["valid"], args.batch_size, ctx["device"], args.valid_clips, stop),
            "grad_norm": interval["grad_norm"] / interval["steps"],
@@ -533,28 +559,73 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     bad = non_finite(model, {"train NLL": row["train_bits"], "grad norm": row["grad_norm"],
                              "valid NLL": row["valid_bits"]})
     improved = row["valid_bits"] < state["best_valid"]
+    since_best = 0 if improved else state["since_best"] + 1
+    final = final or bool(args.patience and since_best >= args.patience)
+    row["best_iteration"] = it if improved else state["best_iteration"]
     if not bad and (final or (args.test_on_best and improved)):
         row["test_bits"] = evaluate(model, levels["test"], args.batch_size, ctx["device"], stop=stop)
+    if not bad and final:
+        row["best_test_bits"] = row["test_bits"] if improved else \
+            evaluate(best_model(ctx), levels["test"], args.batch_size, ctx["device"], stop=stop)
     test = f" | test {row['test_bits']:.4f}" if "test_bits" in row else ""
-    log(f"iter {it:7d} | train {row['train_bits']:.4f} | valid {row['valid_bits']:.4f}{test} bits/sample | "
-        f"grad norm {row['grad_norm']:.3f} | {row['samples_per_sec']:,.0f} samples/s | "
-        f"train {state['train_secs'] / 3600:.3f} h, wall {state['wall_secs'] / 3600:.3f} h")
+    log(f"iter {it:7d} | epoch {row['epochs']:.2f} | train {row['train_bits']:.4f} | valid {row['valid_bits']:.4f}"
+        f"{' *' if improved else ''}{test} bits/sample | grad norm {row['grad_norm']:.3f} | "
+        f"{row['samples_per_sec']:,.0f} samples/s | train {state['train_secs'] / 3600:.3f} h, "
+        f"wall {state['wall_secs'] / 3600:.3f} h")
     if bad:
         raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
-    state["best_valid"] = min(state["best_valid"], row["valid_bits"])
-    save_checkpoint(ctx, state, h, row)
-    path = os.path.join(run_dir, "metrics.jsonl")
+    if final and "best_test_bits" in row:
+        log(f"best valid NLL {min(state['best_valid'], row['valid_bits']):.4f} at iteration {row['best_iteration']} "
+            f"(checkpoints/best.pt): test {row['best_test_bits']:.4f} bits/sample" +
+            (f"; stopped early: no improvement in {since_best} intervals (--patience {args.patience})"
+             if args.patience and since_best >= args.patience else ""))
+    state.update(best_valid=min(state["best_valid"], row["valid_bits"]), best_iteration=row["best_iteration"],
+                 since_best=since_best)
+    path = save_checkpoint(ctx, state, h, row)
+    if improved:
+        write_best(run_dir, path)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
     try:
-        with open(path, "a") as f:
+        with open(metrics, "a") as f:
             f.write(json.dumps(row) + "\n")
     except OSError as e:
-        raise WriteError(path, e) from None
+        raise WriteError(metrics, e) from None
+    if ctx.pop("first_interval", False):
+        warn_of_many_passes(ctx, state, interval)
     try:
         write_samples(ctx, it)
     except Interrupted:
         raise Interrupted(saved=True) from None
     plot_curves({os.path.basename(run_dir): read_metrics(run_dir)}, os.path.join(run_dir, "curves.png"))
     gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
+    return final
+
+
+def write_best(run_dir, checkpoint):
+    """checkpoints/best.pt: a copy of the checkpoint with the best valid NLL so far, written atomically."""
+    atomic_write(os.path.join(run_dir, "checkpoints", "best.pt"), lambda tmp: shutil.copyfile(checkpoint, tmp))
+
+
+def best_model(ctx):
+    """A copy of the model with best.pt's weights (for the end-of-run test NLL)."""
+    best = copy.deepcopy(ctx["model"])
+    best.load_state_dict(torch.load(os.path.join(ctx["run_dir"], "checkpoints", "best.pt"), map_location="cpu",
+                                    weights_only=False)["model"])
+    return best
+
+
+def warn_of_many_passes(ctx, state, interval):
+    """Once, at the first interval: the passes over the train split that the budget means at the measured speed."""
+    args = ctx["args"]
+    secs_per_it = interval["secs"] / interval["steps"]
+    iters = (args.stop_time * 3600 - state["train_secs"]) / secs_per_it
+    if args.stop_iters:
+        iters = min(iters, args.stop_iters - state["iteration"])
+    passes = (state["iteration"] + iters) * args.batch_size / ctx["chunks_per_epoch"]
+    if passes > PASSES_WARNING:
+        ctx["log"](f"warning: at this speed the run's budget passes over the train split about {passes:,.0f} times; "
+                   f"expect it to overfit (checkpoints/best.pt keeps the best valid NLL; --patience stops early). "
+                   f"README's \"Bigger data\" shows how to train on more audio")
 
 
 def sample_paths(ctx, it):
@@ -591,6 +662,7 @@ def save_checkpoint(ctx, state, h, row):
     except OSError as e:
         raise WriteError(folder, e) from None
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return path
 
 
 def write_text(path, text):

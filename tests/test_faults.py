@@ -161,7 +161,7 @@ def test_second_ctrl_c_during_the_save_leaves_no_partial_checkpoint(tmp_path, sp
     code = run_main(SCRIPTS["twotier"], ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs), *QUIET])
     assert code == 130
     (run_dir,) = glob.glob(f"{runs}/*")
-    assert checkpoint_files(run_dir) == ["it0000010.pt"] and not temporary_files(run_dir)
+    assert checkpoint_files(run_dir) == ["best.pt", "it0000010.pt"] and not temporary_files(run_dir)
     assert torch.load(os.path.join(run_dir, "checkpoints", "it0000010.pt"), weights_only=False)["row"]
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("interrupted; nothing more was saved") and "Traceback" not in "\n".join(err)
@@ -221,8 +221,8 @@ def test_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path, 
 
 
 def test_resume_writes_the_row_and_samples_a_kill_cut_off(tmp_path, speech_wav):
-    """A kill right after the checkpoint: its metrics row and samples are missing, a .tmp.wav is left. Resume
-    writes them, the samples bit for bit as the uninterrupted run did."""
+    """A kill right after the checkpoint: its metrics row, best.pt and samples are missing, a .tmp.wav is left.
+    Resume writes them, the samples bit for bit as the uninterrupted run did."""
     run_dir = train(tmp_path, speech_wav, runs="killed")
     straight = train(tmp_path, speech_wav, runs="straight")
     rows = read_metrics(run_dir)
@@ -230,9 +230,13 @@ def test_resume_writes_the_row_and_samples_a_kill_cut_off(tmp_path, speech_wav):
     for wav in glob.glob(os.path.join(run_dir, "samples", "it0000020_*.wav")):
         os.remove(wav)
     open(os.path.join(run_dir, "samples", "it0000020_0.tmp.wav"), "wb").write(b"RIFF")
+    best = os.path.join(run_dir, "checkpoints", "best.pt")
+    assert rows[-1]["best_iteration"] == 20
+    os.remove(best)  # the kill came before best.pt was written too
 
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
     assert read_metrics(run_dir) == rows
+    assert torch.load(best, weights_only=False)["state"]["iteration"] == 20
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == sorted(os.listdir(os.path.join(straight, "samples")))
     for name in os.listdir(os.path.join(straight, "samples")):
         assert open(os.path.join(run_dir, "samples", name), "rb").read() == \

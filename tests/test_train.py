@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 import soundfile as sf
@@ -10,6 +11,7 @@ import torch
 from conftest import RATE, run_main
 from lib.report import read_metrics
 from baseline import main as baseline_main
+from generate import main as generate_main
 from two_tier import main as two_tier_main
 
 LOSS_KEYS = ("iteration", "train_bits", "valid_bits", "grad_norm")
@@ -45,7 +47,7 @@ def test_run_folder_holds_everything(tmp_path, speech_wav, model):
     assert [r["iteration"] for r in rows] == [10, 20]
     assert {"train_secs", "wall_secs", "train_bits", "valid_bits", "grad_norm", "samples_per_sec"} <= set(rows[0])
     assert "test_bits" in rows[-1] and "test_bits" not in rows[0]
-    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["it0000010.pt", "it0000020.pt"]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["best.pt", "it0000010.pt", "it0000020.pt"]
     wavs = sorted(glob.glob(os.path.join(run_dir, "samples", "*.wav")))
     assert len(wavs) == 4
     info = sf.info(wavs[0])
@@ -172,3 +174,33 @@ def test_baseline_bad_flags(tmp_path, speech_wav, capsys, flags, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_best_checkpoint_epochs_and_patience(tmp_path, speech_wav, monkeypatch, capsys):
+    """Valid NLL (scripted here) improves, then stops improving: best.pt holds the best interval's weights, the
+    rows say which iteration is best and how many passes over the train split were made, --patience 2 stops the
+    run two intervals after the best one with test NLL measured on the last and on the best weights, and the
+    first interval warns that the budget would pass over the data far more than 20 times."""
+    import lib.train
+    real = lib.train.evaluate
+    scripted = iter([3.0, 2.9, 2.95, 2.96, 2.97])
+
+    def valid_as_scripted(model, levels, batch_size, device, max_clips=0, stop=None):
+        return next(scripted) if max_clips else real(model, levels, batch_size, device, max_clips, stop)
+    monkeypatch.setattr(lib.train, "evaluate", valid_as_scripted)
+    run_dir = train(tmp_path, speech_wav, "--print_iters", "5", "--stop_iters", "100000", "--patience", "2")
+    rows = read_metrics(run_dir)
+    assert [r["iteration"] for r in rows] == [5, 10, 15, 20]
+    assert [r["best_iteration"] for r in rows] == [5, 10, 10, 10]
+    # the 1 s file is one clip of 8,000 samples = 250 chunks of 32; a batch of 8 walks 8 of them per step
+    assert [r["epochs"] for r in rows] == [round(it * 8 / 250, 4) for it in (5, 10, 15, 20)]
+    assert "test_bits" in rows[-1] and rows[-1]["best_test_bits"] != rows[-1]["test_bits"]
+    best = torch.load(os.path.join(run_dir, "checkpoints", "best.pt"), weights_only=False)
+    at_10 = torch.load(os.path.join(run_dir, "checkpoints", "it0000010.pt"), weights_only=False)
+    assert best["state"]["iteration"] == 10 and all(torch.equal(best["model"][k], at_10["model"][k]) for k in best["model"])
+    out = capsys.readouterr().out
+    assert "stopped early: no improvement in 2 intervals (--patience 2)" in out
+    assert re.search(r"warning: at this speed the run's budget passes over the train split about [\d,]+ times", out)
+    assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert run_main(generate_main, [run_dir, "--best", "--n", "1", "--secs", "0.01", "--out", str(tmp_path / "g")]) == 0
