@@ -1,8 +1,23 @@
-"""Reading run metrics and plotting learning curves (several runs on one figure)."""
-import json
-import os
+"""Reports over runs: a Markdown table to paste into experiments.md, learning curves, spectrograms.
 
-from lib import atomic_write
+    python -m lib.report runs/twotier_* runs/baseline_*         # one row per run, the settings that differ
+    python -m lib.report runs/ --time_windows 0-5m,25-30m --plot notes/curves.png
+    python -m lib.report experiments/*                          # regenerates the lab notebook's tables
+
+Train NLL is averaged over windows of training time (default: the first and the 12th hour) and of
+iterations (default: 0-10K and 90K-100K). The metrics log holds one mean per interval; an interval that
+straddles a window's edge counts with the share of its steps (or seconds) inside the window, as if the
+interval's steps were alike. A window the run has not reached to its end prints as a dash, never a number.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+from lib import ArgumentParser, UserError, atomic_write
 from lib.audio import warn
 
 import matplotlib
@@ -31,8 +46,9 @@ def read_metrics(run_dir):
 
 
 def plot_curves(runs, path):
-    """runs: {name: metrics rows}. Train (solid) and valid (dashed) bits per sample by training hours and by iteration."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    """runs: {name: metrics rows}. Train (solid) and valid (dashed) bits per sample by training hours and by
+    iteration; the legend sits outside the axes, so that 2-8 runs stay readable."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
     for name, rows in runs.items():
         if not rows:
             continue
@@ -44,8 +60,9 @@ def plot_curves(runs, path):
         ax.set_xlabel(label)
         ax.set_ylabel("NLL (bits per sample)")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.76, 0.97), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 0.75, 1))
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
@@ -120,3 +137,158 @@ def plot_spectrograms(wavs, path, secs=2.0, labels=None):
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=72))
     finally:
         plt.close(fig)
+
+
+# ---- the report
+
+IGNORED = {"name", "runs_dir", "resume", "dry_run", "threads", "preset"}  # settings that do not change a result
+DASH = "\u2014"
+
+
+def parse_windows(text, units):
+    """'0-5m,25-30m' -> [(label, start, end)] in base units; units: suffix -> multiplier ('' = the default)."""
+    windows = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*([\d.]+)([a-zA-Z]*)\s*-\s*([\d.]+)([a-zA-Z]*)\s*", part)
+        if not m or m.group(2) not in units or m.group(4) not in units:
+            raise UserError(f"window {part!r} is not START-END with units {', '.join(u for u in units if u)} "
+                            f"(e.g. 0-5m or 90K-100K)")
+        start = float(m.group(1)) * units[m.group(2) or m.group(4)]
+        end = float(m.group(3)) * units[m.group(4)]
+        if not end > start:
+            raise UserError(f"window {part!r} ends before it starts")
+        windows.append((part.strip(), start, end))
+    return windows
+
+
+TIME_UNITS = {"": 3600, "h": 3600, "m": 60, "s": 1}
+ITER_UNITS = {"": 1, "K": 1000, "k": 1000, "M": 10 ** 6}
+
+
+def window_mean(rows, key, start, end):
+    """Mean train NLL over [start, end) of `key` (train_secs or iteration); None if the run did not reach `end`.
+    Each interval (previous row's key, this row's key] is weighted by its steps inside the window."""
+    if not rows or rows[-1][key] < end:
+        return None
+    total = weight = 0.0
+    prev_key, prev_it = 0.0, 0
+    for r in rows:
+        span = r[key] - prev_key
+        inside = max(0.0, min(r[key], end) - max(prev_key, start))
+        if span > 0 and inside > 0:
+            w = (r["iteration"] - prev_it) * inside / span  # the interval's steps inside the window
+            total += r["train_bits"] * w
+            weight += w
+        prev_key, prev_it = r[key], r["iteration"]
+    return total / weight if weight else None
+
+
+def find_runs(paths):
+    """Run folders (holding settings.json) from paths: run folders, parents of run folders, or glob patterns."""
+    found = []
+    for path in paths:
+        matches = sorted(glob.glob(path)) or [path]
+        for p in matches:
+            if os.path.isfile(os.path.join(p, "settings.json")):
+                found.append(p)
+            elif os.path.isdir(p) and (children := sorted(os.path.dirname(c) for c in
+                                                          glob.glob(os.path.join(p, "*", "settings.json")))):
+                found += children
+            else:
+                raise UserError(f"{p} is not a run folder (no settings.json) nor a folder of runs")
+    return list(dict.fromkeys(found))
+
+
+def summarize(run_dir, time_windows, iter_windows):
+    """One run's row as a dict (values, or None where not reached or not measured); None if it has no metrics."""
+    with open(os.path.join(run_dir, "settings.json")) as f:
+        settings = json.load(f)
+    rows = read_metrics(run_dir)
+    if not rows:
+        warn(f"{run_dir} has no metrics rows yet (it has not finished an interval); it is left out")
+        return None
+    best = min(rows, key=lambda r: r["valid_bits"])
+    test_at_best = rows[-1].get("best_test_bits") if rows[-1].get("best_iteration") == best["iteration"] else None
+    if test_at_best is None:
+        test_at_best = best.get("test_bits")  # measured there: --test_on_best, or the run's end
+    return {"run": os.path.basename(os.path.normpath(run_dir)), "model": settings["model_id"],
+            "settings": settings["settings"], "parameters": settings["parameters"],
+            "iterations": rows[-1]["iteration"], "hours": rows[-1]["train_secs"] / 3600,
+            "time_windows": {label: window_mean(rows, "train_secs", a, b) for label, a, b in time_windows},
+            "iter_windows": {label: window_mean(rows, "iteration", a, b) for label, a, b in iter_windows},
+            "best_valid": best["valid_bits"], "best_iteration": best["iteration"],
+            "best_hours": best["train_secs"] / 3600, "test_at_best": test_at_best, "rows": rows}
+
+
+def differing(summaries):
+    """The settings whose values differ between the runs (sorted), not counting IGNORED ones."""
+    keys = sorted(set().union(*(s["settings"] for s in summaries)) - IGNORED)
+    return [k for k in keys if len({json.dumps(s["settings"].get(k)) for s in summaries}) > 1]
+
+
+def markdown_table(summaries):
+    """The report as Markdown: one row per run, bits per sample to 3 decimals, a dash where not reached."""
+    keys = differing(summaries)
+    tw, iw = list(summaries[0]["time_windows"]), list(summaries[0]["iter_windows"])
+
+    def bits(v):
+        return DASH if v is None else f"{v:.3f}"
+    head = (["run", "model"] + [f"--{k}" for k in keys] + ["params", "iters", "hours"] +
+            [f"train {w} (time)" for w in tw] + [f"train {w} (iters)" for w in iw] +
+            ["best valid", "at iter (hour)", "test at best"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cells = ([f"`{s['run']}`", s["model"]] + [str(s["settings"].get(k, DASH)) for k in keys] +
+                 [f"{s['parameters']:,}", f"{s['iterations']:,}", f"{s['hours']:.3f}"] +
+                 [bits(s["time_windows"][w]) for w in tw] + [bits(s["iter_windows"][w]) for w in iw] +
+                 [bits(s["best_valid"]), f"{s['best_iteration']:,} ({s['best_hours']:.3f})", bits(s["test_at_best"])])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CADENCE = {"print_time", "print_iters", "n_samples", "sample_secs", "valid_clips", "stop_time", "stop_iters",
+           "test_on_best", "patience", "device"}  # left out of legend labels: they do not change the curves' shape
+
+
+def short_names(summaries):
+    """Legend labels: the model and the settings that differ, wrapped (or the run name when that is ambiguous)."""
+    import textwrap
+    keys = [k for k in differing(summaries) if k not in CADENCE]
+    names = ["\n".join(textwrap.wrap(" ".join([s["model"]] + [f"{k}={s['settings'][k]}" for k in keys
+                                                               if s["settings"].get(k) is not None]), 34))
+             for s in summaries]
+    return names if len(set(names)) == len(names) else [s["run"] for s in summaries]
+
+
+def report(paths, time_windows="0-1h,11-12h", iter_windows="0-10K,90K-100K", plot=None, as_json=False):
+    """The text to print for these runs (Markdown, or JSON lines)."""
+    tw, iw = parse_windows(time_windows, TIME_UNITS), parse_windows(iter_windows, ITER_UNITS)
+    summaries = [s for s in (summarize(r, tw, iw) for r in find_runs(paths)) if s is not None]
+    if not summaries:
+        raise UserError("none of the runs has metrics yet")
+    if plot:
+        plot_curves({name: s["rows"] for name, s in zip(short_names(summaries), summaries)}, plot)
+    if as_json:
+        return "\n".join(json.dumps({k: v for k, v in s.items() if k != "rows"}) for s in summaries)
+    return markdown_table(summaries)
+
+
+def main(argv=None):
+    p = ArgumentParser(prog="python -m lib.report", description=__doc__)
+    p.add_argument("runs", nargs="+", help="run folders, folders of runs, or glob patterns")
+    p.add_argument("--time_windows", default="0-1h,11-12h",
+                   help="windows of training time for the mean train NLL (units h, m, s; no unit = hours)")
+    p.add_argument("--iter_windows", default="0-10K,90K-100K",
+                   help="windows of iterations for the mean train NLL (units K, M)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also write the learning curves of all runs here")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    args = p.parse_args(argv)
+    try:
+        print(report(args.runs, args.time_windows, args.iter_windows, args.plot, args.json))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

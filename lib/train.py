@@ -40,7 +40,7 @@ from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write
 from lib.audio import warn, write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_audio, quantize_clips
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
-from lib.report import plot_curves, read_metrics
+from lib.report import plot_curves, read_metrics, report
 from lib.sample import generate
 
 SCRIPTS = {"twotier": "two_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
@@ -386,6 +386,8 @@ def loop(ctx, batches, state, h, interrupts):
                 interval, due = new_interval(), False
                 model.train()
             if final:
+                log("the run's row for experiments.md (python -m lib.report compares several):\n" +
+                    report([ctx["run_dir"]]))
                 return 0
             if interrupts.signum is not None:
                 return interrupted(ctx, state, interval, h, interrupts.signum)

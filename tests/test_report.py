@@ -1,0 +1,83 @@
+"""python -m lib.report: window arithmetic, the columns of settings that differ, bad input, plots and JSON."""
+import json
+import os
+
+import pytest
+
+from conftest import run_main
+from lib.report import main as report_main, parse_windows, report, window_mean, TIME_UNITS
+from test_train import SCRIPTS, train
+
+ROWS = [{"iteration": 100, "train_secs": 60.0, "train_bits": 3.0, "valid_bits": 2.9},
+        {"iteration": 200, "train_secs": 120.0, "train_bits": 2.0, "valid_bits": 2.1},
+        {"iteration": 300, "train_secs": 180.0, "train_bits": 1.0, "valid_bits": 2.2, "test_bits": 2.25,
+         "best_iteration": 200, "best_test_bits": 2.05}]
+
+
+def make_run(folder, name, rows=ROWS, model="twotier", **settings):
+    run = folder / name
+    os.makedirs(run)
+    base = {"dim": 64, "frame_size": 2, "seed": 1, "name": name, "runs_dir": "runs"}
+    json.dump({"model_id": model, "settings": {**base, **settings}, "parameters": 1234}, open(run / "settings.json", "w"))
+    with open(run / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(run)
+
+
+def test_window_means_weigh_each_interval_by_its_steps_inside():
+    assert window_mean(ROWS, "train_secs", 0, 120) == pytest.approx(2.5)
+    assert window_mean(ROWS, "train_secs", 90, 150) == pytest.approx(1.5)  # half of two intervals each
+    assert window_mean(ROWS, "iteration", 0, 150) == pytest.approx((100 * 3 + 50 * 2) / 150)
+    assert window_mean(ROWS, "train_secs", 150, 210) is None  # not reached: the run ends at 180 s
+    assert window_mean(ROWS, "iteration", 0, 300) == pytest.approx(2.0)
+    assert parse_windows("0-5m,25-30m", TIME_UNITS) == [("0-5m", 0, 300), ("25-30m", 1500, 1800)]
+
+
+def test_table_shows_settings_that_differ_dashes_and_test_at_best(tmp_path):
+    a = make_run(tmp_path, "twotier_a_1", dim=64)
+    b = make_run(tmp_path, "twotier_b_2", dim=128, rows=ROWS[:2])
+    table = report([a, b], time_windows="0-2m,2-3m", iter_windows="0-100,200-300").splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[:3] == ["run", "model", "--dim"] and "--seed" not in head and "--name" not in head
+    first = [c.strip() for c in table[2].strip("|").split("|")]
+    second = [c.strip() for c in table[3].strip("|").split("|")]
+    assert first[3:6] == ["1,234", "300", "0.050"]
+    assert first[6:8] == ["2.500", "1.000"] and second[6:8] == ["2.500", "\u2014"]  # b never reached 3 min
+    assert first[8:10] == ["3.000", "1.000"] and second[9] == "\u2014"
+    assert first[10:] == ["2.100", "200 (0.033)", "2.050"]  # test NLL measured on best.pt at the end
+    assert second[-1] == "\u2014"  # no test NLL was measured at b's best checkpoint
+
+
+def test_a_parent_folder_json_and_plot(tmp_path, capsys):
+    make_run(tmp_path / "runs", "twotier_a_1")
+    make_run(tmp_path / "runs", "baseline_b_2", model="baseline", dim=32)
+    assert run_main(report_main, [str(tmp_path / "runs"), "--json", "--plot", str(tmp_path / "c.png")]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["run"] for r in runs] == ["baseline_b_2", "twotier_a_1"] and runs[0]["best_valid"] == 2.1
+    assert os.path.getsize(tmp_path / "c.png") > 5000
+
+
+def test_bad_input_is_one_line_or_a_warning(tmp_path, capsys):
+    assert run_main(report_main, [str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not a run folder" in err[0]
+    empty = make_run(tmp_path, "twotier_empty_1", rows=[])
+    assert run_main(report_main, [empty]) == 2
+    assert "has no metrics rows yet" in capsys.readouterr().err
+    cut = make_run(tmp_path, "twotier_cut_2")
+    with open(os.path.join(cut, "metrics.jsonl"), "a") as f:
+        f.write('{"iteration": 400, "train_se')
+    assert run_main(report_main, [cut, empty]) == 0
+    out, err = capsys.readouterr()
+    assert "is not a complete row" in err and "twotier_cut_2" in out and "Traceback" not in err
+
+
+def test_a_resumed_run_reports_as_the_uninterrupted_one(tmp_path, speech_wav):
+    straight = train(tmp_path, speech_wav, "--print_iters", "5", "--n_samples", "0", runs="straight")
+    split = train(tmp_path, speech_wav, "--print_iters", "5", "--n_samples", "0", "--stop_iters", "10", runs="split")
+    assert run_main(SCRIPTS["twotier"], ["--resume", split, "--stop_iters", "20"]) == 0
+    rows = [report([run], iter_windows="0-10,3-17,10-20", as_json=True) for run in (straight, split)]
+    a, b = (json.loads(r) for r in rows)
+    assert a["iter_windows"] == b["iter_windows"] and None not in a["iter_windows"].values()
+    assert (a["best_valid"], a["best_iteration"], a["test_at_best"]) == (b["best_valid"], b["best_iteration"],
+                                                                         b["test_at_best"])
