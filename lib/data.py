@@ -1,13 +1,21 @@
-"""Loading a dataset into memory and walking it in truncated-BPTT chunks.
+"""Datasets on disk, read memory-mapped and walked in truncated-BPTT chunks.
 
-A dataset is either a folder made by `python -m lib.prepare` (train/, valid/, test/ of equal-length clips)
-or one audio file (the "overfit one recording" experiment: it is cut into clips and serves as every split).
-Decoded audio is cached as .npy in `<dataset>/.cache/` so a restart does not decode again.
+A dataset is either a folder made by `python -m lib.prepare` (train/, valid/, test/ of audio clips) or one
+audio file (the "overfit one recording" experiment: it is cut into clips and serves as every split).
 
-Chunking: each clip is prefixed with `overlap` samples of q_zero and walked in chunks of
-`overlap + seq_len` samples with stride `seq_len`, so a chunk's first `overlap` samples are the previous
-chunk's last ones. Inputs are chunk[:, :-overlap], targets chunk[:, overlap:]. The first chunk of each
-clip carries reset=True: the model starts it from its learned h0.
+Each split of a folder is decoded once into `<dataset>/.cache/`: all its clips end to end as one file of
+16-bit PCM (2 bytes a sample), opened memory-mapped, and a small index (clip offsets, each clip's mean, min
+and max, the rate). Batches are read from it and quantized per step, so memory does not grow with the
+dataset: 24 hours at 16 kHz are 2.8 GB on disk and a few MB in memory. Prepared clips are 16-bit, so this
+loses nothing; a float source is rounded to 16 bits, far finer than the 256 levels trained on.
+
+Chunking: the clips are walked in segments of equal length, `chunks_per_segment` whole chunks of seq_len
+samples: a clip is one segment when all clips have the same length (what lib.prepare makes); otherwise the
+segment is the shortest clip's whole chunks, and each clip holds as many segments as fit in it. Each segment
+is prefixed with `overlap` samples of q_zero and walked in chunks of `overlap + seq_len` samples with stride
+`seq_len`, so a chunk's first `overlap` samples are the previous chunk's last ones. Inputs are
+chunk[:, :-overlap], targets chunk[:, overlap:]. The first chunk of each segment carries reset=True: the
+model starts it from its learned h0.
 """
 import hashlib
 import json
@@ -19,56 +27,131 @@ import torch
 from lib import UserError, WriteError, atomic_write
 from lib.audio import BadAudio, find_audio, read_mono, warn
 from lib.prepare import SPLITS, cut_clips
-from lib.quantize import normalize, q_zero, quantize
+from lib.quantize import quantize, q_zero
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "asterisk_en")
+PCM_SCALE = 1 / 32768  # 16-bit PCM -> float in [-1, 1)
 
 
-def _read_files(paths):
-    """Decode files -> list of float32 arrays (unusable ones skipped with a warning) and their one rate."""
-    arrays, rates = [], set()
-    for path in paths:
-        try:
-            samples, rate = read_mono(path)
-        except BadAudio as e:
-            warn(f"skipping {e}")
-            continue
-        arrays.append(samples)
-        rates.add(rate)
-    if len(rates) > 1:
-        raise UserError(f"files in {os.path.dirname(paths[0])} have different sample rates {sorted(rates)}: "
-                        f"run python -m lib.prepare on them first")
-    return arrays, rates.pop() if rates else None
+class Split:
+    """The clips of one split: `pcm` (1-D: int16 PCM, memory-mapped, or any array in memory), clip i being
+    pcm[offsets[i]:offsets[i + 1]]; `stats` (n_clips, 3) each clip's mean, min and max as floats.
+    levels(clips, starts, length) reads and quantizes windows of clips, q_zero before a clip's start."""
+
+    def __init__(self, pcm, offsets, stats, rate, scale=PCM_SCALE):
+        self.pcm, self.offsets, self.stats, self.rate, self.scale = pcm, np.asarray(offsets), stats, rate, scale
+        self.lengths = np.diff(self.offsets)
+        self.quantizer = None  # (q_levels, qtype, zero_dc, norm), set by quantized()
+
+    @classmethod
+    def of_levels(cls, levels):
+        """A split whose samples are already levels (a (n_clips, clip_len) int tensor): tests, the one-file case."""
+        n, length = levels.shape
+        return cls(levels.reshape(-1).numpy(), np.arange(n + 1) * length, None, None, scale=None)
+
+    @property
+    def n_clips(self):
+        return len(self.lengths)
+
+    def quantized(self, q_levels, qtype, zero_dc=False, norm="none"):
+        self.quantizer = (q_levels, qtype, zero_dc, norm)
+        return self
+
+    def is_silent(self):
+        return not np.any(self.stats[:, 1:]) if self.stats is not None else not np.any(self.pcm)
+
+    def levels(self, clips, starts, length, q_levels):
+        """int64 (len(clips), length): samples starts[i] .. starts[i] + length - 1 of clip clips[i], as levels;
+        positions before the clip's start (negative) are q_zero."""
+        clips, starts = np.asarray(clips), np.asarray(starts)
+        idx = self.offsets[clips][:, None] + starts[:, None] + np.arange(length)  # (B, length) into pcm
+        before = starts[:, None] + np.arange(length) < 0
+        raw = torch.from_numpy(np.asarray(self.pcm[np.where(before, 0, idx)]))
+        if self.scale is None:  # already levels
+            out = raw.long()
+        else:
+            out = quantize(self.normalize(raw.double() * self.scale, clips), *self.quantizer[:2])
+        out[torch.from_numpy(before)] = q_zero(q_levels)
+        return out
+
+    def normalize(self, x, clips):
+        """The per-clip options (lib.quantize.normalize) from the clips' stored statistics."""
+        _, _, zero_dc, norm = self.quantizer
+        mean, lo, hi = (torch.from_numpy(self.stats[clips, k])[:, None] for k in range(3))
+        if zero_dc:
+            x, lo, hi = x - mean, lo - mean, hi - mean
+        if norm == "minmax":
+            span = hi - lo
+            x = torch.where(span > 0, (x - lo) / span.clamp(min=1e-12) * 2 - 1, torch.zeros_like(x))
+        return x
 
 
-def _load_split(folder):
-    """(n_clips, clip_len) float32 array and rate of one split, through the .npy cache."""
+def clip_stats(samples):
+    """(mean, min, max) of a clip's float samples, in float64 (the mean as lib.quantize.normalize takes it)."""
+    x = torch.from_numpy(np.asarray(samples)).double()
+    return [x.mean().item(), x.min().item(), x.max().item()] if len(x) else [0.0, 0.0, 0.0]
+
+
+def _cache_paths(folder, paths):
+    stats = [(os.path.relpath(p, folder), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+    key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
+    base = os.path.join(os.path.dirname(folder), ".cache", f"{os.path.basename(folder)}_{key}")
+    return base + ".pcm", base + ".index.npz"
+
+
+def _open_split(folder):
+    """The split in `folder`, through its cache (built on first use, one file at a time)."""
     paths, _ = find_audio(folder)
     if not paths:
         raise UserError(f"no audio files in {folder}")
-    stats = [(os.path.relpath(p, folder), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
-    key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
-    cache = os.path.join(os.path.dirname(folder), ".cache", f"{os.path.basename(folder)}_{key}.npz")
-    if os.path.exists(cache):
-        with np.load(cache) as f:
-            return f["clips"], int(f["rate"])
-    arrays, rate = _read_files(paths)
-    if not arrays:
-        raise UserError(f"none of the {len(paths)} audio files in {folder} is usable (unreadable or non-finite)")
-    clip_len = min(len(a) for a in arrays)
-    if any(len(a) != clip_len for a in arrays):
-        warn(f"clips in {folder} differ in length: all are cut to the shortest, {clip_len} samples")
-    clips = np.stack([a[:clip_len] for a in arrays])
-    try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        atomic_write(cache, lambda tmp: np.savez(tmp, clips=clips, rate=rate))
-    except (OSError, WriteError):
-        pass  # a read-only dataset still loads; it is decoded again next time
-    return clips, rate
+    pcm_path, index_path = _cache_paths(folder, paths)
+    if not (os.path.exists(index_path) and os.path.exists(pcm_path)):
+        try:
+            _build_cache(folder, paths, pcm_path, index_path)
+        except (OSError, WriteError) as e:  # a read-only dataset: decode into a temporary folder instead
+            import tempfile
+            warn(f"cannot cache {folder} beside it ({e}); decoding into a temporary folder")
+            tmp = tempfile.mkdtemp(prefix="samplernn_cache_")
+            pcm_path, index_path = (os.path.join(tmp, os.path.basename(p)) for p in (pcm_path, index_path))
+            _build_cache(folder, paths, pcm_path, index_path)
+    with np.load(index_path) as index:
+        offsets, stats, rate = index["offsets"], index["stats"], int(index["rate"])
+    pcm = np.memmap(pcm_path, dtype=np.int16, mode="r") if offsets[-1] else np.zeros(0, np.int16)
+    return Split(pcm, offsets, stats, rate)
 
 
-def load_audio(path, clip_secs=8.0):
-    """{'train', 'valid', 'test': (n_clips, clip_len) float32}, sample_rate. See the module docstring."""
+def _build_cache(folder, paths, pcm_path, index_path):
+    """Decode every usable file of the split, in order, into 16-bit PCM appended to one file; then the index.
+    Only one file's samples are in memory at a time (written with plain writes, not through a mapping, so that
+    the pages written do not count as this process's memory)."""
+    os.makedirs(os.path.dirname(pcm_path), exist_ok=True)
+    offsets, stats, rates = [0], [], set()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            for path in paths:
+                try:
+                    samples, rate = read_mono(path)
+                except BadAudio as e:
+                    warn(f"skipping {e}")
+                    continue
+                pcm16 = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
+                f.write(pcm16.tobytes())
+                offsets.append(offsets[-1] + len(pcm16))
+                stats.append(clip_stats(pcm16 * PCM_SCALE))  # of the samples as stored
+                rates.add(rate)
+        if len(offsets) == 1:
+            raise UserError(f"none of the {len(paths)} audio files in {folder} is usable (unreadable or non-finite)")
+        if len(rates) > 1:
+            raise UserError(f"files in {folder} have different sample rates {sorted(rates)}: "
+                            f"run python -m lib.prepare on them first")
+    atomic_write(pcm_path, write)
+    atomic_write(index_path, lambda tmp: np.savez(tmp, offsets=np.array(offsets, dtype=np.int64),
+                                                  stats=np.array(stats, dtype=np.float64), rate=rates.pop()))
+
+
+def load_splits(path, clip_secs=8.0):
+    """{'train', 'valid', 'test': Split}, sample_rate. See the module docstring."""
     if not os.path.exists(path):
         raise UserError(f"--data {path} does not exist: give a folder made by python -m lib.prepare, "
                         f"or one audio file")
@@ -78,73 +161,97 @@ def load_audio(path, clip_secs=8.0):
             raise UserError(f"--data {path} is silent: every sample is zero")
         clip_len = min(len(audio), int(round(clip_secs * rate)))
         clips = cut_clips(audio, clip_len)
-        return {name: clips for name in SPLITS}, rate
+        split = Split(clips.reshape(-1), np.arange(len(clips) + 1) * clip_len, np.array([clip_stats(c) for c in clips]),
+                      rate, scale=1.0)
+        return {name: split for name in SPLITS}, rate
     missing = [s for s in SPLITS if not os.path.isdir(os.path.join(path, s))]
     if missing:
         raise UserError(f"--data {path} is not a prepared dataset (no {'/, '.join(missing)}/ folder): "
                         f"run python -m lib.prepare {path} NEW_FOLDER first, or give one audio file")
-    splits, rates = {}, set()
-    for name in SPLITS:
-        splits[name], rate = _load_split(os.path.join(path, name))
-        rates.add(rate)
+    splits = {name: _open_split(os.path.join(path, name)) for name in SPLITS}
+    rates = {s.rate for s in splits.values()}
     if len(rates) > 1:
         raise UserError(f"the splits of {path} have different sample rates {sorted(rates)}")
-    if not np.any(splits["train"]):
+    if splits["train"].is_silent():
         raise UserError(f"the train split of {path} is silent: every sample is zero")
     return splits, rates.pop()
 
 
-def quantize_clips(clips, q_levels, qtype, zero_dc=False, norm="none"):
-    """float (n, T) numpy -> int64 levels tensor (n, T), with the per-clip options."""
-    return quantize(normalize(torch.from_numpy(clips), zero_dc, norm), q_levels, qtype)
+class Segments:
+    """A split's clips as segments of equal length (whole chunks of seq_len; see the module docstring)."""
+
+    def __init__(self, split, seq_len, what="clips"):
+        if not isinstance(split, Split):
+            split = Split.of_levels(split)
+        self.split, self.seq_len = split, seq_len
+        usable = split.lengths >= seq_len
+        if not usable.any():
+            raise UserError(f"{what} are at most {split.lengths.max()} samples, shorter than one training chunk of "
+                            f"{seq_len} samples: use fewer --n_frames / a shorter --seq_len, or longer clips")
+        self.chunks = int(split.lengths[usable].min()) // seq_len  # chunks per segment
+        self.length = self.chunks * seq_len
+        per_clip = np.where(usable, split.lengths // self.length, 0)
+        self.clip = np.repeat(np.arange(split.n_clips), per_clip)  # segment -> its clip
+        self.start = np.concatenate([np.arange(k) * self.length for k in per_clip]).astype(np.int64)
+        unused = 1 - self.length * len(self.clip) / split.lengths.sum()
+        if (split.lengths != split.lengths[0]).any() and what == "train clips":
+            warn(f"{what} differ in length: they are walked in segments of {self.length} samples (the shortest's "
+                 f"whole chunks), {len(self.clip)} in all; {unused:.1%} of the samples, in the clips' tails, and "
+                 f"{(~usable).sum()} clips shorter than one chunk are not trained on")
+
+    def __len__(self):
+        return len(self.clip)
+
+    def levels(self, rows, start, length, q_levels):
+        """int64 (len(rows), length): samples start .. start + length - 1 of the segments `rows`."""
+        rows = np.asarray(rows)
+        return self.split.levels(self.clip[rows], self.start[rows] + start, length, q_levels)
 
 
 class ChunkBatches:
     """The training batches as a pure function of the iteration number, so resuming needs no data state.
 
-    Iteration i walks chunk i % chunks_per_clip of a batch of clips. The batches of one epoch are a
-    seeded permutation of the clips; with fewer clips than batch_size, clips are drawn with replacement.
+    Iteration i walks chunk i % chunks_per_clip of a batch of segments (clips). The batches of one epoch are a
+    seeded permutation of the segments; with fewer segments than batch_size, they are drawn with replacement.
     """
 
-    def __init__(self, levels, batch_size, seq_len, overlap, q_levels, seed):
-        n_clips, clip_len = levels.shape
-        if clip_len < seq_len:
-            raise UserError(f"clips are {clip_len} samples, shorter than one training chunk of {seq_len} samples: "
-                            f"use fewer --n_frames / a shorter --seq_len, or longer clips")
-        self.chunks_per_clip = clip_len // seq_len  # the tail beyond a whole chunk is not trained on
-        pad = torch.full((n_clips, overlap), q_zero(q_levels), dtype=levels.dtype)
-        self.padded = torch.cat([pad, levels[:, :self.chunks_per_clip * seq_len]], dim=1)
-        self.batch_size, self.seq_len, self.overlap, self.seed = batch_size, seq_len, overlap, seed
-        self.with_replacement = n_clips < batch_size
-        self.batches_per_epoch = 1 if self.with_replacement else n_clips // batch_size
+    def __init__(self, split, batch_size, seq_len, overlap, q_levels, seed):
+        self.segments = Segments(split, seq_len, "train clips")
+        self.chunks_per_clip = self.segments.chunks  # the tail beyond a whole chunk is not trained on
+        self.batch_size, self.seq_len, self.overlap, self.q_levels, self.seed = \
+            batch_size, seq_len, overlap, q_levels, seed
+        self.with_replacement = len(self.segments) < batch_size
+        self.batches_per_epoch = 1 if self.with_replacement else len(self.segments) // batch_size
         self._perm_epoch, self._perm = None, None
 
     def clip_indices(self, group):
-        """Clip indices of the `group`-th batch of clips."""
-        n_clips = self.padded.shape[0]
+        """Segment indices of the `group`-th batch of segments."""
+        n = len(self.segments)
         if self.with_replacement:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + group)
-            return torch.randint(n_clips, (self.batch_size,), generator=g)
+            return torch.randint(n, (self.batch_size,), generator=g)
         epoch, b = divmod(group, self.batches_per_epoch)
         if self._perm_epoch != epoch:
-            self._perm = torch.randperm(n_clips, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            self._perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             self._perm_epoch = epoch
         return self._perm[b * self.batch_size:(b + 1) * self.batch_size]
 
     def __call__(self, iteration):
         """(chunk (B, overlap + seq_len) int64, reset) for training iteration `iteration` (0-based)."""
         group, k = divmod(iteration, self.chunks_per_clip)
-        start = k * self.seq_len
-        # slice the chunk's columns first, so only (B, overlap + seq_len) samples are copied
-        return self.padded[:, start:start + self.overlap + self.seq_len][self.clip_indices(group)], k == 0
+        rows = self.clip_indices(group).numpy()
+        return self.segments.levels(rows, k * self.seq_len - self.overlap, self.overlap + self.seq_len,
+                                    self.q_levels), k == 0
 
 
-def eval_chunks(levels, batch_size, seq_len, overlap, q_levels, eval_len):
-    """Every whole training chunk of every clip, in a fixed order, walked in longer chunks of up to
-    `eval_len` samples (a multiple of seq_len): yields (chunk, reset) for batches of up to batch_size clips."""
-    covered = levels.shape[1] // seq_len * seq_len  # exactly the samples that training predicts
-    for first in range(0, levels.shape[0], batch_size):
-        rows = levels[first:first + batch_size, :covered]
-        padded = torch.cat([torch.full((rows.shape[0], overlap), q_zero(q_levels), dtype=rows.dtype), rows], dim=1)
+def eval_chunks(split, batch_size, seq_len, overlap, q_levels, eval_len, max_clips=0):
+    """Every whole training chunk of every segment (of the first max_clips, if > 0), in a fixed order, walked in
+    longer chunks of up to `eval_len` samples (a multiple of seq_len): yields (chunk, reset) for batches of up
+    to batch_size segments."""
+    segments = Segments(split, seq_len, "valid and test clips")
+    n = min(len(segments), max_clips) if max_clips else len(segments)
+    covered = segments.length  # exactly the samples that training predicts
+    for first in range(0, n, batch_size):
+        padded = segments.levels(np.arange(first, min(n, first + batch_size)), -overlap, overlap + covered, q_levels)
         for start in range(0, covered, eval_len):
             yield padded[:, start:start + overlap + min(eval_len, covered - start)], start == 0

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write
 from lib.audio import warn, write_wav
-from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_audio, quantize_clips
+from lib.data import DEFAULT_DATA, ChunkBatches, Segments, eval_chunks, load_splits
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
 from lib.report import plot_curves, read_metrics, report
 from lib.sample import generate
@@ -207,12 +207,12 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         print(f"{model_id}: {n_params:,} parameters")
         return 0
 
-    audio, sample_rate = load_audio(args.data, args.clip_secs)
-    levels = {name: quantize_clips(clips, args.q_levels, args.qtype, args.zero_dc, args.norm)
-              for name, clips in audio.items()}
-    batches = ChunkBatches(levels["train"], args.batch_size, model.seq_len, model.overlap, args.q_levels, args.seed)
-    if levels["valid"].shape[1] < model.seq_len:
-        raise UserError(f"valid clips are shorter than one chunk of {model.seq_len} samples")
+    splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
+    for split in splits.values():
+        split.quantized(args.q_levels, args.qtype, args.zero_dc, args.norm)
+    batches = ChunkBatches(splits["train"], args.batch_size, model.seq_len, model.overlap, args.q_levels, args.seed)
+    for name in ("valid", "test"):
+        Segments(splits[name], model.seq_len, f"{name} clips")  # refuses clips shorter than a chunk, now
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -221,7 +221,7 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     run_dir = args.resume or new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
     try:
-        return start(model_id, args, model, optimizer, levels, sample_rate, batches, device, n_params, run_dir,
+        return start(model_id, args, model, optimizer, splits, sample_rate, batches, device, n_params, run_dir,
                      resumed)
     except WriteError as e:
         saved = checkpoint_paths(run_dir)
@@ -230,12 +230,12 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         return 1
 
 
-def start(model_id, args, model, optimizer, levels, sample_rate, batches, device, n_params, run_dir, resumed):
+def start(model_id, args, model, optimizer, splits, sample_rate, batches, device, n_params, run_dir, resumed):
     """Restore a resumed run (repairing what a kill left) or write a new run's settings; then train."""
     ckpt_path, ckpt = resumed or (None, None)
-    ctx = dict(args=args, model=model, optimizer=optimizer, levels=levels, sample_rate=sample_rate,
+    ctx = dict(args=args, model=model, optimizer=optimizer, splits=splits, sample_rate=sample_rate,
                run_dir=run_dir, device=device, model_id=model_id, first_interval=True,
-               chunks_per_epoch=levels["train"].shape[0] * batches.chunks_per_clip)  # one pass: this many clip-chunks
+               chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)  # one pass: this many chunks
     state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "best_iteration": None,
              "since_best": 0, "interval": None}
     h = None
@@ -243,7 +243,7 @@ def start(model_id, args, model, optimizer, levels, sample_rate, batches, device
         remove_temporary_files(run_dir)
     else:
         settings = {"model_id": model_id, "settings": vars(args), "parameters": n_params,
-                    "sample_rate": sample_rate, "clips": {k: list(v.shape) for k, v in levels.items()},
+                    "sample_rate": sample_rate, "clips": {k: [s.n_clips, int(s.lengths.sum())] for k, s in splits.items()},
                     "device": str(device), "command": " ".join(sys.argv), "git": git_info(),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "numpy": np.__version__}}
@@ -262,12 +262,14 @@ def start(model_id, args, model, optimizer, levels, sample_rate, batches, device
     log(f"{model_id}: {n_params:,} parameters | device {device} float32 | torch {torch.__version__}" +
         (f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
     log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
-    log(f"data {args.data}: {sample_rate} Hz, clips train/valid/test {levels['train'].shape[0]}/"
-        f"{levels['valid'].shape[0]}/{levels['test'].shape[0]} of {levels['train'].shape[1]} samples; "
-        f"chunks of {model.seq_len} samples (+{model.overlap} overlap), {batches.chunks_per_clip} per clip")
+    segments = batches.segments
+    log(f"data {args.data}: {sample_rate} Hz, clips train/valid/test {splits['train'].n_clips}/"
+        f"{splits['valid'].n_clips}/{splits['test'].n_clips} ({splits['train'].lengths.sum() / sample_rate / 3600:.2f} "
+        f"h of training audio, memory-mapped); {len(segments)} train segments of {segments.length} samples, "
+        f"chunks of {model.seq_len} samples (+{model.overlap} overlap), {batches.chunks_per_clip} per segment")
     if batches.with_replacement:
-        log(f"note: {levels['train'].shape[0]} train clips < --batch_size {args.batch_size}: "
-            f"each batch draws clips with replacement")
+        log(f"note: {len(segments)} train segments < --batch_size {args.batch_size}: "
+            f"each batch draws segments with replacement")
     with Interrupts() as interrupts:
         ctx["stop"] = lambda: interrupts.signum is not None
         return loop(ctx, batches, state, h, interrupts)
@@ -520,16 +522,15 @@ def chunk_loss(model, chunk, h):
 
 
 @torch.no_grad()
-def evaluate(model, levels, batch_size, device, max_clips=0, stop=None):
+def evaluate(model, split, batch_size, device, max_clips=0, stop=None):
     """Mean NLL in bits per sample over every predicted sample of the clips (all chunks, in a fixed order).
     stop: a callable checked before each chunk; when it is true, Interrupted is raised."""
     model.eval()
-    if max_clips:
-        levels = levels[:max_clips]
     total, count, h = 0.0, 0, None
     # longer chunks than in training give the same predictions (h is carried), with fewer calls
     eval_len = model.seq_len * max(1, EVAL_CHUNK // model.seq_len)
-    for chunk, reset in eval_chunks(levels, batch_size, model.seq_len, model.overlap, model.q_levels, eval_len):
+    for chunk, reset in eval_chunks(split, batch_size, model.seq_len, model.overlap, model.q_levels, eval_len,
+                                    max_clips):
         if stop is not None and stop():
             raise Interrupted(saved=False)
         if reset:
@@ -549,12 +550,12 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     written first: a failed write leaves no row without its checkpoint, and resume puts back a row, best.pt or
     samples that a kill cut off. A signal stops the evaluation or the samples (Interrupted, saying whether the
     checkpoint was written). At the end, test NLL is measured on the last weights and on best.pt's."""
-    args, model, levels, log, run_dir = ctx["args"], ctx["model"], ctx["levels"], ctx["log"], ctx["run_dir"]
+    args, model, splits, log, run_dir = ctx["args"], ctx["model"], ctx["splits"], ctx["log"], ctx["run_dir"]
     it, stop = state["iteration"], ctx["stop"]
     row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
            "epochs": round(it * args.batch_size / ctx["chunks_per_epoch"], 4),
            "train_bits": interval["bits"] / interval["steps"],
-           "valid_bits": evaluate(model, levels["valid"], args.batch_size, ctx["device"], args.valid_clips, stop),
+           "valid_bits": evaluate(model, splits["valid"], args.batch_size, ctx["device"], args.valid_clips, stop),
            "grad_norm": interval["grad_norm"] / interval["steps"],
            "samples_per_sec": round(samples_per_step * interval["steps"] / interval["secs"], 1),
            "rss_mb": rss_mb()}
@@ -565,10 +566,10 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     final = final or bool(args.patience and since_best >= args.patience)
     row["best_iteration"] = it if improved else state["best_iteration"]
     if not bad and (final or (args.test_on_best and improved)):
-        row["test_bits"] = evaluate(model, levels["test"], args.batch_size, ctx["device"], stop=stop)
+        row["test_bits"] = evaluate(model, splits["test"], args.batch_size, ctx["device"], stop=stop)
     if not bad and final:
         row["best_test_bits"] = row["test_bits"] if improved else \
-            evaluate(best_model(ctx), levels["test"], args.batch_size, ctx["device"], stop=stop)
+            evaluate(best_model(ctx), splits["test"], args.batch_size, ctx["device"], stop=stop)
     test = f" | test {row['test_bits']:.4f}" if "test_bits" in row else ""
     log(f"iter {it:7d} | epoch {row['epochs']:.2f} | train {row['train_bits']:.4f} | valid {row['valid_bits']:.4f}"
         f"{' *' if improved else ''}{test} bits/sample | grad norm {row['grad_norm']:.3f} | "
