@@ -146,6 +146,9 @@ def _build_cache(folder, paths, pcm_path, index_path):
             raise UserError(f"files in {folder} have different sample rates {sorted(rates)}: "
                             f"run python -m lib.prepare on them first")
     atomic_write(pcm_path, write)
+    old = pcm_path[:-len(".pcm")] + ".npz"  # the same files decoded by an earlier version (float32, in memory)
+    if os.path.exists(old):
+        os.remove(old)
     atomic_write(index_path, lambda tmp: np.savez(tmp, offsets=np.array(offsets, dtype=np.int64),
                                                   stats=np.array(stats, dtype=np.float64), rate=rates.pop()))
 

@@ -273,7 +273,7 @@ def report(paths, time_windows="0-1h,11-12h", iter_windows="0-10K,90K-100K", plo
     return markdown_table(summaries)
 
 
-def main(argv=None):
+def build_parser():
     p = ArgumentParser(prog="python -m lib.report", description=__doc__)
     p.add_argument("runs", nargs="+", help="run folders, folders of runs, or glob patterns")
     p.add_argument("--time_windows", default="0-1h,11-12h",
@@ -282,7 +282,11 @@ def main(argv=None):
                    help="windows of iterations for the mean train NLL (units K, M)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the learning curves of all runs here")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         print(report(args.runs, args.time_windows, args.iter_windows, args.plot, args.json))
     except UserError as e:

@@ -9,18 +9,22 @@ import pytest
 import baseline
 import generate
 import lib.bench
+import lib.download
 import lib.prepare
+import lib.report
 import lib.train
 import two_tier
 from conftest import REPO, run_main
 from test_train import train
 
 MAINS = {"two_tier.py": two_tier.main, "baseline.py": baseline.main, "generate.py": generate.main,
-         "lib.prepare": lib.prepare.main, "lib.bench": lib.bench.main}
+         "lib.prepare": lib.prepare.main, "lib.bench": lib.bench.main, "lib.download": lib.download.main,
+         "lib.report": lib.report.main}
 PARSERS = {
     "two_tier.py": lambda: lib.train.build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS),
     "baseline.py": lambda: lib.train.build_parser("baseline.py", "", baseline.add_model_args, baseline.PRESETS),
     "generate.py": generate.build_parser, "lib.prepare": lib.prepare.build_parser, "lib.bench": lib.bench.build_parser,
+    "lib.download": lib.download.build_parser, "lib.report": lib.report.build_parser,
 }
 
 
