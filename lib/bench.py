@@ -1,7 +1,14 @@
-"""Benchmarks, measured side by side in one process: python -m lib.bench generate [flags]
+"""Benchmarks, measured side by side in one process: python -m lib.bench generate|train [flags]
 
     python -m lib.bench generate --model twotier --dim 256 --frame_size 2 --n_rnn 3 --batch 1 64
     python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
+    python -m lib.bench train --model twotier --frame_size 2 --precision tf32 bf16    # the default model
+
+train: real training steps (lib.train.train_step, on the default data, after --warmup steps) of the model the
+flags describe, at each --precision: trained samples/s, MFLOP per trained sample (forward plus backward, from
+the layer shapes), the FLOP/s achieved, the matmul rate of this machine at that precision measured here, and
+their ratio; also the plain step it replaced (a host round-trip for the loss and the grad norm every step,
+one norm per parameter, Adam without fusing), timed in turns with it. One JSON line per measurement at the end.
 
 For each batch size: samples/second of the reference sampler and of the fast path (on the CPU: the fast step
 compiled with numba, below batch 16 only as it is slow beyond, on numpy and on torch; on CUDA: with and
@@ -13,6 +20,8 @@ Weights are random: speed does not depend on them.
 Each figure is the best of --repeats timings, the paths timed in turns (this is a shared machine). Nothing
 here is asserted; the numbers go in README.
 """
+import json
+import math
 import threading
 import time
 
@@ -22,7 +31,9 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from baseline import FlatGRU
 from lib import ArgumentParser
+from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
 from lib.sample import BACKENDS, default_backend, generate
+from lib.train import PRECISIONS, chunk_loss, make_optimizer, set_precision, train_step
 from two_tier import TwoTier
 
 
@@ -40,11 +51,28 @@ def flops_per_sample(model):
     return sum(2 * 3 * dim * ((n_in if k == 0 else dim) + dim) for k in range(gru.num_layers)) + 2 * dim * model.q_levels
 
 
-def matmul_flops(device, n=2048):
+def training_flops(model):
+    """FLOPs of one trained sample, forward plus backward (taken as twice the forward), from the layer shapes."""
+    def gru(layer_inputs, dim):
+        return sum(2 * 3 * dim * (n_in + dim) for n_in in layer_inputs)
+    if isinstance(model, TwoTier):
+        fs, rnn = model.frame_size, model.frame_rnn.rnn.gru
+        dim, q, emb = rnn.hidden_size, model.q_levels, model.sample_mlp.embed.embedding_dim
+        per_frame = gru([fs] + [dim] * (rnn.num_layers - 1), dim) + 2 * dim * fs * dim
+        per_frame += 2 * dim * fs * q if model.ip_head is not None else 0
+        forward = per_frame / fs + 2 * fs * emb * dim + 2 * 2 * dim * dim + 2 * dim * q
+    else:
+        rnn = model.rnn.gru
+        forward = gru([rnn.input_size] + [rnn.hidden_size] * (rnn.num_layers - 1), rnn.hidden_size)
+        forward += 2 * rnn.hidden_size * model.q_levels
+    return 3 * forward
+
+
+def matmul_flops(device, n=2048, dtype=torch.float32):
     """FLOP/s of a large square float32 matmul on this device (the FLOP-bound limit's numerator): the best of
     the calls in a second, as the samples/s are the best of --repeats timings (an average here once put a
     disturbed second's rate under the fast path's, for achieved / limit 1.11)."""
-    a = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
     a @ a
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < 1.0:
@@ -152,9 +180,86 @@ def bench_generate(args):
         print(line, flush=True)
 
 
+def flop_rate(x):
+    return f"{x / 1e12:.2f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:.1f} GFLOP/s"
+
+
+def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
+    """The training step before the sync-free one, kept here to measure against: it reads the loss and the grad
+    norm every step (a host round-trip) and takes one norm per parameter; its optimizer is plain Adam."""
+    if reset:
+        h = None
+    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        nll, aux, h = chunk_loss(model, chunk, h)
+    optimizer.zero_grad(set_to_none=True)
+    (nll + aux).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip)
+    optimizer.step()
+    return nll.item() / math.log(2), grad_norm.item(), h.detach().float()
+
+
+def bench_train(args):
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    if args.model == "twotier":
+        n_frames = (args.seq_len or 64 * args.frame_size) // args.frame_size
+        model = TwoTier(args.frame_size, n_frames, args.dim, args.n_rnn, args.emb_size, args.q_levels)
+        config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs, {n_frames} frames"
+    else:
+        model = FlatGRU(args.dim, args.n_rnn, args.q_levels, args.input, args.emb_size, args.seq_len or 128)
+        config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}, seq_len {model.seq_len}"
+    model.to(device).train()
+    splits, _ = load_splits(DEFAULT_DATA)
+    batches = ChunkBatches(splits["train"].quantized(args.q_levels, "linear"), args.batch_size, model.seq_len,
+                           model.overlap, args.q_levels, seed=0)
+    flops, per_step = training_flops(model), args.batch_size * model.seq_len
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{config}, batch {args.batch_size} x {model.seq_len} samples, on {device} ({name}), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} CPU threads; {flops / 1e6:.1f} MFLOP per trained sample "
+          f"(forward + backward)")
+    results = []
+    for precision in args.precision:
+        if precision == "bf16" and device.type != "cuda":
+            print("bf16: skipped (CUDA only)")
+            continue
+        set_precision(precision)
+        peak = matmul_flops(device, 4096 if device.type == "cuda" else 2048,
+                            torch.bfloat16 if precision == "bf16" else torch.float32)
+        steps = {"plain": (plain_step, torch.optim.Adam(model.parameters(), lr=1e-4)),
+                 "sync-free": (train_step, make_optimizer(model, 1e-4))}
+        best, it = {k: float("inf") for k in steps}, 0
+        for repeat in range(args.repeats + 1):  # the first round warms up (allocations, kernel choices)
+            for kind, (step, opt) in steps.items():
+                h = None
+                start = time.perf_counter()
+                for _ in range(args.warmup if repeat == 0 else args.steps):
+                    chunk, reset = batches(it)
+                    it += 1
+                    _, _, h = step(model, opt, chunk.to(device, non_blocking=True), reset, h, 1.0, precision)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if repeat:
+                    best[kind] = min(best[kind], (time.perf_counter() - start) / args.steps)
+        for kind, secs in best.items():
+            rate = per_step / secs
+            results.append(dict(model=args.model, config=config, device=name, precision=precision, step=kind,
+                                batch_size=args.batch_size, seq_len=model.seq_len, samples_per_sec=round(rate),
+                                mflop_per_sample=round(flops / 1e6, 2), achieved_tflops=round(rate * flops / 1e12, 3),
+                                matmul_tflops=round(peak / 1e12, 2), fraction_of_matmul=round(rate * flops / peak, 3)))
+            print(f"{precision:4s} {kind:9s} step: {secs * 1e3:8.2f} ms, {rate:12,.0f} samples/s, "
+                  f"{flop_rate(rate * flops)} = {rate * flops / peak:.3f} of the matmul rate here "
+                  f"({flop_rate(peak)} at {precision})" +
+                  (f"; {best['plain'] / secs:.2f}x the plain step" if kind != "plain" else ""), flush=True)
+    for r in results:
+        print(json.dumps(r))
+
+
 def build_parser():
     p = ArgumentParser(prog="python -m lib.bench", description=__doc__)
-    p.add_argument("what", choices=["generate"], help="what to measure")
+    p.add_argument("what", choices=["generate", "train"], help="what to measure")
     p.add_argument("--model", default="twotier", choices=["twotier", "baseline"], help="which model")
     p.add_argument("--dim", type=int, default=1024, help="width of the GRUs (and of the two-tier's MLP)")
     p.add_argument("--frame_size", type=int, default=2, help="two-tier frame size (samples)")
@@ -162,7 +267,13 @@ def build_parser():
     p.add_argument("--emb_size", type=int, default=256, help="embedding size")
     p.add_argument("--input", default="reals", choices=["reals", "embed"], help="the baseline's input")
     p.add_argument("--q_levels", type=int, default=256, help="quantization levels")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes to measure")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="generate: batch sizes to measure")
+    p.add_argument("--batch_size", type=int, default=128, help="train: clips per batch")
+    p.add_argument("--seq_len", type=int, default=None,
+                   help="train: samples per chunk (default: 64 frames for the two-tier model, 128 for the baseline)")
+    p.add_argument("--precision", nargs="+", default=["tf32"], choices=PRECISIONS, help="train: precisions to measure")
+    p.add_argument("--steps", type=int, default=20, help="train: timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="train: steps before timing")
     p.add_argument("--secs", type=float, default=0.5, help="audio generated per measurement (seconds)")
     p.add_argument("--repeats", type=int, default=3, help="timings per measurement; the best one is reported")
     p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
@@ -179,7 +290,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads or None, user_api="blas"):
-        bench_generate(args)
+        (bench_generate if args.what == "generate" else bench_train)(args)
 
 
 if __name__ == "__main__":

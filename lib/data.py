@@ -124,28 +124,41 @@ def _build_cache(folder, paths, pcm_path, index_path):
     """Decode every usable file of the split, in order, into 16-bit PCM appended to one file; then the index.
     Only one file's samples are in memory at a time (written with plain writes, not through a mapping, so that
     the pages written do not count as this process's memory)."""
-    os.makedirs(os.path.dirname(pcm_path), exist_ok=True)
+    cache_dir = os.path.dirname(pcm_path)
+    made = not os.path.isdir(cache_dir)
     offsets, stats, rates = [0], [], set()
 
     def write(tmp):
-        with open(tmp, "wb") as f:
+        f = None  # opened at the first usable file: a folder of bad files leaves no trace
+        try:
             for path in paths:
                 try:
                     samples, rate = read_mono(path)
                 except BadAudio as e:
                     warn(f"skipping {e}")
                     continue
+                if f is None:
+                    os.makedirs(cache_dir, exist_ok=True)
+                    f = open(tmp, "wb")
                 pcm16 = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
                 f.write(pcm16.tobytes())
                 offsets.append(offsets[-1] + len(pcm16))
                 stats.append(clip_stats(pcm16 * PCM_SCALE))  # of the samples as stored
                 rates.add(rate)
+        finally:
+            if f is not None:
+                f.close()
         if len(offsets) == 1:
             raise UserError(f"none of the {len(paths)} audio files in {folder} is usable (unreadable or non-finite)")
         if len(rates) > 1:
             raise UserError(f"files in {folder} have different sample rates {sorted(rates)}: "
                             f"run python -m lib.prepare on them first")
-    atomic_write(pcm_path, write)
+    try:
+        atomic_write(pcm_path, write)
+    except BaseException:
+        if made and os.path.isdir(cache_dir) and not os.listdir(cache_dir):
+            os.rmdir(cache_dir)  # bad input leaves the dataset as it was
+        raise
     old = pcm_path[:-len(".pcm")] + ".npz"  # the same files decoded by an earlier version (float32, in memory)
     if os.path.exists(old):
         os.remove(old)

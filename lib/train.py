@@ -51,6 +51,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "valid_clips",
              "n_samples", "sample_secs", "test_on_best", "patience", "dry_run"}
 PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
+PRECISIONS = ("fp32", "tf32", "bf16")
+SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many steps it waits and checks the loss
 SPEED_STEPS = 5  # the speed line comes after this many steps (the first step, a warm-up, is not counted)
 PROGRESS_SECS = 300  # without a terminal, a plain progress line this often (wall seconds)
 
@@ -87,6 +89,9 @@ def add_training_args(p, presets):
     g.add_argument("--runs_dir", default="runs", help="folder that holds the run folders")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    g.add_argument("--precision", default="tf32", choices=PRECISIONS,
+                   help="matrix products on CUDA: fp32, tf32 (fp32 storage, TF32 tensor cores), or bf16 autocast "
+                        "(weights, optimizer state and loss stay fp32); the CPU always computes in fp32")
     g.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0 = torch's default (one per core)")
     g.add_argument("--preset", default=None, choices=sorted(presets),
                    help="named set of defaults that flags given after it still override: " +
@@ -176,6 +181,15 @@ def load_latest_checkpoint(run_dir, verb):
     return None
 
 
+def set_precision(precision):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+
+
+def make_optimizer(model, lr):
+    """Adam, fused into one kernel per step (on the CPU too: it gives the same results run after run)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
 def check_settings(args):
     check_q_levels(args.q_levels, args.qtype)
     for name, value in sorted(vars(args).items()):
@@ -192,6 +206,8 @@ def check_settings(args):
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    if args.precision == "bf16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise UserError("--precision bf16 is for CUDA; on the CPU use fp32 (the default tf32 means fp32 there)")
 
 
 def train(model_id, parser, build_model, default_tag, presets, argv):
@@ -216,9 +232,9 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_precision(args.precision)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = make_optimizer(model, args.lr)
     run_dir = args.resume or new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
     try:
         return start(model_id, args, model, optimizer, splits, sample_rate, batches, device, n_params, run_dir,
@@ -362,15 +378,17 @@ def loop(ctx, batches, state, h, interrupts):
             if not due:
                 t0 = time.perf_counter()
                 chunk, reset = batches(state["iteration"])
-                bits, grad_norm, h = train_step(model, optimizer, chunk.to(device), reset, h, args.grad_clip)
+                bits, grad_norm, h = train_step(model, optimizer, chunk.to(device, non_blocking=True), reset, h,
+                                                args.grad_clip, args.precision)
+                interval["bits"] += bits  # device tensors: read once per SYNC_STEPS, not per step
+                interval["grad_norm"] += grad_norm
+                interval["steps"] += 1
+                if interval["steps"] % SYNC_STEPS == 0 or device.type == "cpu":
+                    if not math.isfinite(float(interval["bits"])):  # waits for the device: the time is real
+                        raise NonFinite(f"non-finite train NLL before iteration {state['iteration'] + 1}")
                 step_secs = time.perf_counter() - t0
                 state["iteration"] += 1
                 state["train_secs"] += step_secs
-                if not math.isfinite(bits):
-                    raise NonFinite(f"non-finite train NLL ({bits}) at iteration {state['iteration']}")
-                interval["bits"] += bits
-                interval["grad_norm"] += grad_norm
-                interval["steps"] += 1
                 interval["secs"] += step_secs
                 progress.step(state, interval, step_secs, samples_per_step)
                 due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
@@ -378,6 +396,8 @@ def loop(ctx, batches, state, h, interrupts):
             final = stopping()
             state["wall_secs"] = time.time() - wall_start
             if due or final:
+                interval = {k: float(v) for k, v in interval.items()}  # waits for the device
+                interval["steps"] = int(interval["steps"])
                 try:
                     final = end_interval(ctx, state, interval, h, samples_per_step, final)
                 except Interrupted as e:  # a signal during the evaluation or the samples:
@@ -431,13 +451,13 @@ class Progress:
         if self.steps == SPEED_STEPS + 1:
             self.speed_line(state, interval, secs_per_it, samples_per_step)
         self.bar.update(1 if self.by_iters else step_secs)
-        if interval["steps"] % 10 == 1:
-            self.bar.set_postfix(bits=f"{interval['bits'] / interval['steps']:.3f}")
+        if interval["steps"] % SYNC_STEPS == 0 and not self.bar.disable:  # the loop has just waited for the device
+            self.bar.set_postfix(bits=f"{float(interval['bits']) / interval['steps']:.3f}")
         if self.bar.disable and time.time() - self.last_line >= PROGRESS_SECS:
             self.last_line = time.time()
             left = self.budget_left(state, secs_per_it)
             self.log(f"progress: iteration {state['iteration']:,}, {state['train_secs'] / 3600:.3f} h of training | "
-                     f"{secs_per_it:.3f} s per iteration | train {interval['bits'] / interval['steps']:.3f} bits/sample "
+                     f"{secs_per_it:.3f} s per iteration | train {float(interval['bits']) / interval['steps']:.3f} bits/sample "
                      f"since the last interval | {duration(left)} of training left")
 
     def budget_left(self, state, secs_per_it):
@@ -481,6 +501,7 @@ def interrupted(ctx, state, interval, h, signum):
     gives the uninterrupted run's metrics) and say how to continue."""
     it, run_dir = state["iteration"], ctx["run_dir"]
     path = os.path.join(run_dir, "checkpoints", f"it{it:07d}.pt")
+    interval = {k: float(v) if k != "steps" else int(v) for k, v in interval.items()}  # waits for the device
     if interval["steps"] or state.get("interval_due"):  # else the interval's end has just saved this iteration
         bad = non_finite(ctx["model"], {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:
@@ -497,28 +518,30 @@ def non_finite(model, values):
     return bad + [name for name, v in values.items() if not math.isfinite(v)]
 
 
-def train_step(model, optimizer, chunk, reset, h, grad_clip):
-    """One truncated-BPTT step on a chunk -> (train NLL in bits per sample, grad norm before clipping, h).
-    At the first chunk of a clip (reset) the model starts from its learned h0, whatever h was."""
+def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32"):
+    """One truncated-BPTT step on a chunk -> (train NLL in bits per sample, grad norm before clipping, h), the
+    first two as float64 tensors on the device: reading them would wait for it, so the loop reads their sums
+    only every SYNC_STEPS steps. At the first chunk of a clip (reset) the model starts from its learned h0,
+    whatever h was. bf16 autocasts the forward pass; the loss, gradients and Adam stay fp32."""
     if reset:
         h = None
-    nll, aux, h = chunk_loss(model, chunk, h)
+    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        nll, aux, h = chunk_loss(model, chunk, h)
     optimizer.zero_grad(set_to_none=True)
     (nll + aux).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
-    # .item() also waits for the GPU, so the caller's timing of the step is its real time
-    return nll.item() / LN2, grad_norm.item(), h.detach()
+    return nll.detach().double() / LN2, grad_norm.detach().double(), h.detach().float()
 
 
 def chunk_loss(model, chunk, h):
     """(mean NLL in nats, auxiliary loss, h) of one chunk."""
     logits, h, aux = model(chunk, h)
     targets = chunk[:, model.overlap:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), aux, h
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)), aux, h
 
 
 @torch.no_grad()

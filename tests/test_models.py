@@ -161,3 +161,33 @@ def test_evaluation_resets_between_clips_and_covers_whole_chunks():
             nll, _, h = chunk_loss(model, chunk, None if reset else h)
             total += nll.item() * chunk.shape[0] * 16
     assert together == pytest.approx(total / (3 * 64) / math.log(2), rel=1e-6)
+
+
+def test_sync_free_step_equals_the_plain_step():
+    """The training step that keeps its sums on the device (fused Adam, one foreach norm) gives the losses, grad
+    norms and parameters of the plain step it replaced (per-parameter norms, plain Adam), to float tolerance."""
+    from lib.train import make_optimizer
+    plain_model = small()
+    fast_model = copy.deepcopy(plain_model)
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
+    fast_opt = make_optimizer(fast_model, 1e-3)
+    g = torch.Generator().manual_seed(0)
+    h_plain = h_fast = None
+    for step in range(6):
+        chunk = torch.randint(Q, (3, 2 + 16), generator=g)
+        reset = step % 3 == 0
+        if reset:
+            h_plain = None
+        nll, aux, h_plain = chunk_loss(plain_model, chunk, h_plain)
+        plain_opt.zero_grad()
+        (nll + aux).backward()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in
+                                                     plain_model.parameters() if p.grad is not None]))
+        torch.nn.utils.clip_grad_value_(plain_model.parameters(), 0.5)
+        plain_opt.step()
+        h_plain = h_plain.detach()
+        bits, grad_norm, h_fast = train_step(fast_model, fast_opt, chunk, reset, h_fast, 0.5)
+        assert bits.dtype == torch.float64 and bits.item() == pytest.approx(nll.item() / math.log(2), rel=1e-5)
+        assert grad_norm.item() == pytest.approx(norm.item(), rel=1e-4)
+    for a, b in zip(plain_model.parameters(), fast_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
