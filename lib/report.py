@@ -221,9 +221,18 @@ def summarize(run_dir, time_windows, iter_windows):
 
 
 def differing(summaries):
-    """The settings whose values differ between the runs (sorted), not counting IGNORED ones."""
+    """The settings whose values differ between the runs (sorted), not counting IGNORED ones. A setting that some
+    runs lack counts only between different models (a flag of one model); within one model it is a flag that a
+    later version added, and runs without it ran as its default."""
     keys = sorted(set().union(*(s["settings"] for s in summaries)) - IGNORED)
-    return [k for k in keys if len({json.dumps(s["settings"].get(k)) for s in summaries}) > 1]
+
+    def differs(k):
+        present = {json.dumps(s["settings"][k]) for s in summaries if k in s["settings"]}
+        has = {s["model"]: False for s in summaries}
+        for s in summaries:
+            has[s["model"]] |= k in s["settings"]
+        return len(present) > 1 or len(set(has.values())) > 1  # values differ, or one model lacks the flag
+    return [k for k in keys if differs(k)]
 
 
 def markdown_table(summaries):
