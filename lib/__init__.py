@@ -42,6 +42,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written, and '(default: X)' after each flag's help."""
 
 
+def run_script(work, *args):
+    """A script's work: bad input (UserError) is one line and exit status 2, a failed write (WriteError) one line
+    and exit status 1; never a traceback for either."""
+    try:
+        return work(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def atomic_write(path, write):
     """write(tmp) to a temporary name next to `path`, then rename it over `path`: a kill, a Ctrl-C or a full disk
     never leaves a partial `path`, and the partial temporary file is removed. OSError -> WriteError(path)."""

@@ -35,7 +35,7 @@ if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load is
 
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError, WriteError
+from lib import ArgumentParser, UserError, WriteError, run_script
 from lib.prepare import prepare
 
 TRIES = 3  # per file, each resuming where the last broke off
@@ -240,14 +240,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        download(args.name, args.dest, args.sample_rate, args.url, args.sha256, args.speakers, args.clip_secs)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(download, args.name, args.dest, args.sample_rate, args.url, args.sha256, args.speakers, args.clip_secs)
 
 
 if __name__ == "__main__":

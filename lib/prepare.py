@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import sys
 
 if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load or while reading is one line
     from lib import quiet_interrupts
@@ -24,7 +23,7 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError, WriteError
+from lib import ArgumentParser, UserError, WriteError, run_script
 from lib.audio import AUDIO_EXTENSIONS, BadAudio, find_audio, read_mono, warn
 
 SPLITS = ("train", "valid", "test")
@@ -145,14 +144,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        prepare(args.src, args.out, args.sample_rate, args.clip_secs, tuple(args.split), args.seed, args.silence_db)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WriteError as e:
-        print(f"error: {e}; nothing was written", file=sys.stderr)
-        sys.exit(1)
+    run_script(prepare, args.src, args.out, args.sample_rate, args.clip_secs, tuple(args.split), args.seed,
+               args.silence_db)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,12 @@ iterations (default: 0-10K and 90K-100K). The metrics log holds one mean per int
 straddles a window's edge counts with the share of its steps (or seconds) inside the window, as if the
 interval's steps were alike. A window the run has not reached to its end prints as a dash, never a number.
 """
-import argparse
 import glob
 import json
-import math
 import os
 import re
-import sys
 
-from lib import ArgumentParser, UserError, atomic_write
+from lib import ArgumentParser, UserError, atomic_write, run_script
 from lib.audio import warn
 
 import matplotlib
@@ -296,11 +293,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        print(report(args.runs, args.time_windows, args.iter_windows, args.plot, args.json))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    print(run_script(report, args.runs, args.time_windows, args.iter_windows, args.plot, args.json))
 
 
 if __name__ == "__main__":
