@@ -383,11 +383,18 @@ def loop(ctx, batches, state, h, interrupts):
                 interval["bits"] += bits  # device tensors: read once per SYNC_STEPS, not per step
                 interval["grad_norm"] += grad_norm
                 interval["steps"] += 1
-                if interval["steps"] % SYNC_STEPS == 0 or device.type == "cpu":
-                    if not math.isfinite(float(interval["bits"])):  # waits for the device: the time is real
-                        raise NonFinite(f"non-finite train NLL before iteration {state['iteration'] + 1}")
-                step_secs = time.perf_counter() - t0
                 state["iteration"] += 1
+                # wait for the device every SYNC_STEPS steps, and before anything that ends the interval, so that
+                # the steps' times add up to the real training time (the time waited counts to this step)
+                ahead = time.perf_counter() - t0
+                if device.type == "cpu" or interval["steps"] % SYNC_STEPS == 0 or interrupts.signum is not None or \
+                        (args.print_iters and state["iteration"] % args.print_iters == 0) or \
+                        (args.stop_iters and state["iteration"] >= args.stop_iters) or \
+                        interval["secs"] + ahead >= args.print_time or \
+                        state["train_secs"] + ahead >= args.stop_time * 3600:
+                    if not math.isfinite(float(interval["bits"])):
+                        raise NonFinite(f"non-finite train NLL by iteration {state['iteration']}")
+                step_secs = time.perf_counter() - t0
                 state["train_secs"] += step_secs
                 interval["secs"] += step_secs
                 progress.step(state, interval, step_secs, samples_per_step)
