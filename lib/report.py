@@ -225,10 +225,11 @@ def differing(summaries):
 
     def differs(k):
         present = {json.dumps(s["settings"][k]) for s in summaries if k in s["settings"]}
-        has = {s["model"]: False for s in summaries}
+        has = {}  # model -> whether each of its runs has the flag
         for s in summaries:
-            has[s["model"]] |= k in s["settings"]
-        return len(present) > 1 or len(set(has.values())) > 1  # values differ, or one model lacks the flag
+            has.setdefault(s["model"], set()).add(k in s["settings"])
+        one_model_only = all(len(v) == 1 for v in has.values()) and len({v.pop() for v in has.values()}) > 1
+        return len(present) > 1 or one_model_only  # values differ, or the flag is one model's
     return [k for k in keys if differs(k)]
 
 
