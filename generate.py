@@ -10,7 +10,6 @@ path of lib/sample.py (the one the training loop uses too); --reference uses the
 """
 import argparse
 import os
-import sys
 import time
 
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
@@ -23,7 +22,7 @@ import torch
 
 import baseline
 import two_tier
-from lib import ArgumentParser, UserError, WriteError
+from lib import ArgumentParser, UserError, WriteError, run_script
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
@@ -107,13 +106,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     threads = torch.get_num_threads()
     try:
-        generate_files(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        run_script(generate_files, args)
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
 
