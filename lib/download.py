@@ -174,6 +174,24 @@ def download(name, dest, sample_rate=16000, url=None, sha256=None, speakers=None
     raw = os.path.join(work, "extracted")
     shutil.rmtree(raw, ignore_errors=True)  # a half-done extraction of an earlier run
     os.makedirs(raw, exist_ok=True)
+    try:
+        meta = fetch_and_prepare(name, spec, dest, work, raw, sample_rate, url, sha256, speakers, clip_secs)
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+        if not os.listdir(work):  # nothing was fetched: leave no trace
+            os.rmdir(work)
+    hours = sum(s["minutes"] for s in meta["splits"].values()) / 60
+    with open(os.path.join(dest, "README.md"), "w") as f:
+        f.write(f"# {name}\n\nOrigin: {spec['title']}\n\nLicence: {spec['licence']}\n\nCredit: {spec['credit']}\n\n"
+                f"Made by `python -m lib.download {name} {dest} --sample_rate {sample_rate} --clip_secs {clip_secs:g}"
+                f"{' --speakers ' + speakers if speakers else ''}` from {url or spec['url']}: "
+                f"{hours:.2f} hours at {sample_rate} Hz, mono, 16-bit FLAC clips; the split is in dataset.json.\n")
+    print(f"dataset {dest} is ready: python two_tier.py --data {dest}")
+    return meta
+
+
+def fetch_and_prepare(name, spec, dest, work, raw, sample_rate, url, sha256, speakers, clip_secs):
+    """The files into work/, the chosen ones into raw/, then lib.prepare into dest."""
     if name == "beethoven":
         fetch_items(url or spec["url"], spec["items"], work, raw)
     else:
@@ -188,16 +206,7 @@ def download(name, dest, sample_rate=16000, url=None, sha256=None, speakers=None
             wanted = {s.strip() for s in speakers.split(",")}
             keep = (lambda inner: lambda n: inner(n) and n.split("/")[1] in wanted)(keep)
         extract(archive, raw, keep)
-    meta = prepare(raw, dest, sample_rate=sample_rate, clip_secs=clip_secs)
-    shutil.rmtree(raw)
-    hours = sum(s["minutes"] for s in meta["splits"].values()) / 60
-    with open(os.path.join(dest, "README.md"), "w") as f:
-        f.write(f"# {name}\n\nOrigin: {spec['title']}\n\nLicence: {spec['licence']}\n\nCredit: {spec['credit']}\n\n"
-                f"Made by `python -m lib.download {name} {dest} --sample_rate {sample_rate} --clip_secs {clip_secs:g}"
-                f"{' --speakers ' + speakers if speakers else ''}` from {url or spec['url']}: "
-                f"{hours:.2f} hours at {sample_rate} Hz, mono, 16-bit FLAC clips; the split is in dataset.json.\n")
-    print(f"dataset {dest} is ready: python two_tier.py --data {dest}")
-    return meta
+    return prepare(raw, dest, sample_rate=sample_rate, clip_secs=clip_secs)
 
 
 def fetch_items(base, items, work, raw):
