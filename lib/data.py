@@ -60,9 +60,27 @@ class Split:
     def is_silent(self):
         return not np.any(self.stats[:, 1:]) if self.stats is not None else not np.any(self.pcm)
 
+    def on_device(self, device, q_levels, chunk_clips=64):
+        """This split quantized once into a torch tensor on `device` (uint8 for q_levels <= 256: 1 byte a
+        sample), so that batches are gathered there; the levels equal those quantized per batch."""
+        dtype = torch.uint8 if q_levels <= 256 else torch.int32
+        out = torch.empty(int(self.offsets[-1]), dtype=dtype, device=device)
+        for first in range(0, self.n_clips, chunk_clips):  # a few clips at a time: memory stays flat
+            for clip in range(first, min(self.n_clips, first + chunk_clips)):
+                a, b = self.offsets[clip], self.offsets[clip + 1]
+                out[a:b] = self.levels([clip], [0], b - a, q_levels)[0].to(device, dtype)
+        return Split(out, self.offsets, self.stats, self.rate, scale=None)
+
     def levels(self, clips, starts, length, q_levels):
         """int64 (len(clips), length): samples starts[i] .. starts[i] + length - 1 of clip clips[i], as levels;
         positions before the clip's start (negative) are q_zero."""
+        if isinstance(self.pcm, torch.Tensor):  # levels held on a device: gather there
+            dev = self.pcm.device
+            pos = torch.as_tensor(np.asarray(starts), device=dev)[:, None] + torch.arange(length, device=dev)
+            idx = torch.as_tensor(self.offsets[np.asarray(clips)], device=dev)[:, None] + pos.clamp(min=0)
+            out = self.pcm[idx].long()
+            out[pos < 0] = q_zero(q_levels)
+            return out
         clips, starts = np.asarray(clips), np.asarray(starts)
         idx = self.offsets[clips][:, None] + starts[:, None] + np.arange(length)  # (B, length) into pcm
         before = starts[:, None] + np.arange(length) < 0

@@ -232,6 +232,12 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if device.type == "cuda" and args.q_levels <= 256:  # the splits as uint8 levels on the GPU, where they fit
+        need = sum(int(s.lengths.sum()) for s in {id(s): s for s in splits.values()}.values())
+        if need < 0.25 * torch.cuda.mem_get_info(device)[0]:
+            held = {id(s): s.on_device(device, args.q_levels) for s in splits.values()}
+            splits = {name: held[id(s)] for name, s in splits.items()}
+            batches.segments.split = splits["train"]  # the same segments, gathered on the GPU
     set_precision(args.precision)
     model.to(device)
     optimizer = make_optimizer(model, args.lr)
@@ -281,7 +287,8 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
     segments = batches.segments
     log(f"data {args.data}: {sample_rate} Hz, clips train/valid/test {splits['train'].n_clips}/"
         f"{splits['valid'].n_clips}/{splits['test'].n_clips} ({splits['train'].lengths.sum() / sample_rate / 3600:.2f} "
-        f"h of training audio, memory-mapped); {len(segments)} train segments of {segments.length} samples, "
+        f"h of training audio, {'on the GPU as levels' if torch.is_tensor(splits['train'].pcm) else 'memory-mapped'});"
+        f" {len(segments)} train segments of {segments.length} samples, "
         f"chunks of {model.seq_len} samples (+{model.overlap} overlap), {batches.chunks_per_clip} per segment")
     if batches.with_replacement:
         log(f"note: {len(segments)} train segments < --batch_size {args.batch_size}: "

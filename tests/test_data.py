@@ -31,6 +31,10 @@ def test_memory_mapped_batches_equal_the_in_memory_ones_on_the_shipped_data():
     for it in (0, 1, 499, 500, 2501, 500 * 5 + 7):  # within a clip, the next batch of clips, the next epoch
         (a, ra), (b, rb) = old(it), new(it)
         assert ra == rb and a.dtype == b.dtype == torch.int64 and torch.equal(a, b), it
+    held = ChunkBatches(train.on_device(torch.device("cpu"), 256), 32, 128, 2, 256, seed=123)  # as on a GPU
+    assert held.segments.split.pcm.dtype == torch.uint8
+    for it in (0, 499, 2501):
+        assert torch.equal(held(it)[0], new(it)[0])
     valid = splits["valid"].quantized(256, "linear")
     old_eval = list(eval_chunks(in_memory_levels(os.path.join(DEFAULT_DATA, "valid")), 4, 128, 2, 256, 2048))
     new_eval = list(eval_chunks(valid, 4, 128, 2, 256, 2048))
