@@ -41,7 +41,8 @@ def test_train_and_generate_on_cuda(tmp_path, speech_wav, name):
     assert run_main(SCRIPTS[name], ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs_dir),
                                     "--device", "cuda"]) == 0
     (run_dir,) = glob.glob(str(runs_dir / "*"))
-    assert "device cuda" in open(os.path.join(run_dir, "log.txt")).read()
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "device cuda" in log and "on the GPU as levels" in log  # batches gathered on the GPU
     for out, flags in (("a", []), ("b", []), ("graphed", ["--cuda_graph"])):
         assert run_main(generate_main, [run_dir, "--n", "2", "--secs", "0.1", "--device", "cuda", "--out",
                                         str(tmp_path / out), *flags]) == 0
