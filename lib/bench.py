@@ -33,7 +33,7 @@ from baseline import FlatGRU
 from lib import ArgumentParser
 from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
 from lib.sample import BACKENDS, default_backend, generate
-from lib.train import PRECISIONS, chunk_loss, make_optimizer, set_precision, train_step
+from lib.train import PRECISIONS, backward, make_optimizer, set_precision, train_step
 from two_tier import TwoTier
 
 
@@ -187,12 +187,7 @@ def flop_rate(x):
 def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
     """The training step before the sync-free one, kept here to measure against: it reads the loss and the grad
     norm every step (a host round-trip) and takes one norm per parameter; its optimizer is plain Adam."""
-    if reset:
-        h = None
-    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        nll, aux, h = chunk_loss(model, chunk, h)
-    optimizer.zero_grad(set_to_none=True)
-    (nll + aux).backward()
+    nll, h = backward(model, optimizer, chunk, reset, h, precision)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     if grad_clip > 0:

@@ -537,18 +537,24 @@ def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32"):
     first two as float64 tensors on the device: reading them would wait for it, so the loop reads their sums
     only every SYNC_STEPS steps. At the first chunk of a clip (reset) the model starts from its learned h0,
     whatever h was. bf16 autocasts the forward pass; the loss, gradients and Adam stay fp32."""
-    if reset:
-        h = None
-    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        nll, aux, h = chunk_loss(model, chunk, h)
-    optimizer.zero_grad(set_to_none=True)
-    (nll + aux).backward()
+    nll, h = backward(model, optimizer, chunk, reset, h, precision)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
     return nll.detach().double() / LN2, grad_norm.detach().double(), h.detach().float()
+
+
+def backward(model, optimizer, chunk, reset, h, precision):
+    """The loss of a chunk and its gradients -> (mean NLL in nats, h). bf16 autocasts the forward pass."""
+    if reset:
+        h = None
+    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        nll, aux, h = chunk_loss(model, chunk, h)
+    optimizer.zero_grad(set_to_none=True)
+    (nll + aux).backward()
+    return nll, h
 
 
 def chunk_loss(model, chunk, h):

@@ -1,5 +1,6 @@
 """What a newcomer meets first: every --help shows every default, README's commands parse as written, and a run
 says what it is doing when its output is not a terminal."""
+import json
 import os
 import re
 import shlex
@@ -76,3 +77,16 @@ def test_progress_lines_without_a_terminal(tmp_path, speech_wav, capsys, monkeyp
     assert "s per iteration" in speed and "the first interval (valid NLL, checkpoint, samples) in about" in speed
     progress = [s for s in out.splitlines() if s.startswith("progress: iteration")]
     assert len(progress) >= 15 and "of training left" in progress[-1]
+
+
+def test_bench_train_prints_both_steps_and_json(capsys):
+    """python -m lib.bench train on the CPU (tiny model): both steps timed, their rates against the matmul rate,
+    and a JSON line for each (bf16 is skipped without CUDA)."""
+    assert run_main(lib.bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--batch_size", "4", "--steps", "2",
+                                     "--warmup", "1", "--repeats", "1", "--precision", "fp32", "bf16",
+                                     "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "MFLOP per trained sample" in out[0] and "bf16: skipped (CUDA only)" in out
+    rows = [json.loads(line) for line in out if line.startswith("{")]
+    assert [r["step"] for r in rows] == ["plain", "sync-free"]
+    assert all(r["samples_per_sec"] > 0 and 0 < r["fraction_of_matmul"] < 1.5 for r in rows)
