@@ -247,15 +247,17 @@ class ChunkBatches:
 
     Iteration i walks chunk i % chunks_per_clip of a batch of segments (clips). The batches of one epoch are a
     seeded permutation of the segments; with fewer segments than batch_size, they are drawn with replacement.
+    Under torchrun (lib/dist.py) the batch is the global one, world * batch_size, and rank r takes its r-th part.
     """
 
-    def __init__(self, split, batch_size, seq_len, overlap, q_levels, seed):
+    def __init__(self, split, batch_size, seq_len, overlap, q_levels, seed, rank=0, world=1):
         self.segments = Segments(split, seq_len, "train clips")
         self.chunks_per_clip = self.segments.chunks  # the tail beyond a whole chunk is not trained on
-        self.batch_size, self.seq_len, self.overlap, self.q_levels, self.seed = \
-            batch_size, seq_len, overlap, q_levels, seed
-        self.with_replacement = len(self.segments) < batch_size
-        self.batches_per_epoch = 1 if self.with_replacement else len(self.segments) // batch_size
+        self.seq_len, self.overlap, self.q_levels, self.seed = seq_len, overlap, q_levels, seed
+        self.batch_size = batch_size * world  # the global batch
+        self.rows = slice(rank * batch_size, (rank + 1) * batch_size)  # this rank's part of it
+        self.with_replacement = len(self.segments) < self.batch_size
+        self.batches_per_epoch = 1 if self.with_replacement else len(self.segments) // self.batch_size
         self._perm_epoch, self._perm = None, None
 
     def clip_indices(self, group):
@@ -273,7 +275,7 @@ class ChunkBatches:
     def __call__(self, iteration):
         """(chunk (B, overlap + seq_len) int64, reset) for training iteration `iteration` (0-based)."""
         group, k = divmod(iteration, self.chunks_per_clip)
-        rows = self.clip_indices(group).numpy()
+        rows = self.clip_indices(group).numpy()[self.rows]
         return self.segments.levels(rows, k * self.seq_len - self.overlap, self.overlap + self.seq_len,
                                     self.q_levels), k == 0
 

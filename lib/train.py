@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write
+from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write, dist
 from lib.audio import warn, write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, Segments, eval_chunks, load_splits
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
@@ -66,7 +66,8 @@ def add_training_args(p, presets):
     g.add_argument("--zero_dc", action="store_true", help="subtract each clip's mean before quantizing")
     g.add_argument("--norm", default="none", choices=NORMS, help="'minmax': stretch each clip to [-1, 1] (original)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch_size", type=int, default=128, help="clips per batch")
+    g.add_argument("--batch_size", type=int, default=128,
+                   help="clips per batch (per process under torchrun: the global batch is N times this)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip each gradient element to [-c, c] (0 = off)")
     g.add_argument("--seed", type=int, default=123, help="seed of the init, the data order and the samples")
@@ -222,16 +223,30 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         print(json.dumps(vars(args), indent=1))
         print(f"{model_id}: {n_params:,} parameters")
         return 0
+    world = dist.world_size()
+    if resumed and read_run_settings(args.resume).get("world_size", 1) != world:
+        raise UserError(f"{args.resume} was trained on {read_run_settings(args.resume).get('world_size', 1)} "
+                        f"process(es), this is {world}: resume it with the same torchrun --nproc_per_node")
+    device = dist.setup(args.device)  # None unless torchrun started several processes
+    try:
+        return train_on(model_id, args, model, n_params, default_tag, resumed, device, world)
+    finally:
+        dist.cleanup()
+
+
+def train_on(model_id, args, model, n_params, default_tag, resumed, device, world):
+    rank = dist.rank()
 
     splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
     for split in splits.values():
         split.quantized(args.q_levels, args.qtype, args.zero_dc, args.norm)
-    batches = ChunkBatches(splits["train"], args.batch_size, model.seq_len, model.overlap, args.q_levels, args.seed)
+    batches = ChunkBatches(splits["train"], args.batch_size, model.seq_len, model.overlap, args.q_levels, args.seed,
+                           rank, world)
     for name in ("valid", "test"):
         Segments(splits[name], model.seq_len, f"{name} clips")  # refuses clips shorter than a chunk, now
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = device or torch.device("cuda" if args.device == "cuda" or
+                                    (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cuda" and args.q_levels <= 256:  # the splits as uint8 levels on the GPU, where they fit
         need = sum(int(s.lengths.sum()) for s in {id(s): s for s in splits.values()}.values())
         if need < 0.25 * torch.cuda.mem_get_info(device)[0]:
@@ -241,7 +256,10 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     set_precision(args.precision)
     model.to(device)
     optimizer = make_optimizer(model, args.lr)
-    run_dir = args.resume or new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
+    run_dir = args.resume or (new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
+                              if rank == 0 else None)
+    if world > 1:
+        run_dir = dist.share(run_dir)
     try:
         return start(model_id, args, model, optimizer, splits, sample_rate, batches, device, n_params, run_dir,
                      resumed)
@@ -255,34 +273,37 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
 def start(model_id, args, model, optimizer, splits, sample_rate, batches, device, n_params, run_dir, resumed):
     """Restore a resumed run (repairing what a kill left) or write a new run's settings; then train."""
     ckpt_path, ckpt = resumed or (None, None)
+    world, main = dist.world_size(), dist.rank() == 0  # only rank 0 (main) writes
     ctx = dict(args=args, model=model, optimizer=optimizer, splits=splits, sample_rate=sample_rate,
-               run_dir=run_dir, device=device, model_id=model_id, first_interval=True,
+               run_dir=run_dir, device=device, model_id=model_id, first_interval=True, world=world, main=main,
+               net=dist.wrap(model, device) if world > 1 else model,  # what the training steps call
                chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)  # one pass: this many chunks
     state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "best_iteration": None,
              "since_best": 0, "interval": None}
     h = None
-    if resumed:
+    if resumed and main:
         remove_temporary_files(run_dir)
-    else:
-        settings = {"model_id": model_id, "settings": vars(args), "parameters": n_params,
+    elif main:
+        settings = {"model_id": model_id, "settings": vars(args), "parameters": n_params, "world_size": world,
                     "sample_rate": sample_rate, "clips": {k: [s.n_clips, int(s.lengths.sum())] for k, s in splits.items()},
                     "device": str(device), "command": " ".join(sys.argv), "git": git_info(),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "numpy": np.__version__}}
         write_text(os.path.join(run_dir, "settings.json"), json.dumps(settings, indent=1))
-    log = ctx["log"] = Logger(os.path.join(run_dir, "log.txt"))
+    log = ctx["log"] = Logger(os.path.join(run_dir, "log.txt") if main else None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state.update(ckpt["state"])
-        h = None if ckpt["h"] is None else ckpt["h"].to(device)
+        h = None if ckpt["h"] is None else ckpt["h"][:, batches.rows].to(device)  # this rank's rows
     log(f"{'resuming' if resumed else 'run'} {run_dir} from iteration {state['iteration']}" +
         (f" ({os.path.basename(ckpt_path)})" if ckpt_path else ""))
-    if resumed:
+    if resumed and main:
         repair_interval_end(ctx, state["iteration"], ckpt.get("row") if ckpt else None)
     log(f"{model_id}: {n_params:,} parameters | device {device} float32 | torch {torch.__version__}" +
-        (f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
+        (f" | {torch.get_num_threads()} CPU threads" if device.type == "cpu" else "") +
+        (f" | {world} processes (torchrun), global batch {batches.batch_size}" if world > 1 else ""))
     log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
     segments = batches.segments
     log(f"data {args.data}: {sample_rate} Hz, clips train/valid/test {splits['train'].n_clips}/"
@@ -291,7 +312,7 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
         f" {len(segments)} train segments of {segments.length} samples, "
         f"chunks of {model.seq_len} samples (+{model.overlap} overlap), {batches.chunks_per_clip} per segment")
     if batches.with_replacement:
-        log(f"note: {len(segments)} train segments < --batch_size {args.batch_size}: "
+        log(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
             f"each batch draws segments with replacement")
     with Interrupts() as interrupts:
         ctx["stop"] = lambda: interrupts.signum is not None
@@ -365,10 +386,11 @@ def new_interval():
 
 def loop(ctx, batches, state, h, interrupts):
     args, model, optimizer, device, log = ctx["args"], ctx["model"], ctx["optimizer"], ctx["device"], ctx["log"]
+    world, main = ctx["world"], ctx["main"]
 
-    def stopping():
+    def stopping(by_time=True):
         return (args.stop_iters and state["iteration"] >= args.stop_iters) or \
-            state["train_secs"] >= args.stop_time * 3600 or patience_reached(args, state)
+            (by_time and state["train_secs"] >= args.stop_time * 3600) or patience_reached(args, state)
 
     interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
     due = state.pop("interval_due", False)  # ... and whether the interval's end was cut short
@@ -377,16 +399,18 @@ def loop(ctx, batches, state, h, interrupts):
             f"(--stop_iters {args.stop_iters}, --stop_time {args.stop_time})")
         return 0
     wall_start = time.time() - state["wall_secs"]
-    samples_per_step = args.batch_size * model.seq_len
-    progress = Progress(args, state, log, device)
+    samples_per_step = world * args.batch_size * model.seq_len
+    progress = Progress(args, state, log, device, shown=main)
+    signum = None  # the signal that stops the run (under torchrun: any rank's, as agreed at a sync point)
     model.train()
     try:
         while True:
+            timed = True  # whether the clocks are agreed at this iteration (always, in a single process)
             if not due:
                 t0 = time.perf_counter()
                 chunk, reset = batches(state["iteration"])
                 bits, grad_norm, h = train_step(model, optimizer, chunk.to(device, non_blocking=True), reset, h,
-                                                args.grad_clip, args.precision)
+                                                args.grad_clip, args.precision, ctx["net"])
                 interval["bits"] += bits  # device tensors: read once per SYNC_STEPS, not per step
                 interval["grad_norm"] += grad_norm
                 interval["steps"] += 1
@@ -394,39 +418,65 @@ def loop(ctx, batches, state, h, interrupts):
                 # wait for the device every SYNC_STEPS steps, and before anything that ends the interval, so that
                 # the steps' times add up to the real training time (the time waited counts to this step)
                 ahead = time.perf_counter() - t0
-                if device.type == "cpu" or interval["steps"] % SYNC_STEPS == 0 or interrupts.signum is not None or \
-                        (args.print_iters and state["iteration"] % args.print_iters == 0) or \
-                        (args.stop_iters and state["iteration"] >= args.stop_iters) or \
-                        interval["secs"] + ahead >= args.print_time or \
-                        state["train_secs"] + ahead >= args.stop_time * 3600:
-                    if not math.isfinite(float(interval["bits"])):
-                        raise NonFinite(f"non-finite train NLL by iteration {state['iteration']}")
+                sync = device.type == "cpu" or interval["steps"] % SYNC_STEPS == 0 or \
+                    (args.print_iters and state["iteration"] % args.print_iters == 0) or \
+                    (args.stop_iters and state["iteration"] >= args.stop_iters)
+                if world == 1:
+                    sync = sync or interrupts.signum is not None or interval["secs"] + ahead >= args.print_time or \
+                        state["train_secs"] + ahead >= args.stop_time * 3600
+                finite = not sync or math.isfinite(float(interval["bits"]))
                 step_secs = time.perf_counter() - t0
                 state["train_secs"] += step_secs
                 interval["secs"] += step_secs
+                if world == 1:
+                    signum = interrupts.signum
+                elif sync:  # every rank takes rank 0's clocks, and any rank's signal or non-finite loss
+                    train_secs, secs, sig, bad = dist.agree(
+                        [state["train_secs"] if main else -1, interval["secs"] if main else -1,
+                         interrupts.signum or 0, 0 if finite else 1], device, "max")
+                    state["train_secs"], interval["secs"] = train_secs, secs
+                    signum, finite = int(sig) or None, not bad
+                timed = sync or world == 1
+                if not finite:
+                    raise NonFinite(f"non-finite train NLL by iteration {state['iteration']}")
                 progress.step(state, interval, step_secs, samples_per_step)
                 due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
-                    (interval["secs"] >= args.print_time)
-            final = stopping()
+                    (timed and interval["secs"] >= args.print_time)
+            final = stopping(by_time=timed)
             state["wall_secs"] = time.time() - wall_start
             if due or final:
-                interval = {k: float(v) for k, v in interval.items()}  # waits for the device
-                interval["steps"] = int(interval["steps"])
-                try:
-                    final = end_interval(ctx, state, interval, h, samples_per_step, final)
-                except Interrupted as e:  # a signal during the evaluation or the samples:
-                    if e.saved:  # the checkpoint is saved, and resuming writes the missing samples
-                        return interrupted(ctx, state, new_interval(), h, interrupts.signum)
-                    # else resuming does the whole interval end again
-                    return interrupted(ctx, dict(state, interval_due=True), interval, h, interrupts.signum)
+                interval, h_all = shared(ctx, interval, h)
+                outcome, error = None, None
+                if main:
+                    try:
+                        final = end_interval(ctx, state, interval, h_all, samples_per_step, final)
+                    except Interrupted as e:  # a signal during the evaluation or the samples
+                        outcome = ("saved" if e.saved else "unsaved", interrupts.signum)
+                    except (NonFinite, WriteError) as e:
+                        if world == 1:
+                            raise
+                        outcome, error = ("error", None), e
+                if world > 1:  # rank 0 alone ended the interval: every rank goes on from its outcome and state
+                    outcome, final, shared_state = dist.share((outcome, final, state))
+                    state.update(shared_state)
+                    if outcome and outcome[0] == "error":
+                        if main:
+                            raise error
+                        return 1
+                if outcome and outcome[0] == "saved":  # the checkpoint is saved; resuming writes the samples
+                    return interrupted(ctx, state, new_interval(), h_all, outcome[1])
+                if outcome:  # resuming does the whole interval end again
+                    return interrupted(ctx, dict(state, interval_due=True), interval, h_all, outcome[1])
                 interval, due = new_interval(), False
                 model.train()
             if final:
-                log("the run's row for experiments.md (python -m lib.report compares several):\n" +
-                    report([ctx["run_dir"]]))
+                if main:
+                    log("the run's row for experiments.md (python -m lib.report compares several):\n" +
+                        report([ctx["run_dir"]]))
                 return 0
-            if interrupts.signum is not None:
-                return interrupted(ctx, state, interval, h, interrupts.signum)
+            if signum is not None:
+                interval, h_all = shared(ctx, interval, h)
+                return interrupted(ctx, state, interval, h_all, signum)
     except NonFinite as e:
         saved = checkpoint_paths(ctx["run_dir"])
         log(f"error: {e}; stopped without saving it. " + (f"The last good checkpoint is {saved[-1]}" if saved
@@ -434,6 +484,17 @@ def loop(ctx, batches, state, h, interrupts):
         return 1
     finally:
         progress.close()
+
+
+def shared(ctx, interval, h):
+    """The interval's sums as floats (waiting for the device) and h, for saving: under torchrun, the mean of the
+    ranks' train NLL and grad norm (equal on every rank: DDP averages the gradients), and every rank's h."""
+    interval = {k: float(v) if k != "steps" else int(v) for k, v in interval.items()}
+    if ctx["world"] == 1:
+        return interval, h
+    bits, grad_norm = dist.agree([interval["bits"], interval["grad_norm"]], ctx["device"])
+    interval.update(bits=bits / ctx["world"], grad_norm=grad_norm / ctx["world"])
+    return interval, None if h is None else dist.gather_rows(h)
 
 
 def patience_reached(args, state):
@@ -445,14 +506,15 @@ class Progress:
     time. On a terminal a tqdm bar; otherwise (a file, nohup) a plain line every PROGRESS_SECS. Once, after the
     first few steps, a line with the measured speed and when the first interval and the end will come."""
 
-    def __init__(self, args, state, log, device):
+    def __init__(self, args, state, log, device, shown=True):
         self.args, self.log, self.device = args, log, device
         self.by_iters = bool(args.stop_iters)
+        disable = None if shown else True  # None: shown on a terminal
         if self.by_iters:
-            self.bar = tqdm(total=args.stop_iters, initial=state["iteration"], unit="it", disable=None,
+            self.bar = tqdm(total=args.stop_iters, initial=state["iteration"], unit="it", disable=disable,
                             dynamic_ncols=True)
         else:
-            self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=None,
+            self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=disable,
                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                                            "[{elapsed}<{remaining}{postfix}]")
         self.steps, self.timed_secs, self.last_line = 0, 0.0, time.time()
@@ -516,13 +578,14 @@ def interrupted(ctx, state, interval, h, signum):
     it, run_dir = state["iteration"], ctx["run_dir"]
     path = os.path.join(run_dir, "checkpoints", f"it{it:07d}.pt")
     interval = {k: float(v) if k != "steps" else int(v) for k, v in interval.items()}  # waits for the device
-    if interval["steps"] or state.get("interval_due"):  # else the interval's end has just saved this iteration
+    if ctx["main"] and (interval["steps"] or state.get("interval_due")):  # else the interval's end saved it
         bad = non_finite(ctx["model"], {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:
             raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
         save_checkpoint(ctx, dict(state, interval=interval), h, row=None)
     script = SCRIPTS[ctx["model_id"]]
-    ctx["log"](f"interrupted at iteration {it}; saved {path}; continue with: python {script} --resume {run_dir}")
+    launcher = "python" if ctx["world"] == 1 else f"torchrun --nproc_per_node {ctx['world']}"
+    ctx["log"](f"interrupted at iteration {it}; saved {path}; continue with: {launcher} {script} --resume {run_dir}")
     return 128 + signum
 
 
@@ -532,12 +595,13 @@ def non_finite(model, values):
     return bad + [name for name, v in values.items() if not math.isfinite(v)]
 
 
-def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32"):
+def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32", net=None):
     """One truncated-BPTT step on a chunk -> (train NLL in bits per sample, grad norm before clipping, h), the
     first two as float64 tensors on the device: reading them would wait for it, so the loop reads their sums
     only every SYNC_STEPS steps. At the first chunk of a clip (reset) the model starts from its learned h0,
-    whatever h was. bf16 autocasts the forward pass; the loss, gradients and Adam stay fp32."""
-    nll, h = backward(model, optimizer, chunk, reset, h, precision)
+    whatever h was. bf16 autocasts the forward pass; the loss, gradients and Adam stay fp32. net: what computes the
+    forward pass, when not the model itself (its DistributedDataParallel wrapper under torchrun)."""
+    nll, h = backward(model, optimizer, chunk, reset, h, precision, net)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if grad_clip > 0:
@@ -546,20 +610,20 @@ def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32"):
     return nll.detach().double() / LN2, grad_norm.detach().double(), h.detach().float()
 
 
-def backward(model, optimizer, chunk, reset, h, precision):
+def backward(model, optimizer, chunk, reset, h, precision, net=None):
     """The loss of a chunk and its gradients -> (mean NLL in nats, h). bf16 autocasts the forward pass."""
     if reset:
         h = None
     with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        nll, aux, h = chunk_loss(model, chunk, h)
+        nll, aux, h = chunk_loss(model, chunk, h, net)
     optimizer.zero_grad(set_to_none=True)
     (nll + aux).backward()
     return nll, h
 
 
-def chunk_loss(model, chunk, h):
+def chunk_loss(model, chunk, h, net=None):
     """(mean NLL in nats, auxiliary loss, h) of one chunk."""
-    logits, h, aux = model(chunk, h)
+    logits, h, aux = (net or model)(chunk, h)
     targets = chunk[:, model.overlap:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1)), aux, h
 
@@ -596,7 +660,7 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     args, model, splits, log, run_dir = ctx["args"], ctx["model"], ctx["splits"], ctx["log"], ctx["run_dir"]
     it, stop = state["iteration"], ctx["stop"]
     row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
-           "epochs": round(it * args.batch_size / ctx["chunks_per_epoch"], 4),
+           "epochs": round(it * args.batch_size * ctx["world"] / ctx["chunks_per_epoch"], 4),
            "train_bits": interval["bits"] / interval["steps"],
            "valid_bits": evaluate(model, splits["valid"], args.batch_size, ctx["device"], args.valid_clips, stop),
            "grad_norm": interval["grad_norm"] / interval["steps"],
@@ -667,7 +731,7 @@ def warn_of_many_passes(ctx, state, interval):
     iters = (args.stop_time * 3600 - state["train_secs"]) / secs_per_it
     if args.stop_iters:
         iters = min(iters, args.stop_iters - state["iteration"])
-    passes = (state["iteration"] + iters) * args.batch_size / ctx["chunks_per_epoch"]
+    passes = (state["iteration"] + iters) * args.batch_size * ctx["world"] / ctx["chunks_per_epoch"]
     if passes > PASSES_WARNING:
         ctx["log"](f"warning: at this speed the run's budget passes over the train split about {passes:,.0f} times; "
                    f"expect it to overfit (checkpoints/best.pt keeps the best valid NLL; --patience stops early). "
@@ -755,9 +819,11 @@ class Logger:
     """print() that also appends to the run's log.txt."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = path  # None: print nothing (the other ranks under torchrun)
 
     def __call__(self, message):
+        if self.path is None:
+            return
         tqdm.write(message)
         try:
             with open(self.path, "a") as f:

@@ -1,0 +1,95 @@
+"""torchrun / DistributedDataParallel on the CPU (gloo): 2 processes of batch B train as 1 of batch 2B on the same
+clips; resume is bit-exact for the same number of processes and refused for another; SIGTERM saves and says how to
+continue. Real torchrun subprocesses on the real speech data."""
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SCRIPT_FILES = {"twotier": "two_tier.py", "baseline": "baseline.py"}
+TINY = {"twotier": ["--preset", "tiny"],
+        "baseline": ["--preset", "tiny"]}
+
+
+def command(model, nproc, argv):
+    script = os.path.join(REPO, SCRIPT_FILES[model])
+    if nproc == 1:
+        return [sys.executable, script, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *argv]
+
+
+def train(model, nproc, argv, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(command(model, nproc, argv + ["--device", "cpu", "--runs_dir", str(tmp_path)]), cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=300)
+    return p
+
+
+def checkpoint(tmp_path, name, it):
+    path, = glob.glob(str(tmp_path / f"*_{name}_*" / "checkpoints" / f"it{it:07d}.pt"))
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("model", ["twotier", "baseline"])
+def test_two_ranks_of_batch_b_train_as_one_of_batch_2b(model, tmp_path):
+    argv = TINY[model] + ["--stop_iters", "4", "--print_iters", "2", "--n_samples", "0"]
+    p = train(model, 2, argv + ["--batch_size", "4", "--name", "two"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 processes (torchrun), global batch 8" in p.stdout
+    p = train(model, 1, argv + ["--batch_size", "8", "--name", "one"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    two, one = checkpoint(tmp_path, "two", 4), checkpoint(tmp_path, "one", 4)
+    for k, v in one["model"].items():  # 4 steps: the reset step and 3 that carry h (h0 without a gradient)
+        torch.testing.assert_close(two["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(two["h"], one["h"], rtol=1e-5, atol=1e-6)  # every rank's rows, in order
+    for key in ("train_bits", "grad_norm", "valid_bits", "test_bits"):
+        assert two["row"][key] == pytest.approx(one["row"][key], rel=1e-6), key
+    assert two["row"]["epochs"] == one["row"]["epochs"]
+    assert len(os.listdir(tmp_path)) == 2  # rank 1 made no run folder of its own
+
+
+def test_resume_on_two_ranks_is_bit_exact_and_needs_two(tmp_path):
+    argv = TINY["twotier"] + ["--batch_size", "4", "--print_iters", "2", "--n_samples", "1"]
+    p = train("twotier", 2, argv + ["--stop_iters", "4", "--name", "straight"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = train("twotier", 2, argv + ["--stop_iters", "2", "--name", "resumed"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run, = glob.glob(str(tmp_path / "*_resumed_*"))
+    p = train("twotier", 1, ["--resume", run, "--stop_iters", "4"], tmp_path)
+    assert p.returncode == 2 and "trained on 2 process(es), this is 1" in p.stderr
+    p = train("twotier", 2, ["--resume", run, "--stop_iters", "4"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    a, b = checkpoint(tmp_path, "straight", 4), checkpoint(tmp_path, "resumed", 4)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(),
+                                                 b["optimizer"]["state"][0].values()))
+    assert torch.equal(a["h"], b["h"])
+    assert a["row"]["train_bits"] == b["row"]["train_bits"]
+
+
+def test_sigterm_to_torchrun_saves_on_every_rank_at_one_iteration(tmp_path):
+    argv = TINY["twotier"] + ["--batch_size", "4", "--stop_iters", "1000000", "--print_iters", "500000",
+                              "--n_samples", "0", "--device", "cpu", "--runs_dir", str(tmp_path), "--name", "sig"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(command("twotier", 2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(tmp_path / "*_sig_*" / "log.txt")):
+        time.sleep(0.5)
+    log = glob.glob(str(tmp_path / "*_sig_*" / "log.txt"))[0]
+    while time.time() < deadline and "speed:" not in open(log).read():  # training steps are running
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+    out, _ = p.communicate(timeout=120)
+    saved = glob.glob(str(tmp_path / "*_sig_*" / "checkpoints" / "it*.pt"))
+    assert len(saved) == 1, out[-3000:]
+    ckpt = torch.load(saved[0], map_location="cpu", weights_only=False)
+    assert ckpt["h"].shape[1] == 8  # both ranks' rows
+    assert "continue with: torchrun --nproc_per_node 2 two_tier.py --resume" in open(log).read()
