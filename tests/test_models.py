@@ -191,3 +191,42 @@ def test_sync_free_step_equals_the_plain_step():
         assert grad_norm.item() == pytest.approx(norm.item(), rel=1e-4)
     for a, b in zip(plain_model.parameters(), fast_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fs", [1, 2, 4])
+def test_first_layer_as_tables_equals_the_product(fs):
+    """The MLP's first layer as per-position tables (FS lookups and a sum) gives the logits, loss and gradients of
+    Embedding then Linear, in float64 to rounding, and the same parameters after training steps in float32."""
+    product = small(fs=fs, n_frames=4, ipcost=0.5).double()
+    tables = copy.deepcopy(product)
+    product.sample_mlp.use_tables, tables.sample_mlp.use_tables = False, True
+    x = torch.randint(Q, (3, fs + 4 * fs), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (product, tables):
+        nll, aux, _ = chunk_loss(model, x, None)
+        (nll + aux).backward()
+        losses.append(nll.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    for (name, a), b in zip(product.named_parameters(), tables.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    from lib.train import make_optimizer
+    product, tables = product.float(), tables.float()
+    opts = [make_optimizer(m, 1e-3) for m in (product, tables)]
+    h = [None, None]
+    g = torch.Generator().manual_seed(2)
+    for step in range(5):
+        chunk = torch.randint(Q, (3, fs + 4 * fs), generator=g)
+        results = [train_step(m, o, chunk, step == 0, hh, 1.0) for m, o, hh in zip((product, tables), opts, h)]
+        h = [r[2] for r in results]
+        assert results[0][0].item() == pytest.approx(results[1][0].item(), rel=1e-5)
+    for a, b in zip(product.parameters(), tables.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_tables_are_the_default_on_the_cpu():
+    model = small()
+    assert model.sample_mlp.use_tables is None
+    x = torch.randint(Q, (2, 2 + 8))
+    logits, _, _ = model(x)
+    model.sample_mlp.use_tables = True
+    assert torch.equal(model(x)[0], logits)  # the same computation, bit for bit
