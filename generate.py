@@ -90,8 +90,9 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (torch's, and the compiled step's on the CPU); 0 = torch's default")
-    p.add_argument("--cuda_graph", action="store_true",
-                   help="on CUDA, replay each step() call (about 32 samples) as a CUDA graph")
+    p.add_argument("--no_cuda_graph", action="store_true",
+                   help="on CUDA, launch each step's kernels from Python instead of replaying each step() call "
+                        "(about 32 samples) as one CUDA graph, the default (about 3x faster)")
     p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
                    help="what the fast path steps with; auto = lib.sample.default_backend (numba and numpy: CPU only)")
@@ -157,7 +158,7 @@ def generate_files(args):
         record = args.plot_softmax and first == 0
         start = time.perf_counter()
         result = generate(model, n, length, seed=args.seed + first, temperature=args.temperature, prime=prime,
-                          fast=not args.reference, cuda_graph=args.cuda_graph, record=record, progress=True,
+                          fast=not args.reference, cuda_graph=not args.no_cuda_graph, record=record, progress=True,
                           backend=None if args.backend == "auto" else args.backend)
         levels, logits = result if record else (result, None)
         levels = levels.cpu()  # waits for the device: the time below is the generation's

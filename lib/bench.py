@@ -154,12 +154,12 @@ def bench_generate(args):
         print(f"at batch 1 the fast path reads {weight_bytes / 1e6:.2f} MB of weights per sample; {threads} threads "
               f"read arrays of the model's size ({model_bytes / 1e6:.2f} MB) at {rate / 1e9:.1f} GB/s here "
               f"-> read-bound limit {read_limit:,.0f} samples/s")
-    print("* = the path generate.py takes at this batch size (without --cuda_graph)")
+    print("* = the path generate.py takes at this batch size (on CUDA: the CUDA graphs)")
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
         backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
         paths = {"reference": (max(1, length // args.ref_fraction), dict(fast=False))}
-        paths.update({backend: (length, dict(backend=backend)) for backend in backends})  # one step, ways
+        paths.update({backend: (length, dict(backend=backend, cuda_graph=False)) for backend in backends})
         if device.type == "cuda":
             paths["CUDA graphs"] = (length, dict(cuda_graph=True))
         speed = samples_per_sec(model, batch, paths, args.repeats)

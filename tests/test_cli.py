@@ -88,5 +88,5 @@ def test_bench_train_prints_both_steps_and_json(capsys):
     out = capsys.readouterr().out.splitlines()
     assert "MFLOP per trained sample" in out[0] and "bf16: skipped (CUDA only)" in out
     rows = [json.loads(line) for line in out if line.startswith("{")]
-    assert [r["step"] for r in rows] == ["plain", "sync-free"]
+    assert [r["step"] for r in rows] == ["plain", "sync-free", "tables"]
     assert all(r["samples_per_sec"] > 0 and 0 < r["fraction_of_matmul"] < 1.5 for r in rows)
