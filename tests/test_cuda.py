@@ -74,3 +74,24 @@ def test_training_step_on_cuda_at_each_precision(precision):
         bits, _, h = train_step(gpu, opt, chunk.cuda(), True, h, 1.0, precision)
     assert bits.item() < first.item() - 0.1
     set_precision("tf32")
+
+
+def test_first_layer_tables_on_cuda():
+    """The MLP's first layer as per-position tables (off by default on CUDA until the bench measures it faster)
+    gives the product's loss and gradients on the GPU too (float64)."""
+    import copy
+    from lib.train import chunk_loss
+    from test_models import small
+    product = small(fs=4, n_frames=4).double().cuda()
+    tables = copy.deepcopy(product)
+    assert product.sample_mlp.use_tables is None  # auto: off on CUDA
+    tables.sample_mlp.use_tables = True
+    x = torch.randint(Q, (3, 4 + 16), generator=torch.Generator().manual_seed(1)).cuda()
+    losses = []
+    for m in (product, tables):
+        nll, _, _ = chunk_loss(m, x, None)
+        nll.backward()
+        losses.append(nll.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    for a, b in zip(product.parameters(), tables.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
