@@ -48,7 +48,8 @@ LN2 = math.log(2)
 EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chunks)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags that may change when a run is resumed; every other setting comes from the run
-RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "valid_clips",
+RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph",
+             "valid_clips",
              "n_samples", "sample_secs", "test_on_best", "patience", "dry_run"}
 PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -93,6 +94,9 @@ def add_training_args(p, presets):
     g.add_argument("--precision", default="tf32", choices=PRECISIONS,
                    help="matrix products on CUDA: fp32, tf32 (fp32 storage, TF32 tensor cores), or bf16 autocast "
                         "(weights, optimizer state and loss stay fp32); the CPU always computes in fp32")
+    g.add_argument("--cuda_graph", action="store_true",
+                   help="on CUDA, capture the training step as CUDA graphs and replay them (lib/cuda_graph.py); off "
+                        "until measured and checked on a GPU (tests/test_cuda.py); not with torchrun")
     g.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0 = torch's default (one per core)")
     g.add_argument("--preset", default=None, choices=sorted(presets),
                    help="named set of defaults that flags given after it still override: " +
@@ -186,9 +190,10 @@ def set_precision(precision):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
-def make_optimizer(model, lr):
-    """Adam, fused into one kernel per step (on the CPU too: it gives the same results run after run)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+def make_optimizer(model, lr, capturable=False):
+    """Adam, fused into one kernel per step (on the CPU too: it gives the same results run after run);
+    capturable (its step counts on the GPU) for a CUDA graph."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
 def check_settings(args):
@@ -209,6 +214,10 @@ def check_settings(args):
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     if args.precision == "bf16" and (args.device == "cpu" or not torch.cuda.is_available()):
         raise UserError("--precision bf16 is for CUDA; on the CPU use fp32 (the default tf32 means fp32 there)")
+    if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise UserError("--cuda_graph is for CUDA: no CUDA device here; leave it out")
+    if args.cuda_graph and dist.world_size() > 1:
+        raise UserError("--cuda_graph does not work with torchrun yet: leave it out")
 
 
 def train(model_id, parser, build_model, default_tag, presets, argv):
@@ -255,7 +264,7 @@ def train_on(model_id, args, model, n_params, default_tag, resumed, device, worl
             batches.segments.split = splits["train"]  # the same segments, gathered on the GPU
     set_precision(args.precision)
     model.to(device)
-    optimizer = make_optimizer(model, args.lr)
+    optimizer = make_optimizer(model, args.lr, capturable=args.cuda_graph)
     run_dir = args.resume or (new_run_dir(args.runs_dir, f"{model_id}_{args.name or default_tag(args)}")
                               if rank == 0 else None)
     if world > 1:
@@ -385,7 +394,7 @@ def new_interval():
 
 
 def loop(ctx, batches, state, h, interrupts):
-    args, model, optimizer, device, log = ctx["args"], ctx["model"], ctx["optimizer"], ctx["device"], ctx["log"]
+    args, model, device, log = ctx["args"], ctx["model"], ctx["device"], ctx["log"]
     world, main = ctx["world"], ctx["main"]
 
     def stopping(by_time=True):
@@ -401,6 +410,7 @@ def loop(ctx, batches, state, h, interrupts):
     wall_start = time.time() - state["wall_secs"]
     samples_per_step = world * args.batch_size * model.seq_len
     progress = Progress(args, state, log, device, shown=main)
+    step = make_step(ctx)
     signum = None  # the signal that stops the run (under torchrun: any rank's, as agreed at a sync point)
     model.train()
     try:
@@ -409,8 +419,7 @@ def loop(ctx, batches, state, h, interrupts):
             if not due:
                 t0 = time.perf_counter()
                 chunk, reset = batches(state["iteration"])
-                bits, grad_norm, h = train_step(model, optimizer, chunk.to(device, non_blocking=True), reset, h,
-                                                args.grad_clip, args.precision, ctx["net"])
+                bits, grad_norm, h = step(chunk.to(device, non_blocking=True), reset, h)
                 interval["bits"] += bits  # device tensors: read once per SYNC_STEPS, not per step
                 interval["grad_norm"] += grad_norm
                 interval["steps"] += 1
@@ -484,6 +493,25 @@ def loop(ctx, batches, state, h, interrupts):
         return 1
     finally:
         progress.close()
+
+
+def make_step(ctx):
+    """step(chunk, reset, h) -> (bits, grad_norm, h): train_step, or with --cuda_graph its CUDA graphs (captured at
+    the first call, lib/cuda_graph.py)."""
+    args, model, optimizer = ctx["args"], ctx["model"], ctx["optimizer"]
+
+    def eager(chunk, reset, h):
+        return train_step(model, optimizer, chunk, reset, h, args.grad_clip, args.precision, ctx["net"])
+    if not args.cuda_graph:
+        return eager
+    from lib.cuda_graph import GraphedStep  # it imports this module
+    graphed = []
+
+    def replay(chunk, reset, h):
+        if not graphed:
+            graphed.append(GraphedStep(model, optimizer, chunk, args.grad_clip, args.precision))
+        return graphed[0](chunk, reset, h)
+    return replay
 
 
 def shared(ctx, interval, h):
@@ -614,7 +642,8 @@ def backward(model, optimizer, chunk, reset, h, precision, net=None):
     """The loss of a chunk and its gradients -> (mean NLL in nats, h). bf16 autocasts the forward pass."""
     if reset:
         h = None
-    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    # no cast cache: each weight is used once per forward, and a CUDA graph's capture needs it off
+    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
         nll, aux, h = chunk_loss(model, chunk, h, net)
     optimizer.zero_grad(set_to_none=True)
     (nll + aux).backward()

@@ -273,6 +273,8 @@ def test_non_finite_values_never_reach_a_checkpoint(tmp_path, speech_wav, capsys
     (["--lr", "0"], "--lr must be positive"), (["--grad_clip", "-1"], "--grad_clip must be >= 0"),
     (["--stop_time", "inf"], "--stop_time must be a finite number"), (["--ipcost", "nan"], "--ipcost"),
     (["--runs_dir", "FILE/runs"], "cannot create a run folder under --runs_dir"),
+    (["--device", "cpu", "--cuda_graph"], "--cuda_graph is for CUDA"),
+    (["--device", "cpu", "--precision", "bf16"], "--precision bf16 is for CUDA"),
 ])
 def test_bad_numbers_and_unwritable_runs_dir_are_refused(tmp_path, speech_wav, capsys, flags, message):
     (tmp_path / "FILE").write_text("a file, not a folder")
