@@ -10,6 +10,8 @@ Values outside [-1, 1] are clipped, NaN is silence: a level is always in [0, q_l
 """
 import math
 
+import numpy as np
+
 import torch
 
 from lib import UserError
@@ -82,6 +84,15 @@ def dequantize(q, q_levels=256, qtype="linear"):
     check_q_levels(q_levels, qtype)
     y = q.double() / (q_levels / 2) - 1
     return _expand(y, q_levels, qtype).float()
+
+
+def code_bits(q_levels, qtype):
+    """(q_levels,) float64: log2 of how many 16-bit PCM values each level stands for (-inf for none). A model's
+    NLL of a level plus its code_bits is the NLL of the 16-bit sample under a density spread evenly over the
+    level's values: NLLs of different quantizations are not comparable as numbers, these are."""
+    levels = quantize(torch.arange(-32768, 32768, dtype=torch.float64) / 32768, q_levels, qtype)
+    with np.errstate(divide="ignore"):
+        return np.log2(np.bincount(levels.numpy(), minlength=q_levels).astype(np.float64))
 
 
 def to_reals(q, q_levels):

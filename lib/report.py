@@ -233,22 +233,43 @@ def differing(summaries):
     return [k for k in keys if differs(k)]
 
 
+def test_bits_16(summary):
+    """The run's test NLL at best in bits per 16-bit sample (lib.quantize.code_bits averaged over the test split's
+    predicted samples, added); None where not measured, or for --norm minmax (it rescales each clip)."""
+    from lib.data import DEFAULT_DATA, Segments, load_splits  # the data module imports this one
+    from lib.quantize import code_bits
+    s = summary["settings"]
+    if summary["test_at_best"] is None or s.get("norm", "none") != "none":
+        return None
+    data = s["data"]
+    if not os.path.exists(data) and os.path.basename(data) == os.path.basename(DEFAULT_DATA):
+        data = DEFAULT_DATA  # the shipped data, recorded by a checkout elsewhere
+    split = load_splits(data, s.get("clip_secs", 8.0))[0]["test"]
+    split.quantized(s["q_levels"], s["qtype"], s.get("zero_dc", False), s.get("norm", "none"))
+    segments = Segments(split, s["seq_len"], "test clips")
+    targets = segments.levels(np.arange(len(segments)), 0, segments.length, s["q_levels"])  # what evaluate predicts
+    return summary["test_at_best"] + float(code_bits(s["q_levels"], s["qtype"])[targets.numpy()].mean())
+
+
 def markdown_table(summaries):
-    """The report as Markdown: one row per run, bits per sample to 3 decimals, a dash where not reached."""
+    """The report as Markdown: one row per run, bits per sample to 3 decimals, a dash where not reached. Where the
+    runs differ in quantization, a last column gives test NLL in bits per 16-bit sample, comparable across them."""
     keys = differing(summaries)
+    per_16bit = bool({"qtype", "q_levels"} & set(keys))
     tw, iw = list(summaries[0]["time_windows"]), list(summaries[0]["iter_windows"])
 
     def bits(v):
         return DASH if v is None else f"{v:.3f}"
     head = (["run", "model"] + [f"--{k}" for k in keys] + ["params", "iters", "hours"] +
             [f"train {w} (time)" for w in tw] + [f"train {w} (iters)" for w in iw] +
-            ["best valid", "at iter (hour)", "test at best"])
+            ["best valid", "at iter (hour)", "test at best"] + (["test, bits per 16-bit sample"] if per_16bit else []))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         cells = ([f"`{s['run']}`", s["model"]] + [str(s["settings"].get(k, DASH)) for k in keys] +
                  [f"{s['parameters']:,}", f"{s['iterations']:,}", f"{s['hours']:.3f}"] +
                  [bits(s["time_windows"][w]) for w in tw] + [bits(s["iter_windows"][w]) for w in iw] +
-                 [bits(s["best_valid"]), f"{s['best_iteration']:,} ({s['best_hours']:.3f})", bits(s["test_at_best"])])
+                 [bits(s["best_valid"]), f"{s['best_iteration']:,} ({s['best_hours']:.3f})", bits(s["test_at_best"])] +
+                 ([bits(test_bits_16(s))] if per_16bit else []))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -81,3 +81,32 @@ def test_a_resumed_run_reports_as_the_uninterrupted_one(tmp_path, speech_wav):
     assert a["iter_windows"] == b["iter_windows"] and None not in a["iter_windows"].values()
     assert (a["best_valid"], a["best_iteration"], a["test_at_best"]) == (b["best_valid"], b["best_iteration"],
                                                                          b["test_at_best"])
+
+
+def test_code_bits_count_every_16bit_value_once():
+    import numpy as np
+    from lib.quantize import code_bits
+    for qtype in ("linear", "mulaw", "alaw"):
+        assert np.exp2(code_bits(256, qtype)).sum() == pytest.approx(65536)
+    assert np.exp2(code_bits(256, "linear"))[1:-1] == pytest.approx(256, abs=1.01)  # even bins of 256 values
+    mulaw = code_bits(256, "mulaw")
+    assert mulaw[128] < 3 < 10 < mulaw[1]  # fine near silence, coarse near full scale
+
+
+def test_runs_of_different_quantizations_get_test_nll_per_16bit_sample(tmp_path):
+    """A level's NLL is not comparable across quantizations: the table adds test NLL in bits per 16-bit sample,
+    the test NLL plus the mean log2 of the 16-bit values in each target's level (8 for linear 256 levels)."""
+    from lib.data import DEFAULT_DATA
+    common = dict(data="/elsewhere/data/asterisk_en", q_levels=256, seq_len=128, norm="none", zero_dc=False,
+                  clip_secs=8.0)  # a checkout elsewhere: the shipped data is found in this one
+    lin = make_run(tmp_path, "twotier_lin_1", qtype="linear", **common)
+    mu = make_run(tmp_path, "twotier_mu_2", qtype="mulaw", **common)
+    assert os.path.isdir(DEFAULT_DATA)
+    table = report([lin, mu], time_windows="0-2m", iter_windows="0-100").splitlines()
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head[-1] == "test, bits per 16-bit sample"
+    lin_row, mu_row = ([c.strip() for c in row.strip("|").split("|")] for row in table[2:])
+    assert float(lin_row[-1]) == pytest.approx(2.05 + 8, abs=0.01)
+    assert float(mu_row[-1]) < 2.05 + 8  # mu-law's fine levels near silence, where speech mostly is
+    one = report([lin, make_run(tmp_path, "twotier_lin_3", qtype="linear", dim=32, **common)], "0-2m", "0-100")
+    assert "16-bit" not in one  # one quantization: the column is not needed
