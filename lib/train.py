@@ -323,7 +323,7 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
     if batches.with_replacement:
         log(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
             f"each batch draws segments with replacement")
-    with Interrupts() as interrupts:
+    with Interrupts(second_aborts=world == 1) as interrupts:
         ctx["stop"] = lambda: interrupts.signum is not None
         return loop(ctx, batches, state, h, interrupts)
 
@@ -366,8 +366,13 @@ def remove_temporary_files(run_dir):
 class Interrupts:
     """SIGINT (Ctrl-C) and SIGTERM during the loop: the first sets .signum, and the loop saves after the current
     step and exits 128 + signum; a second one aborts at once (KeyboardInterrupt), even inside the save, whose
-    temporary file is then removed (lib.atomic_write). Handlers are restored afterwards."""
+    temporary file is then removed (lib.atomic_write). Handlers are restored afterwards.
+    Under torchrun a second signal is ignored: Ctrl-C reaches every process and torchrun, which then sends each
+    a SIGTERM of its own; torchrun kills the processes itself if they take too long (30 s)."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, second_aborts=True):
+        self.second_aborts = second_aborts
 
     def __enter__(self):
         self.signum, self.previous = None, {}
@@ -377,7 +382,9 @@ class Interrupts:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if self.second_aborts:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
 
     def __exit__(self, *exc):

@@ -137,6 +137,14 @@ def test_a_second_signal_aborts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own handler is back
 
 
+def test_under_torchrun_a_second_signal_does_not_abort_the_save():
+    """torchrun answers Ctrl-C with a SIGTERM to every process, right after the terminal's SIGINT reached them."""
+    with Interrupts(second_aborts=False) as interrupts:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert interrupts.signum == signal.SIGINT
+
+
 def test_second_ctrl_c_during_the_save_leaves_no_partial_checkpoint(tmp_path, speech_wav, monkeypatch, capsys):
     """Ctrl-C at iteration 15, then Ctrl-C again while its checkpoint is half written: exit 130 at once, no partial
     file, the checkpoint of iteration 10 intact."""
