@@ -244,7 +244,11 @@ def test_bits_16(summary):
     data = s["data"]
     if not os.path.exists(data) and os.path.basename(data) == os.path.basename(DEFAULT_DATA):
         data = DEFAULT_DATA  # the shipped data, recorded by a checkout elsewhere
-    split = load_splits(data, s.get("clip_secs", 8.0))[0]["test"]
+    try:
+        split = load_splits(data, s.get("clip_secs", 8.0))[0]["test"]
+    except UserError as e:  # the run's data is not on this machine: no number, and the table still prints
+        warn(f"{summary['run']}: no bits per 16-bit sample ({e})")
+        return None
     split.quantized(s["q_levels"], s["qtype"], s.get("zero_dc", False), s.get("norm", "none"))
     segments = Segments(split, s["seq_len"], "test clips")
     targets = segments.levels(np.arange(len(segments)), 0, segments.length, s["q_levels"])  # what evaluate predicts

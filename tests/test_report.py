@@ -110,3 +110,6 @@ def test_runs_of_different_quantizations_get_test_nll_per_16bit_sample(tmp_path)
     assert float(mu_row[-1]) < 2.05 + 8  # mu-law's fine levels near silence, where speech mostly is
     one = report([lin, make_run(tmp_path, "twotier_lin_3", qtype="linear", dim=32, **common)], "0-2m", "0-100")
     assert "16-bit" not in one  # one quantization: the column is not needed
+    gone = make_run(tmp_path, "twotier_gone_4", qtype="mulaw", **dict(common, data="/nowhere/other"))
+    row = report([lin, gone], "0-2m", "0-100").splitlines()[-1]
+    assert row.endswith("| \u2014 |")  # the run's data is not here: a dash (and a warning), not an error
