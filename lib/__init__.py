@@ -78,6 +78,17 @@ def quiet_interrupts(message):
     exit status 130 (143 for SIGTERM), no traceback. Scripts call it before their slow imports."""
     def stop(signum, frame):
         print(f"\n{message}", file=sys.stderr, flush=True)
+        if importing(frame):  # an exception unwinding through a C extension's initialization can abort Python
+            os._exit(128 + signum)  # nothing has been written yet
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+
+
+def importing(frame):
+    """Whether `frame` runs inside an import statement (importlib's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
