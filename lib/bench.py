@@ -196,16 +196,6 @@ def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
     return nll.item() / math.log(2), grad_norm.item(), h.detach().float()
 
 
-def graphed_step(graphs):
-    """A train_step-like function that captures the step at its first call and replays it after."""
-    def step(model, optimizer, chunk, reset, h, grad_clip, precision):
-        if not graphs:
-            from lib.cuda_graph import GraphedStep
-            graphs["step"] = GraphedStep(model, optimizer, chunk, grad_clip, precision)
-        return graphs["step"](chunk, reset, h)
-    return step
-
-
 def bench_train(args):
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -238,7 +228,10 @@ def bench_train(args):
         if args.model == "twotier":  # the same step with the MLP's first layer as per-position tables
             steps["tables"] = (train_step, make_optimizer(model, 1e-4))
         if device.type == "cuda":  # the sync-free step captured as CUDA graphs (lib/cuda_graph.py)
-            steps["graphed"] = (graphed_step({}), make_optimizer(model, 1e-4, capturable=True))
+            from lib.cuda_graph import captured_at_first_call
+            opt = make_optimizer(model, 1e-4, capturable=True)
+            graphed = captured_at_first_call(model, opt, 1.0, precision)
+            steps["graphed"] = (lambda model, opt, chunk, reset, h, *_: graphed(chunk, reset, h), opt)
         best, it = {k: float("inf") for k in steps}, 0
         for repeat in range(args.repeats + 1):  # the first round warms up (allocations, kernel choices)
             for kind, (step, opt) in steps.items():

@@ -46,6 +46,17 @@ class GraphedStep:
         return bits, grad_norm, self.h
 
 
+def captured_at_first_call(model, optimizer, grad_clip, precision):
+    """step(chunk, reset, h) like GraphedStep's, capturing it at the first call (whose chunk gives the shapes)."""
+    graphed = None
+
+    def step(chunk, reset, h):
+        nonlocal graphed
+        graphed = graphed or GraphedStep(model, optimizer, chunk, grad_clip, precision)
+        return graphed(chunk, reset, h)
+    return step
+
+
 def snapshot(model, optimizer):
     """Copies of the weights and of Adam's state (None where a parameter has no state yet)."""
     params = [p.detach().clone() for p in model.parameters()]

@@ -49,8 +49,7 @@ EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags that may change when a run is resumed; every other setting comes from the run
 RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph",
-             "valid_clips",
-             "n_samples", "sample_secs", "test_on_best", "patience", "dry_run"}
+             "valid_clips", "n_samples", "sample_secs", "test_on_best", "patience", "dry_run"}
 PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
 PRECISIONS = ("fp32", "tf32", "bf16")
 SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many steps it waits and checks the loss
@@ -232,10 +231,10 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         print(json.dumps(vars(args), indent=1))
         print(f"{model_id}: {n_params:,} parameters")
         return 0
-    world = dist.world_size()
-    if resumed and read_run_settings(args.resume).get("world_size", 1) != world:
-        raise UserError(f"{args.resume} was trained on {read_run_settings(args.resume).get('world_size', 1)} "
-                        f"process(es), this is {world}: resume it with the same torchrun --nproc_per_node")
+    world, saved_world = dist.world_size(), resumed and read_run_settings(args.resume).get("world_size", 1)
+    if resumed and saved_world != world:
+        raise UserError(f"{args.resume} was trained on {saved_world} process(es), this is {world}: resume it with "
+                        f"the same torchrun --nproc_per_node")
     device = dist.setup(args.device)  # None unless torchrun started several processes
     try:
         return train_on(model_id, args, model, n_params, default_tag, resumed, device, world)
@@ -511,14 +510,8 @@ def make_step(ctx):
         return train_step(model, optimizer, chunk, reset, h, args.grad_clip, args.precision, ctx["net"])
     if not args.cuda_graph:
         return eager
-    from lib.cuda_graph import GraphedStep  # it imports this module
-    graphed = []
-
-    def replay(chunk, reset, h):
-        if not graphed:
-            graphed.append(GraphedStep(model, optimizer, chunk, args.grad_clip, args.precision))
-        return graphed[0](chunk, reset, h)
-    return replay
+    from lib.cuda_graph import captured_at_first_call  # it imports this module
+    return captured_at_first_call(model, optimizer, args.grad_clip, args.precision)
 
 
 def shared(ctx, interval, h):
