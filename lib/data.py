@@ -60,15 +60,14 @@ class Split:
     def is_silent(self):
         return not np.any(self.stats[:, 1:]) if self.stats is not None else not np.any(self.pcm)
 
-    def on_device(self, device, q_levels, chunk_clips=64):
+    def on_device(self, device, q_levels):
         """This split quantized once into a torch tensor on `device` (uint8 for q_levels <= 256: 1 byte a
         sample), so that batches are gathered there; the levels equal those quantized per batch."""
         dtype = torch.uint8 if q_levels <= 256 else torch.int32
         out = torch.empty(int(self.offsets[-1]), dtype=dtype, device=device)
-        for first in range(0, self.n_clips, chunk_clips):  # a few clips at a time: memory stays flat
-            for clip in range(first, min(self.n_clips, first + chunk_clips)):
-                a, b = self.offsets[clip], self.offsets[clip + 1]
-                out[a:b] = self.levels([clip], [0], b - a, q_levels)[0].to(device, dtype)
+        for clip in range(self.n_clips):  # one clip at a time: host memory stays flat
+            a, b = self.offsets[clip], self.offsets[clip + 1]
+            out[a:b] = self.levels([clip], [0], b - a, q_levels)[0].to(device, dtype)
         return Split(out, self.offsets, self.stats, self.rate, scale=None)
 
     def levels(self, clips, starts, length, q_levels):
