@@ -136,7 +136,9 @@ def parse_settings(model_id, parser, presets, argv):
     if first.resume is None:
         if first.preset:
             parser.set_defaults(**presets[first.preset])
-        return parser.parse_args(argv), None
+        args = parser.parse_args(argv)
+        args.data = os.path.abspath(args.data)  # recorded so: the report and --resume find it from any folder
+        return args, None
     run = read_run_settings(first.resume)
     found = load_latest_checkpoint(first.resume, "resuming from")
     ckpt_path, ckpt = found or (None, None)

@@ -80,6 +80,16 @@ def test_resume_continues_exactly(tmp_path, speech_wav, model):
     assert "resuming" in open(os.path.join(split, "log.txt")).read()
 
 
+def test_a_relative_data_path_is_recorded_whole(tmp_path, speech_wav, monkeypatch):
+    """--data as typed in one folder: the run records the whole path, so resuming (and the report) from any other
+    folder still finds the audio."""
+    monkeypatch.chdir(os.path.dirname(speech_wav))
+    run = train(tmp_path, os.path.basename(speech_wav), "--stop_iters", "2", "--n_samples", "0")
+    assert json.load(open(os.path.join(run, "settings.json")))["settings"]["data"] == speech_wav
+    monkeypatch.chdir(tmp_path)
+    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "4", "--n_samples", "0"]) == 0
+
+
 def test_tiny_model_overfits_one_second_of_speech(tmp_path, speech_wav):
     run_dir = train(tmp_path, speech_wav, "--frame_size", "4", "--n_frames", "64", "--dim", "128", "--batch_size",
                     "1", "--lr", "5e-3", "--stop_iters", "1800", "--print_iters", "600", "--n_samples", "0")
