@@ -10,6 +10,7 @@ Adam is capturable (its step counts live on the GPU). tests/test_cuda.py compare
 """
 import torch
 
+from lib import UserError
 from lib.train import train_step
 
 
@@ -52,7 +53,12 @@ def captured_at_first_call(model, optimizer, grad_clip, precision):
 
     def step(chunk, reset, h):
         nonlocal graphed
-        graphed = graphed or GraphedStep(model, optimizer, chunk, grad_clip, precision)
+        if graphed is None:
+            try:
+                graphed = GraphedStep(model, optimizer, chunk, grad_clip, precision)
+            except RuntimeError as e:  # before the first step ends: nothing of the run has been written since
+                raise UserError(f"--cuda_graph: the training step could not be captured as CUDA graphs here "
+                                f"({str(e).strip().splitlines()[0][:200]}); train without it (resuming: --no_cuda_graph)") from e
         return graphed(chunk, reset, h)
     return step
 

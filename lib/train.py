@@ -96,6 +96,8 @@ def add_training_args(p, presets):
     g.add_argument("--cuda_graph", action="store_true",
                    help="on CUDA, capture the training step as CUDA graphs and replay them (lib/cuda_graph.py); off "
                         "until measured and checked on a GPU (tests/test_cuda.py); not with torchrun")
+    g.add_argument("--no_cuda_graph", dest="cuda_graph", action="store_false", default=argparse.SUPPRESS,
+                   help="turn --cuda_graph off, e.g. to resume such a run where there is no CUDA (default: off)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0 = torch's default (one per core)")
     g.add_argument("--preset", default=None, choices=sorted(presets),
                    help="named set of defaults that flags given after it still override: " +
@@ -213,10 +215,14 @@ def check_settings(args):
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    if args.precision == "bf16" and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise UserError("--precision bf16 is for CUDA; on the CPU use fp32 (the default tf32 means fp32 there)")
-    if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise UserError("--cuda_graph is for CUDA: no CUDA device here; leave it out")
+    no_cuda = args.device == "cpu" or not torch.cuda.is_available()
+    if args.precision == "bf16" and no_cuda:
+        raise UserError("this run trains in bf16 (--precision), which is for CUDA: resume it where there is a GPU"
+                        if args.resume else
+                        "--precision bf16 is for CUDA; on the CPU use fp32 (the default tf32 means fp32 there)")
+    if args.cuda_graph and no_cuda:
+        raise UserError("--cuda_graph is for CUDA: no CUDA device here; " +
+                        ("add --no_cuda_graph to resume without it" if args.resume else "leave it out"))
     if args.cuda_graph and dist.world_size() > 1:
         raise UserError("--cuda_graph does not work with torchrun yet: leave it out")
 

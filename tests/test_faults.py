@@ -228,6 +228,29 @@ def test_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path, 
     assert_same_run(run_dir, train(tmp_path, speech_wav, *QUIET, runs="straight"))
 
 
+def test_a_gpu_run_resumed_where_there_is_no_cuda(tmp_path, speech_wav, capsys):
+    """A run made on a GPU in bf16 or with --cuda_graph, resumed on the CPU: one line says what to do, nothing is
+    written; a --cuda_graph run with --no_cuda_graph goes on as if it had never stopped."""
+    cpu = ["--device", "cpu", *QUIET]
+    run_dir = train(tmp_path, speech_wav, *cpu, "--stop_iters", "10", runs="gpu")
+    path = os.path.join(run_dir, "checkpoints", checkpoint_files(run_dir)[-1])
+    ckpt = torch.load(path, weights_only=False)
+    for made_with, message in (({"precision": "bf16"}, "trains in bf16 (--precision), which is for CUDA: resume it "
+                                                        "where there is a GPU"),
+                               ({"cuda_graph": True}, "--cuda_graph is for CUDA: no CUDA device here; add "
+                                                      "--no_cuda_graph to resume without it")):
+        torch.save(dict(ckpt, settings={**ckpt["settings"], **made_with}), path)  # as if made so on a GPU
+        before = {f: os.path.getmtime(os.path.join(run_dir, "checkpoints", f)) for f in checkpoint_files(run_dir)}
+        assert run_main(SCRIPTS["twotier"], ["--resume", run_dir, "--device", "cpu", "--stop_iters", "20"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert {f: os.path.getmtime(os.path.join(run_dir, "checkpoints", f))
+                for f in checkpoint_files(run_dir)} == before
+    argv = ["--resume", run_dir, "--device", "cpu", "--stop_iters", "20", "--no_cuda_graph"]
+    assert run_main(SCRIPTS["twotier"], argv) == 0
+    assert_same_run(run_dir, train(tmp_path, speech_wav, *cpu, runs="straight"))
+
+
 def test_resume_writes_the_row_and_samples_a_kill_cut_off(tmp_path, speech_wav):
     """A kill right after the checkpoint: its metrics row, best.pt and samples are missing, a .tmp.wav is left.
     Resume writes them, the samples bit for bit as the uninterrupted run did."""
