@@ -73,13 +73,15 @@ class Split:
     def levels(self, clips, starts, length, q_levels):
         """int64 (len(clips), length): samples starts[i] .. starts[i] + length - 1 of clip clips[i], as levels;
         positions before the clip's start (negative) are q_zero."""
-        if isinstance(self.pcm, torch.Tensor):  # levels held on a device: gather there
+        if isinstance(self.pcm, torch.Tensor):  # levels held on a device: gather there, without waiting for it
             dev = self.pcm.device
-            pos = torch.as_tensor(np.asarray(starts), device=dev)[:, None] + torch.arange(length, device=dev)
-            idx = torch.as_tensor(self.offsets[np.asarray(clips)], device=dev)[:, None] + pos.clamp(min=0)
-            out = self.pcm[idx].long()
-            out[pos < 0] = q_zero(q_levels)
-            return out
+            rows = torch.from_numpy(np.stack([self.offsets[np.asarray(clips)], np.asarray(starts)]).astype(np.int64))
+            if dev.type == "cuda":  # a copy from pinned memory does not wait for the GPU's queued steps
+                rows = rows.pin_memory()
+            first, start = rows.to(dev, non_blocking=True)
+            pos = start[:, None] + torch.arange(length, device=dev)
+            out = self.pcm[first[:, None] + pos.clamp(min=0)].long()
+            return torch.where(pos < 0, q_zero(q_levels), out)  # a mask assignment would wait for the GPU
         clips, starts = np.asarray(clips), np.asarray(starts)
         idx = self.offsets[clips][:, None] + starts[:, None] + np.arange(length)  # (B, length) into pcm
         before = starts[:, None] + np.arange(length) < 0

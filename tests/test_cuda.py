@@ -97,6 +97,44 @@ def test_first_layer_tables_on_cuda():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["twotier", "twotier_tables", "twotier_graphed", "baseline_embed"])
+def test_training_steps_never_wait_for_the_gpu(kind):
+    """Batches gathered from the levels held on the GPU, and the step the loop runs, make no host round-trip after
+    warm-up: CUDA's sync debug mode raises at any call that waits for the device. 32 x 128 chunks, so that the
+    embeddings' backward takes its sorting path (over 3,072 indices)."""
+    import math
+    from lib.cuda_graph import captured_at_first_call
+    from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
+    from lib.train import make_optimizer, train_step
+    from test_models import flat, small
+    m = (flat("embed", seq_len=128) if kind.startswith("baseline") else small(fs=2, n_frames=64)).cuda()
+    if kind == "twotier_tables":
+        m.sample_mlp.use_tables = True
+    opt = make_optimizer(m, 1e-3, capturable=kind.endswith("graphed"))
+    step = (captured_at_first_call(m, opt, 1.0, "tf32") if kind.endswith("graphed") else
+            lambda chunk, reset, h: train_step(m, opt, chunk, reset, h, 1.0))
+    splits, _ = load_splits(DEFAULT_DATA)
+    train = splits["train"].quantized(Q, "linear").on_device(torch.device("cuda"), Q)
+    batches = ChunkBatches(train, 32, m.seq_len, m.overlap, Q, seed=0)
+    batches.chunks_per_clip = 4  # a clip's first chunk (reset) among the timed steps
+    state = {"h": None, "bits": 0.0}
+
+    def train(iterations):
+        for it in iterations:
+            chunk, reset = batches(it)
+            bits, _, state["h"] = step(chunk.to("cuda", non_blocking=True), reset, state["h"])
+            state["bits"] = state["bits"] + bits
+
+    train(range(4))  # warm-up: lazy initialization and the capture may wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train(range(4, 12))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(float(state["bits"]))
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_graphed_step_equals_the_eager_step(precision):
     """The training step captured as CUDA graphs (lib/cuda_graph.py) gives the eager step's losses, grad norms and
