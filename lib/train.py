@@ -462,7 +462,7 @@ def loop(ctx, batches, state, h, interrupts):
                 timed = sync or world == 1
                 if not finite:
                     raise NonFinite(f"non-finite train NLL by iteration {state['iteration']}")
-                progress.step(state, interval, step_secs, samples_per_step)
+                progress.step(state, interval, step_secs, samples_per_step, synced=sync)
                 due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
                     (timed and interval["secs"] >= args.print_time)
             final = stopping(by_time=timed)
@@ -553,14 +553,20 @@ class Progress:
             self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=disable,
                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                                            "[{elapsed}<{remaining}{postfix}]")
-        self.steps, self.timed_secs, self.last_line = 0, 0.0, time.time()
+        self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
+        self.spoken = False
 
-    def step(self, state, interval, step_secs, samples_per_step):
-        self.steps += 1
-        if self.steps > 1:  # the first step warms up (allocations, kernels)
+    def step(self, state, interval, step_secs, samples_per_step, synced=True):
+        """synced: whether the loop waited for the device at this step. Steps are timed from the first such wait
+        (on the CPU, every step; the first step warms up: allocations, kernels), and the speed line comes at a
+        wait, so that on CUDA it counts the steps' work, not only their launches."""
+        if self.timing:
             self.timed_secs += step_secs
-        secs_per_it = self.timed_secs / max(1, self.steps - 1)
-        if self.steps == SPEED_STEPS + 1:
+            self.timed_steps += 1
+        self.timing = self.timing or synced
+        secs_per_it = self.timed_secs / max(1, self.timed_steps)
+        if not self.spoken and synced and self.timed_steps >= SPEED_STEPS:
+            self.spoken = True
             self.speed_line(state, interval, secs_per_it, samples_per_step)
         self.bar.update(1 if self.by_iters else step_secs)
         if interval["steps"] % SYNC_STEPS == 0 and not self.bar.disable:  # the loop has just waited for the device

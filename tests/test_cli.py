@@ -79,6 +79,25 @@ def test_progress_lines_without_a_terminal(tmp_path, speech_wav, capsys, monkeyp
     assert len(progress) >= 15 and "of training left" in progress[-1]
 
 
+def test_speed_line_on_a_device_that_runs_ahead_times_whole_waits():
+    """On CUDA the loop waits for the device every SYNC_STEPS steps, and the steps in between only queue work: the
+    speed line comes at a wait and times only stretches that end in one (here 16 steps of 0.1 s each)."""
+    import argparse
+    lines, sync = [], lib.train.SYNC_STEPS
+    args = argparse.Namespace(stop_iters=0, stop_time=1.0, print_iters=0, print_time=3600.0)
+    state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
+    progress = lib.train.Progress(args, state, lines.append, lib.train.torch.device("cuda"), shown=False)
+    for i in range(1, 2 * sync + 1):
+        waited = i % sync == 0
+        secs = 0.1 * sync if waited else 0.0  # the wait takes the time of the steps queued since the last one
+        state["iteration"], interval["steps"] = i, i
+        state["train_secs"] += secs
+        interval["secs"] += secs
+        progress.step(state, interval, secs, 1000, synced=waited)
+        assert len(lines) == (i == 2 * sync), i  # not at the first wait: its steps began before the timing
+    assert lines[0].startswith("speed: 0.100 s per iteration (10,000 samples/s)"), lines
+
+
 def test_bench_train_prints_both_steps_and_json(capsys):
     """python -m lib.bench train on the CPU (tiny model): both steps timed, their rates against the matmul rate,
     and a JSON line for each (bf16 is skipped without CUDA)."""
