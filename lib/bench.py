@@ -8,7 +8,8 @@ train: real training steps (lib.train.train_step, on the default data, after --w
 flags describe, at each --precision: trained samples/s, MFLOP per trained sample (forward plus backward, from
 the layer shapes), the FLOP/s achieved, the matmul rate of this machine at that precision measured here, and
 their ratio; also the plain step it replaced (a host round-trip for the loss and the grad norm every step,
-one norm per parameter, Adam without fusing), timed in turns with it. One JSON line per measurement at the end.
+one norm per parameter, Adam without fusing, the batch gathered on the CPU and copied), timed in turns with it;
+on CUDA the other steps gather their batches on the GPU, as training does. One JSON line per measurement at the end.
 
 For each batch size: samples/second of the reference sampler and of the fast path (on the CPU: the fast step
 compiled with numba, below batch 16 only as it is slow beyond, on numpy and on torch; on CUDA: with and
@@ -208,8 +209,12 @@ def bench_train(args):
         config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}, seq_len {model.seq_len}"
     model.to(device).train()
     splits, _ = load_splits(DEFAULT_DATA)
-    batches = ChunkBatches(splits["train"].quantized(args.q_levels, "linear"), args.batch_size, model.seq_len,
-                           model.overlap, args.q_levels, seed=0)
+    train = splits["train"].quantized(args.q_levels, "linear")
+    host_batches = ChunkBatches(train, args.batch_size, model.seq_len, model.overlap, args.q_levels, seed=0)
+    batches = host_batches  # the plain step's: gathered on the CPU and copied; the others' as training's, on CUDA
+    if device.type == "cuda":  # gathered from the levels held on the GPU
+        batches = ChunkBatches(train.on_device(device, args.q_levels), args.batch_size, model.seq_len,
+                               model.overlap, args.q_levels, seed=0)
     flops, per_step = training_flops(model), args.batch_size * model.seq_len
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{config}, batch {args.batch_size} x {model.seq_len} samples, on {device} ({name}), torch "
@@ -240,7 +245,7 @@ def bench_train(args):
                 h = None
                 start = time.perf_counter()
                 for _ in range(args.warmup if repeat == 0 else args.steps):
-                    chunk, reset = batches(it)
+                    chunk, reset = (host_batches if kind == "plain" else batches)(it)
                     it += 1
                     _, _, h = step(model, opt, chunk.to(device, non_blocking=True), reset, h, 1.0, precision)
                 if device.type == "cuda":
