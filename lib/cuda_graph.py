@@ -57,8 +57,9 @@ def captured_at_first_call(model, optimizer, grad_clip, precision):
             try:
                 graphed = GraphedStep(model, optimizer, chunk, grad_clip, precision)
             except RuntimeError as e:  # before the first step ends: nothing of the run has been written since
-                raise UserError(f"--cuda_graph: the training step could not be captured as CUDA graphs here "
-                                f"({str(e).strip().splitlines()[0][:200]}); train without it (resuming: --no_cuda_graph)") from e
+                why = str(e).strip().splitlines()[0][:200]
+                raise UserError(f"--cuda_graph: the training step could not be captured as CUDA graphs here ({why}); "
+                                f"train without it (resuming: --no_cuda_graph)") from e
         return graphed(chunk, reset, h)
     return step
 
