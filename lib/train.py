@@ -569,8 +569,8 @@ class Progress:
             self.spoken = True
             self.speed_line(state, interval, secs_per_it, samples_per_step)
         self.bar.update(1 if self.by_iters else step_secs)
-        if interval["steps"] % SYNC_STEPS == 0 and not self.bar.disable:  # the loop has just waited for the device
-            self.bar.set_postfix(bits=f"{float(interval['bits']) / interval['steps']:.3f}")
+        if synced and not self.bar.disable:  # the loop has just waited for the device: reading the sum is free
+            self.bar.set_postfix(bits=f"{float(interval['bits']) / interval['steps']:.3f}", refresh=False)
         if self.bar.disable and time.time() - self.last_line >= PROGRESS_SECS:
             self.last_line = time.time()
             left = self.budget_left(state, secs_per_it)
