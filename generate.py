@@ -22,12 +22,12 @@ import torch
 
 import baseline
 import two_tier
-from lib import ArgumentParser, UserError, WriteError, run_script
+from lib import ArgumentParser, UserError, WriteError, check_torch, run_script
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.train import load_latest_checkpoint, read_run_settings
+from lib.train import load_latest_checkpoint, read_run_settings, set_precision
 
 SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
 
@@ -113,6 +113,7 @@ def main(argv=None):
 
 
 def generate_files(args):
+    check_torch(torch.__version__)
     if args.n < 1 or args.batch < 1:
         raise UserError(f"--n and --batch must be at least 1 (got --n {args.n}, --batch {args.batch})")
     if not args.secs > 0:
@@ -135,6 +136,7 @@ def generate_files(args):
         if not os.path.isfile(args.run):
             raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
     model, settings, rate, run_dir, iteration = load_run(args.run, device)
+    set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
     out_dir = args.out or os.path.join(run_dir, "generated")

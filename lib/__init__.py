@@ -2,8 +2,22 @@
 every script uses: one-line errors, atomic writes, a quiet Ctrl-C."""
 import argparse
 import os
+import re
 import signal
 import sys
+
+
+MIN_TORCH = (2, 6)  # torch.nn.utils.get_total_norm came in 2.6, fused Adam on the CPU in 2.4
+
+
+def check_torch(version):
+    """A UserError if `version` (torch.__version__) is older than MIN_TORCH: one line at start, not an
+    AttributeError at the first step."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found and tuple(map(int, found.groups())) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise UserError(f"torch {version} is older than {need}, which this repository needs: pip install "
+                        f"'torch>={need}' (README: Install)")
 
 
 class UserError(Exception):

@@ -1,4 +1,5 @@
 """Reading and writing audio files with soundfile; finding audio in folders."""
+import errno
 import os
 import sys
 
@@ -41,7 +42,17 @@ def read_mono(path):
 
 def write_wav(path, samples, rate):
     """Float audio in [-1, 1] -> 16-bit WAV, written to a temporary name and renamed (lib.atomic_write)."""
-    atomic_write(path, lambda tmp: sf.write(tmp, np.clip(samples, -1.0, 1.0), rate, subtype="PCM_16"))
+    atomic_write(path, lambda tmp: write_pcm16(tmp, np.clip(samples, -1.0, 1.0), rate))
+
+
+def write_pcm16(path, samples, rate):
+    """16-bit audio in the format the extension names. libsndfile's errors (a full disk, a read-only folder: 'System
+    error.') are OSErrors here, so that callers report them as the failed writes they are (lib.WriteError)."""
+    try:
+        sf.write(path, samples, rate, subtype="PCM_16")
+    except sf.SoundFileError as e:
+        raise OSError(errno.EIO, f"{str(e).splitlines()[0]} (libsndfile: a full disk or a folder not writable?)") \
+            from None
 
 
 def warn(message):

@@ -32,7 +32,8 @@ class GraphedStep:
         self.graphs = {}
         for reset in (True, False):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # each graph its own memory pool, and so its own gradients
+            # each graph its own memory pool, and so its own gradients; thread_local: other threads may use CUDA
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 bits, grad_norm, h = train_step(model, optimizer, self.chunk, reset, self.h, grad_clip, precision)
                 self.h.copy_(h)
             self.graphs[reset] = (graph, bits, grad_norm)

@@ -3,9 +3,9 @@
 A dataset is either a folder made by `python -m lib.prepare` (train/, valid/, test/ of audio clips) or one
 audio file (the "overfit one recording" experiment: it is cut into clips and serves as every split).
 
-Each split of a folder is decoded once into `<dataset>/.cache/`: all its clips end to end as one file of
-16-bit PCM (2 bytes a sample), opened memory-mapped, and a small index (clip offsets, each clip's mean, min
-and max, the rate). Batches are read from it and quantized per step, so memory does not grow with the
+Each split of a folder is decoded once into `<dataset>/.cache/` (lib/cache.py: keyed on what changes when a
+file does, built by one process at a time, checked at every start): all its clips end to end as one file of
+16-bit PCM (2 bytes a sample), opened memory-mapped, and a small index. Batches are read from it and quantized per step, so memory does not grow with the
 dataset: 24 hours at 16 kHz are 2.8 GB on disk and a few MB in memory. Prepared clips are 16-bit, so this
 loses nothing; a float source is rounded to 16 bits, far finer than the 256 levels trained on.
 
@@ -17,15 +17,16 @@ is prefixed with `overlap` samples of q_zero and walked in chunks of `overlap + 
 chunk[:, :-overlap], targets chunk[:, overlap:]. The first chunk of each segment carries reset=True: the
 model starts it from its learned h0.
 """
-import hashlib
-import json
 import os
+import zlib
 
 import numpy as np
 import torch
 
-from lib import UserError, WriteError, atomic_write
-from lib.audio import BadAudio, find_audio, read_mono, warn
+from lib import UserError
+from lib import cache
+from lib.audio import find_audio, read_mono, warn
+from lib.cache import clip_stats
 from lib.prepare import SPLITS, cut_clips
 from lib.quantize import quantize, q_zero
 
@@ -42,6 +43,7 @@ class Split:
         self.pcm, self.offsets, self.stats, self.rate, self.scale = pcm, np.asarray(offsets), stats, rate, scale
         self.lengths = np.diff(self.offsets)
         self.quantizer = None  # (q_levels, qtype, zero_dc, norm), set by quantized()
+        self.crc32 = None  # of the samples (lib.cache.fingerprint), where known
 
     @classmethod
     def of_levels(cls, levels):
@@ -68,7 +70,9 @@ class Split:
         for clip in range(self.n_clips):  # one clip at a time: host memory stays flat
             a, b = self.offsets[clip], self.offsets[clip + 1]
             out[a:b] = self.levels([clip], [0], b - a, q_levels)[0].to(device, dtype)
-        return Split(out, self.offsets, self.stats, self.rate, scale=None)
+        held = Split(out, self.offsets, self.stats, self.rate, scale=None)
+        held.crc32 = self.crc32
+        return held
 
     def levels(self, clips, starts, length, q_levels):
         """int64 (len(clips), length): samples starts[i] .. starts[i] + length - 1 of clip clips[i], as levels;
@@ -105,84 +109,15 @@ class Split:
         return x
 
 
-def clip_stats(samples):
-    """(mean, min, max) of a clip's float samples, in float64 (the mean as lib.quantize.normalize takes it)."""
-    x = torch.from_numpy(np.asarray(samples)).double()
-    return [x.mean().item(), x.min().item(), x.max().item()] if len(x) else [0.0, 0.0, 0.0]
-
-
-def _cache_paths(folder, paths):
-    stats = [(os.path.relpath(p, folder), os.path.getsize(p), os.path.getmtime(p)) for p in paths]
-    key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
-    base = os.path.join(os.path.dirname(folder), ".cache", f"{os.path.basename(folder)}_{key}")
-    return base + ".pcm", base + ".index.npz"
-
-
 def _open_split(folder):
-    """The split in `folder`, through its cache (built on first use, one file at a time)."""
+    """The split in `folder`, through its checked cache (lib/cache.py)."""
     paths, _ = find_audio(folder)
     if not paths:
         raise UserError(f"no audio files in {folder}")
-    pcm_path, index_path = _cache_paths(folder, paths)
-    if not (os.path.exists(index_path) and os.path.exists(pcm_path)):
-        try:
-            _build_cache(folder, paths, pcm_path, index_path)
-        except (OSError, WriteError) as e:  # a read-only dataset: decode into a temporary folder instead
-            import tempfile
-            warn(f"cannot cache {folder} beside it ({e}); decoding into a temporary folder")
-            tmp = tempfile.mkdtemp(prefix="samplernn_cache_")
-            pcm_path, index_path = (os.path.join(tmp, os.path.basename(p)) for p in (pcm_path, index_path))
-            _build_cache(folder, paths, pcm_path, index_path)
-    with np.load(index_path) as index:
-        offsets, stats, rate = index["offsets"], index["stats"], int(index["rate"])
-    pcm = np.memmap(pcm_path, dtype=np.int16, mode="r") if offsets[-1] else np.zeros(0, np.int16)
-    return Split(pcm, offsets, stats, rate)
-
-
-def _build_cache(folder, paths, pcm_path, index_path):
-    """Decode every usable file of the split, in order, into 16-bit PCM appended to one file; then the index.
-    Only one file's samples are in memory at a time (written with plain writes, not through a mapping, so that
-    the pages written do not count as this process's memory)."""
-    cache_dir = os.path.dirname(pcm_path)
-    made = not os.path.isdir(cache_dir)
-    offsets, stats, rates = [0], [], set()
-
-    def write(tmp):
-        f = None  # opened at the first usable file: a folder of bad files leaves no trace
-        try:
-            for path in paths:
-                try:
-                    samples, rate = read_mono(path)
-                except BadAudio as e:
-                    warn(f"skipping {e}")
-                    continue
-                if f is None:
-                    os.makedirs(cache_dir, exist_ok=True)
-                    f = open(tmp, "wb")
-                pcm16 = np.clip(np.round(samples * 32768.0), -32768, 32767).astype(np.int16)
-                f.write(pcm16.tobytes())
-                offsets.append(offsets[-1] + len(pcm16))
-                stats.append(clip_stats(pcm16 * PCM_SCALE))  # of the samples as stored
-                rates.add(rate)
-        finally:
-            if f is not None:
-                f.close()
-        if len(offsets) == 1:
-            raise UserError(f"none of the {len(paths)} audio files in {folder} is usable (unreadable or non-finite)")
-        if len(rates) > 1:
-            raise UserError(f"files in {folder} have different sample rates {sorted(rates)}: "
-                            f"run python -m lib.prepare on them first")
-    try:
-        atomic_write(pcm_path, write)
-    except BaseException:
-        if made and os.path.isdir(cache_dir) and not os.listdir(cache_dir):
-            os.rmdir(cache_dir)  # bad input leaves the dataset as it was
-        raise
-    old = pcm_path[:-len(".pcm")] + ".npz"  # the same files decoded by an earlier version (float32, in memory)
-    if os.path.exists(old):
-        os.remove(old)
-    atomic_write(index_path, lambda tmp: np.savez(tmp, offsets=np.array(offsets, dtype=np.int64),
-                                                  stats=np.array(stats, dtype=np.float64), rate=rates.pop()))
+    pcm, offsets, stats, rate, crc = cache.open_cached(folder, paths)
+    split = Split(pcm, offsets, stats, rate)
+    split.crc32 = crc
+    return split
 
 
 def load_splits(path, clip_secs=8.0):
@@ -198,6 +133,7 @@ def load_splits(path, clip_secs=8.0):
         clips = cut_clips(audio, clip_len)
         split = Split(clips.reshape(-1), np.arange(len(clips) + 1) * clip_len, np.array([clip_stats(c) for c in clips]),
                       rate, scale=1.0)
+        split.crc32 = zlib.crc32(np.ascontiguousarray(clips).tobytes())
         return {name: split for name in SPLITS}, rate
     missing = [s for s in SPLITS if not os.path.isdir(os.path.join(path, s))]
     if missing:

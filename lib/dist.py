@@ -10,6 +10,7 @@ by time, the budget, Ctrl-C) are taken on rank 0's clock and signals, agreed at 
 every rank stops at the same iteration. A run resumes with the same number of processes.
 """
 import datetime
+import gc
 import os
 
 import torch
@@ -40,12 +41,29 @@ def setup(device_flag):
     return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
+def initial_states(model):
+    """The learned initial states h0: the only parameters that take part in some steps only (a clip's first
+    chunk, on every rank alike)."""
+    return [(name, p) for name, p in model.named_parameters() if name.split(".")[-1] == "h0"]
+
+
 def wrap(model, device):
-    """The model for training steps: DDP averages its gradients across ranks. find_unused_parameters: the learned
-    h0 takes part only in a clip's first chunk; on the others it gets no gradient on any rank, and stays without
-    one (Adam skips it), as in a single process. (DDP warns once, at the first chunk, that every parameter was used.)"""
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    """The model for training steps: DDP averages its gradients across ranks, but for the learned h0, which it
+    leaves out (average_initial_state_grads does it at the steps that use them). With every parameter it holds
+    used at every step, DDP need not search the autograd graph for unused ones (find_unused_parameters), which
+    copies a map to the host at every step and so would make the step wait for the GPU."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [name for name, _ in initial_states(model)])
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
+
+
+def average_initial_state_grads(model):
+    """At a clip's first chunk: h0's gradients averaged over ranks, as DDP averages the others (one collective
+    each, queued on the device without waiting for it)."""
+    for _, p in initial_states(model):
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def share(obj):
@@ -70,5 +88,17 @@ def gather_rows(h):
 
 
 def cleanup():
+    """End the process group now, while the interpreter is whole, whatever way the run ended (the entry point
+    calls this last, once no exception holds the training's objects).
+
+    Why it matters: DistributedDataParallel sits in a reference cycle, so only the cyclic garbage collector frees
+    it, and with it its reducer's hold on the process group. Left to chance, that happened during the
+    interpreter's shutdown; the group's destructor then joined gloo's worker threads, one of them dropped the last
+    reference to a tensor that Python still owned, took the GIL of a finalizing interpreter, and was ended with
+    pthread_exit: a forced unwind through a noexcept C++ frame, std::terminate ("terminate called without an
+    active exception"), SIGABRT. Under load, where a worker is late to drop its work, it came in one run of
+    three. Collected here, the group's last reference goes in destroy_process_group."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()

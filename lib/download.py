@@ -21,13 +21,16 @@ https://archive.org (a mirror of its /metadata/ITEM and /download/ITEM/FILE path
 import hashlib
 import http.client
 import json
+import lzma
 import os
+import re
 import shutil
 import sys
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 
 if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load is one line, not a traceback
     from lib import quiet_interrupts
@@ -39,6 +42,7 @@ from lib import ArgumentParser, UserError, WriteError, run_script
 from lib.prepare import prepare
 
 TRIES = 3  # per file, each resuming where the last broke off
+UNKNOWN_LENGTH = set()  # files fetched without a Content-Length (and no size known)
 BLOCK = 1 << 20  # bytes per read
 BEETHOVEN_ITEMS = (
     "BeethovenPianoSonataNo.1 BeethovenPianoSonataNo.2 BeethovenPianoSonataNo.3 BeethovenPianoSonataNo.4 "
@@ -84,7 +88,8 @@ def fetch(url, path, size=None):
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 resumed = have and getattr(response, "status", 200) == 206
-                total = (have if resumed else 0) + int(response.headers.get("Content-Length") or 0) or size
+                length = response.headers.get("Content-Length")
+                total = (have if resumed else 0) + int(length) if length else size
                 with open(part, "ab" if resumed else "wb") as f, \
                         tqdm(total=total, initial=have if resumed else 0, unit="B", unit_scale=True,
                              desc=os.path.basename(path), disable=None) as bar:
@@ -94,6 +99,8 @@ def fetch(url, path, size=None):
             got = os.path.getsize(part)
             if total and got != total:
                 raise http.client.IncompleteRead(b"", total - got)
+            if not total:  # no length given: only the checksum can tell a whole file from one cut off
+                UNKNOWN_LENGTH.add(path)
             os.replace(part, path)
             return path
         except urllib.error.HTTPError as e:
@@ -123,11 +130,20 @@ def file_hash(path, algorithm):
 
 
 def verify(path, algorithm, expected, hint):
+    """The file against its checksum. On a mismatch nothing is deleted (it may be the only good copy of a file
+    whose checksum was mistyped): a transfer of unknown length goes back to .part, to be resumed; any other file
+    is kept aside, and the message says how to use it."""
     got = file_hash(path, algorithm)
-    if got != expected.lower():
-        os.remove(path)
-        raise UserError(f"{path} has {algorithm} {got}, not {expected}: the download is corrupt or another file "
-                        f"(removed); {hint}")
+    if got == expected.lower():
+        return
+    if path in UNKNOWN_LENGTH:
+        os.replace(path, path + ".part")
+        raise UserError(f"{path} does not match its {algorithm} yet: the server gave no length, so the transfer may "
+                        f"have been cut off; run the same command again to resume it")
+    aside = f"{path}.{algorithm}-{got[:12]}"
+    os.replace(path, aside)
+    raise UserError(f"{path} has {algorithm} {got}, not {expected}: kept as {aside}; {hint} (if you trust that copy, "
+                    f"rename it back and pass --sha256 {got})")
 
 
 def safe_name(name):
@@ -137,7 +153,21 @@ def safe_name(name):
 
 
 def extract(archive, out, keep):
-    """The members `keep` selects, into out; refuses an archive with a member outside out, or a link."""
+    """The members `keep` selects, into out; refuses an archive with a member outside out, or a link, and one that
+    cannot be read (an error page saved under the archive's name, a truncated file) with one line. The caller
+    removes `out` afterwards, whatever happened."""
+    try:
+        extract_members(archive, out, keep)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"{archive} is not a readable archive ({str(e).splitlines()[0][:80] or type(e).__name__}): it "
+                        f"may be cut short or another file; delete it and run again, or check --url") from None
+    except OSError as e:  # bz2 raises OSError for bad data, as a full disk does
+        if e.errno is None:
+            raise UserError(f"{archive} is not a readable archive ({e}): delete it and run again") from None
+        raise WriteError(out, e) from None
+
+
+def extract_members(archive, out, keep):
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as z:
             members = [m for m in z.infolist() if not m.is_dir()]
@@ -169,11 +199,18 @@ def download(name, dest, sample_rate=16000, url=None, sha256=None, speakers=None
         raise UserError("--speakers applies to vctk only")
     if sha256 and name == "beethoven":
         raise UserError("--sha256 applies to one archive; beethoven's files are checked against archive.org's MD5s")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise UserError(f"--sha256 {sha256!r} is not a SHA-256 (64 hexadecimal digits): nothing was fetched")
     spec = DATASETS[name]
     work = os.path.normpath(dest) + ".download"
     raw = os.path.join(work, "extracted")
+    if os.path.exists(work) and not os.path.isdir(work):
+        raise UserError(f"{work} exists and is not a folder (downloads go there): move it away")
     shutil.rmtree(raw, ignore_errors=True)  # a half-done extraction of an earlier run
-    os.makedirs(raw, exist_ok=True)
+    try:
+        os.makedirs(raw, exist_ok=True)
+    except OSError as e:
+        raise WriteError(raw, e) from None
     try:
         meta = fetch_and_prepare(name, spec, dest, work, raw, sample_rate, url, sha256, speakers, clip_secs)
     finally:
@@ -217,7 +254,9 @@ def fetch_items(base, items, work, raw):
             fetch(f"{base}/metadata/{item}", meta_path)
         try:
             files = json.load(open(meta_path))["files"]
-        except (ValueError, KeyError):
+            if not all(isinstance(e, dict) and "name" in e and "md5" in e for e in files):
+                raise ValueError("a file without a name or an MD5")
+        except (ValueError, KeyError, TypeError):
             os.remove(meta_path)
             raise UserError(f"{base}/metadata/{item} is not an Internet Archive item's metadata: check --url") from None
         for entry in files:
@@ -225,7 +264,8 @@ def fetch_items(base, items, work, raw):
                 path = os.path.join(work, item, entry["name"])
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 if not os.path.exists(path):
-                    fetch(f"{base}/download/{item}/{urllib.request.quote(entry['name'])}", path, int(entry["size"]))
+                    size = int(entry["size"]) if str(entry.get("size", "")).isdigit() else None
+                    fetch(f"{base}/download/{item}/{urllib.request.quote(entry['name'])}", path, size)
                     verify(path, "md5", entry["md5"], "run the command again")
                 os.makedirs(os.path.join(raw, item), exist_ok=True)
                 try:  # a hard link: no second copy on disk

@@ -46,7 +46,10 @@ class GRUStack(nn.Module):
         """x (B, T, n_in), h (n_rnn, B, dim) or None for h0 -> out (B, T, dim), h (n_rnn, B, dim)."""
         if h is None:
             h = self.initial_state(x.shape[0])
-        return self.gru(x, h)
+        # autocast's rule for the cuDNN RNN (ATen's AutocastRNN.cpp) casts to float16 whatever dtype was asked: under
+        # bf16 the GRUs would run in float16, without loss scaling. They run in float32 (TF32 where allowed) instead.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.gru(x.float(), h.float())
 
 
 def gru_weights(gru):

@@ -19,12 +19,11 @@ if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load or
     quiet_interrupts("interrupted; nothing was written (a rerun starts over)")
 
 import numpy as np
-import soundfile as sf
 import soxr
 from tqdm import tqdm
 
 from lib import ArgumentParser, UserError, WriteError, run_script
-from lib.audio import AUDIO_EXTENSIONS, BadAudio, find_audio, read_mono, warn
+from lib.audio import AUDIO_EXTENSIONS, BadAudio, find_audio, read_mono, warn, write_pcm16
 
 SPLITS = ("train", "valid", "test")
 
@@ -100,8 +99,8 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
             os.makedirs(os.path.join(partial, name))
             for i, clip in enumerate(clips):
                 # clip to the 16-bit range: resampling can overshoot full scale slightly
-                sf.write(os.path.join(partial, name, f"{i:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768),
-                         sample_rate, subtype="PCM_16")
+                write_pcm16(os.path.join(partial, name, f"{i:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768),
+                            sample_rate)
             meta["splits"][name] = {"files": splits[name], "source_samples": len(joined), "clips": len(clips),
                                     "minutes": len(clips) * clip_len / sample_rate / 60}
         with open(os.path.join(partial, "dataset.json"), "w") as f:

@@ -152,7 +152,8 @@ def graphed(step, example_noise, sampler):
             step(static_noise)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads of the process (NCCL's under torchrun, a data loader's) may call CUDA meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_out = step(static_noise)
     sampler.state_restore(state)  # warm-up and capture must not advance the real state
 

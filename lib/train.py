@@ -18,6 +18,7 @@ kill left (metrics row, samples, temporary files); a failed write is one line na
 """
 import argparse
 import copy
+import fcntl
 import gc
 import json
 import math
@@ -30,13 +31,14 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write, dist
+from lib import ArgumentParser, Interrupted, UserError, WriteError, atomic_write, cache, check_torch, dist
 from lib.audio import warn, write_wav
 from lib.data import DEFAULT_DATA, ChunkBatches, Segments, eval_chunks, load_splits
 from lib.quantize import NORMS, QTYPES, check_q_levels, dequantize
@@ -49,7 +51,8 @@ EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags that may change when a run is resumed; every other setting comes from the run
 RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph",
-             "valid_clips", "n_samples", "sample_secs", "test_on_best", "patience", "dry_run"}
+             "valid_clips", "n_samples", "sample_secs", "test_on_best", "patience", "dry_run", "data",
+             "accept_changed_data"}  # --data: when the data there is the run's own (its fingerprint)
 PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
 PRECISIONS = ("fp32", "tf32", "bf16")
 SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many steps it waits and checks the loss
@@ -104,6 +107,8 @@ def add_training_args(p, presets):
                    "; ".join(f"{name} = " + " ".join(f"--{k} {v}" for k, v in values.items())
                              for name, values in sorted(presets.items())))
     g.add_argument("--dry_run", action="store_true", help="print the settings and parameter count, then exit")
+    g.add_argument("--accept_changed_data", action="store_true",
+                   help="with --resume: train on, although the data differs from what the run was trained on")
 
 
 def build_parser(script, doc, add_model_args, presets):
@@ -125,8 +130,12 @@ def train_main(model_id, doc, add_model_args, build_model, default_tag, presets,
     except KeyboardInterrupt:  # before the loop's own handlers (start-up), or a second Ctrl-C while saving
         print("\ninterrupted; nothing more was saved (no partial file is left)", file=sys.stderr)
         code = 130
+    except Exception:  # a bug: its traceback, then the same orderly end as any other
+        traceback.print_exc()
+        code = 1
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
+    dist.cleanup()  # here, with no exception (and its frames) holding the training's objects
     sys.exit(code)
 
 
@@ -148,13 +157,55 @@ def parse_settings(model_id, parser, presets, argv):
     if saved_id != model_id:
         raise UserError(f"{first.resume} is a {saved_id} run, not {model_id}: resume it with "
                         f"{SCRIPTS.get(saved_id, 'the script that made it')}")
-    saved = dict(saved)
+    # a flag added after the run was made takes its default (what the run did without it)
+    saved = {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **saved}
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
     changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]
     if changed:
         raise UserError(f"--{changed[0]} cannot change when resuming (the run has {saved.get(changed[0])!r}); "
                         f"only {', '.join('--' + k for k in sorted(RESUMABLE - {'resume'}))} can")
+    args.data = os.path.abspath(args.data)
     return args, (ckpt_path, ckpt)
+
+
+def check_data(args, splits):
+    """On resume: the data must be what the run trained on (by content, wherever it lies now), unless
+    --accept_changed_data; then the run's fingerprint becomes the new data's, and the change is logged."""
+    run = read_run_settings(args.resume)
+    old, new = run.get("data_fingerprint"), cache.fingerprint(splits)
+    if old is None:
+        warn(f"{args.resume} was made before runs recorded their data's fingerprint: the data is not checked")
+        return
+    change = cache.describe_change(old, new)
+    if not change:
+        return
+    if not args.accept_changed_data:
+        raise UserError(f"the data in {args.data} differs from what {args.resume} was trained on ({change}): "
+                        f"resume with its own data, or add --accept_changed_data to train on this")
+    warn(f"training on changed data ({change}), as --accept_changed_data asks")
+    run["data_fingerprint"] = new
+    run.setdefault("data_changes", []).append(change)
+    write_text(os.path.join(args.resume, "settings.json"), json.dumps(run, indent=1))
+
+
+def hold_run(run_dir):
+    """An exclusive lock on RUN/.lock while this process trains the run (released at the end of train(), or by the
+    kernel when the process ends, however): a second process on the same run is refused with one line naming
+    the first."""
+    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{run_dir} is being trained by process {pid} now: let it finish, or stop it (Ctrl-C "
+                        f"saves) and resume then") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held.append(fd)  # open until the run ends here
+
+
+_held = []
 
 
 def read_run_settings(run_dir):
@@ -177,16 +228,34 @@ def load_latest_checkpoint(run_dir, verb):
     """(path, checkpoint) of the newest checkpoint that loads, newest first: a damaged one (truncated, empty) is
     skipped with a warning. None if the run has no checkpoint that loads."""
     paths = checkpoint_paths(run_dir)[::-1]
+    try:
+        run = read_run_settings(run_dir)
+    except UserError:
+        run = None  # nothing to compare with
     for i, path in enumerate(paths):
+        then = f"{verb} {os.path.basename(paths[i + 1])}" if i + 1 < len(paths) else "no older checkpoint"
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
             if not isinstance(ckpt, dict) or not {"model_id", "settings", "model"} <= set(ckpt):
                 raise ValueError("not a checkpoint of this repository")
-            return path, ckpt
         except Exception as e:  # torch raises many types for damaged files
-            then = f"{verb} {os.path.basename(paths[i + 1])}" if i + 1 < len(paths) else "no older checkpoint"
             warn(f"{os.path.basename(path)} is unreadable ({str(e).splitlines()[0][:100]}); {then}")
+            continue
+        foreign = run and not_of_run(run, ckpt)
+        if foreign:
+            warn(f"{os.path.basename(path)} is not this run's ({foreign}); skipped: {then}")
+            continue
+        return path, ckpt
     return None
+
+
+def not_of_run(run, ckpt):
+    """'' if the checkpoint was made by the run whose settings.json is `run`, else how it differs."""
+    if ckpt["model_id"] != run.get("model_id"):
+        return f"a {ckpt['model_id']} checkpoint in a {run.get('model_id')} run"
+    theirs, ours = ckpt["settings"], run.get("settings", {})
+    differ = sorted(k for k in theirs.keys() & ours.keys() if k not in RESUMABLE and theirs[k] != ours[k])
+    return f"--{differ[0]} {theirs[differ[0]]!r}, the run has {ours[differ[0]]!r}" if differ else ""
 
 
 def set_precision(precision):
@@ -197,6 +266,15 @@ def make_optimizer(model, lr, capturable=False):
     """Adam, fused into one kernel per step (on the CPU too: it gives the same results run after run);
     capturable (its step counts on the GPU) for a CUDA graph."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
+
+
+def load_optimizer(optimizer, state, capturable):
+    """The saved Adam state, capturable or not as this session's --cuda_graph asks: load_state_dict restores the
+    saved param groups' flag, with which a run made without graphs could not be captured (and one made with
+    them would keep its step counts' capturable path when eager)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
 
 
 def check_settings(args):
@@ -228,6 +306,7 @@ def check_settings(args):
 
 
 def train(model_id, parser, build_model, default_tag, presets, argv):
+    check_torch(torch.__version__)
     args, resumed = parse_settings(model_id, parser, presets, argv)
     check_settings(args)
     if args.threads:
@@ -247,13 +326,29 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     try:
         return train_on(model_id, args, model, n_params, default_tag, resumed, device, world)
     finally:
-        dist.cleanup()
+        while _held:  # the run's lock (hold_run)
+            os.close(_held.pop())
+
+
+def hold_on_device(splits, device, q_levels):
+    """The splits as levels on the device, each distinct split once (one file's data serves as all three)."""
+    held = {}
+    for s in splits.values():
+        if id(s) not in held:
+            held[id(s)] = s.on_device(device, q_levels)
+    return {name: held[id(s)] for name, s in splits.items()}
 
 
 def train_on(model_id, args, model, n_params, default_tag, resumed, device, world):
     rank = dist.rank()
-
+    if resumed and rank == 0:
+        hold_run(args.resume)  # before anything is read or repaired: one process trains a run at a time
+    if resumed and not os.path.exists(args.data):
+        raise UserError(f"the run's data {args.data} is not there: if it moved, resume with --data NEW_PLACE "
+                        f"(the data there is checked against the run's)")
     splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
+    if resumed:
+        check_data(args, splits)
     for split in splits.values():
         split.quantized(args.q_levels, args.qtype, args.zero_dc, args.norm)
     batches = ChunkBatches(splits["train"], args.batch_size, model.seq_len, model.overlap, args.q_levels, args.seed,
@@ -266,8 +361,7 @@ def train_on(model_id, args, model, n_params, default_tag, resumed, device, worl
     if device.type == "cuda" and args.q_levels <= 256:  # the splits as uint8 levels on the GPU, where they fit
         need = sum(int(s.lengths.sum()) for s in {id(s): s for s in splits.values()}.values())
         if need < 0.25 * torch.cuda.mem_get_info(device)[0]:
-            held = {id(s): s.on_device(device, args.q_levels) for s in splits.values()}
-            splits = {name: held[id(s)] for name, s in splits.items()}
+            splits = hold_on_device(splits, device, args.q_levels)
             batches.segments.split = splits["train"]  # the same segments, gathered on the GPU
     set_precision(args.precision)
     model.to(device)
@@ -276,6 +370,8 @@ def train_on(model_id, args, model, n_params, default_tag, resumed, device, worl
                               if rank == 0 else None)
     if world > 1:
         run_dir = dist.share(run_dir)
+    if rank == 0 and not resumed:
+        hold_run(run_dir)
     try:
         return start(model_id, args, model, optimizer, splits, sample_rate, batches, device, n_params, run_dir,
                      resumed)
@@ -302,6 +398,7 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
     elif main:
         settings = {"model_id": model_id, "settings": vars(args), "parameters": n_params, "world_size": world,
                     "sample_rate": sample_rate, "clips": {k: [s.n_clips, int(s.lengths.sum())] for k, s in splits.items()},
+                    "data_fingerprint": cache.fingerprint(splits),
                     "device": str(device), "command": " ".join(sys.argv), "git": git_info(),
                     "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                  "numpy": np.__version__}}
@@ -309,7 +406,7 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
     log = ctx["log"] = Logger(os.path.join(run_dir, "log.txt") if main else None)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(optimizer, ckpt["optimizer"], args.cuda_graph)
         torch.set_rng_state(ckpt["torch_rng"])
         state.update(ckpt["state"])
         h = None if ckpt["h"] is None else ckpt["h"][:, batches.rows].to(device)  # this rank's rows
@@ -433,7 +530,7 @@ def loop(ctx, batches, state, h, interrupts):
             if not due:
                 t0 = time.perf_counter()
                 chunk, reset = batches(state["iteration"])
-                bits, grad_norm, h = step(chunk.to(device, non_blocking=True), reset, h)
+                bits, grad_norm, h = step(to_device(chunk, device), reset, h)
                 interval["bits"] += bits  # device tensors: read once per SYNC_STEPS, not per step
                 interval["grad_norm"] += grad_norm
                 interval["steps"] += 1
@@ -507,6 +604,13 @@ def loop(ctx, batches, state, h, interrupts):
         return 1
     finally:
         progress.close()
+
+
+def to_device(chunk, device):
+    """A batch to the device; on CUDA from pinned memory, so that the copy does not wait for the queued steps."""
+    if device.type == "cuda" and not chunk.is_cuda:
+        chunk = chunk.pin_memory()
+    return chunk.to(device, non_blocking=True)
 
 
 def make_step(ctx):
@@ -644,6 +748,8 @@ def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32", n
     whatever h was. bf16 autocasts the forward pass; the loss, gradients and Adam stay fp32. net: what computes the
     forward pass, when not the model itself (its DistributedDataParallel wrapper under torchrun)."""
     nll, h = backward(model, optimizer, chunk, reset, h, precision, net)
+    if reset and net is not None and net is not model:  # under torchrun: DDP leaves h0 to us
+        dist.average_initial_state_grads(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if grad_clip > 0:

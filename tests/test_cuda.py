@@ -183,3 +183,67 @@ def test_training_run_with_cuda_graph_resumes(tmp_path, speech_wav):
     assert b["row"]["train_bits"] == pytest.approx(a["row"]["train_bits"], rel=1e-3)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-2, atol=1e-3)
+
+
+@pytest.fixture
+def tf32_restored():
+    """The global TF32 flags as they were, whatever the test asserted."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_bf16_autocasts_the_mlp_but_runs_the_grus_in_float32(tf32_restored):
+    """--precision bf16: autocast's cuDNN-RNN rule would cast the GRUs to float16 (without loss scaling); they run
+    in float32, while the linear layers do run in bf16. fp32 turns TF32 off, tf32 on."""
+    from lib.layers import GRUStack
+    from lib.train import set_precision
+    set_precision("fp32")
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    set_precision("tf32")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    gru, lin = GRUStack(4, 16, 2).cuda(), torch.nn.Linear(4, 4).cuda()
+    x = torch.randn(3, 5, 4, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        out, h = gru(x, None)
+        assert out.dtype == h.dtype == torch.float32
+        assert lin(x).dtype == torch.bfloat16  # autocast is on
+
+
+def test_a_run_made_without_graphs_resumes_with_them_and_back(tmp_path, speech_wav):
+    """--cuda_graph may change on resume: Adam's capturable flag follows it (else the capture fails)."""
+    runs = tmp_path / "runs"
+    base = ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs), "--device", "cuda", "--n_samples", "0"]
+    assert run_main(SCRIPTS["twotier"], base + ["--stop_iters", "10"]) == 0
+    (run,) = glob.glob(str(runs / "*"))
+    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "20", "--cuda_graph"]) == 0
+    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "30", "--no_cuda_graph"]) == 0
+    ckpt = torch.load(os.path.join(run, "checkpoints", "it0000030.pt"), weights_only=False)
+    assert ckpt["optimizer"]["param_groups"][0]["capturable"] is False
+
+
+def test_a_ddp_training_step_never_waits_for_the_gpu(tmp_path):
+    """The step under DistributedDataParallel (one NCCL process: the wrapper and its reducer, as under torchrun)
+    makes no host round-trip after warm-up: h0 is outside DDP's buckets, so find_unused_parameters is off."""
+    import torch.distributed as tdist
+    from lib import dist
+    from lib.train import make_optimizer, train_step
+    from test_models import small
+    tdist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        m = small(fs=2, n_frames=16).cuda()
+        net = dist.wrap(m, torch.device("cuda", torch.cuda.current_device()))
+        opt = make_optimizer(m, 1e-3)
+        chunks = torch.randint(Q, (8, 4, 2 + 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        h, total = None, 0.0
+        for i in range(8):
+            if i == 4:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            bits, _, h = train_step(m, opt, chunks[i], i % 2 == 0, h, 1.0, "tf32", net)
+            total = total + bits
+        torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(total)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        tdist.destroy_process_group()

@@ -5,6 +5,9 @@ import http.server
 import io
 import json
 import os
+import resource
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import run_main, speech
+from conftest import REPO, run_main, speech
 from lib.download import BEETHOVEN_ITEMS, main as download_main
 
 
@@ -28,7 +31,7 @@ class Server:
     """Serves `files` {url path: bytes} with HTTP Range; the first `cuts` responses stop halfway."""
 
     def __init__(self):
-        self.files, self.cuts, self.ranges = {}, 0, []
+        self.files, self.cuts, self.ranges, self.no_length = {}, 0, [], False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -40,7 +43,8 @@ class Server:
                 start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
                 server.ranges.append(start)
                 self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(data) - start))
+                if not server.no_length:  # else the end of the body is the end of the connection
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 body = data[start:]
                 if server.cuts:
@@ -169,3 +173,85 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert (tmp_path / "FULL" / "keep.txt").read_text() == "precious"
+
+
+def test_a_mistyped_sha256_is_refused_before_anything_is_fetched(tmp_path, server, capsys):
+    server.files["/a.tar.bz2"] = ljspeech_archive()
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", "xyz") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a SHA-256 (64 hexadecimal digits)" in err[0]
+    assert server.ranges == [] and not (tmp_path / "ds.download").exists()
+
+
+def test_a_checksum_mismatch_keeps_the_archive_aside_and_says_how_to_use_it(tmp_path, server, capsys):
+    archive = ljspeech_archive()
+    server.files["/a.tar.bz2"] = archive
+    wrong = "0" * 64
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", wrong) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    aside = tmp_path / "ds.download" / f"LJSpeech-1.1.tar.bz2.sha256-{sha(archive)[:12]}"
+    assert len(err) == 1 and f"kept as {aside}" in err[0] and f"--sha256 {sha(archive)}" in err[0]
+    assert aside.read_bytes() == archive  # the only copy is never deleted
+    os.replace(aside, tmp_path / "ds.download" / "LJSpeech-1.1.tar.bz2")  # as the message says
+    server.ranges = []
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", sha(archive)) == 0
+    assert server.ranges == []  # not fetched again
+
+
+def test_a_transfer_without_a_length_that_is_cut_off_is_resumed(tmp_path, server, capsys):
+    archive = ljspeech_archive()
+    server.files["/a.tar.bz2"], server.no_length, server.cuts = archive, True, 1
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", sha(archive)) == 2
+    assert "may have been cut off; run the same command again to resume it" in capsys.readouterr().err
+    part = tmp_path / "ds.download" / "LJSpeech-1.1.tar.bz2.part"
+    assert part.read_bytes() == archive[:len(archive) // 2]
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", sha(archive)) == 0
+    assert server.ranges[-1] == len(archive) // 2
+
+
+@pytest.mark.parametrize("content", [b"<html><body>503 Service Unavailable</body></html>", "truncated"])
+def test_a_file_that_is_no_archive_is_one_line_and_leaves_no_extraction(tmp_path, server, capsys, content):
+    data = ljspeech_archive()[:20000] if content == "truncated" else content
+    server.files["/a.tar.bz2"] = data
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", sha(data)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a readable archive" in err[0], err
+    assert os.listdir(tmp_path / "ds.download") == ["LJSpeech-1.1.tar.bz2"] and not (tmp_path / "ds").exists()
+
+
+def test_download_folder_problems_are_one_line(tmp_path, server, capsys):
+    server.files["/a.tar.bz2"] = archive = ljspeech_archive()
+    (tmp_path / "ds.download").write_text("a file where the download folder goes")
+    assert fetch(tmp_path, "ljspeech", server.url + "/a.tar.bz2", "--sha256", sha(archive)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0]
+    (tmp_path / "plain_file").write_text("x")  # a destination under a file: its download folder cannot be made
+    code = run_main(download_main, ["ljspeech", str(tmp_path / "plain_file" / "ds"), "--url",
+                                    server.url + "/a.tar.bz2", "--sha256", sha(archive)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: cannot write"), err
+
+
+def test_a_full_disk_while_extracting_is_one_line_and_removes_the_extraction(tmp_path):
+    archive = ljspeech_archive()
+    os.makedirs(tmp_path / "ds.download")
+    (tmp_path / "ds.download" / "LJSpeech-1.1.tar.bz2").write_bytes(archive)  # fetched before
+    limit = 40_000  # bytes per file: less than one extracted WAV (66 kB), as a full disk would stop it
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    p = subprocess.run([sys.executable, "-m", "lib.download", "ljspeech", str(tmp_path / "ds"), "--sha256",
+                        sha(archive), "--url", "file:///nonexistent"], cwd=REPO, capture_output=True, text=True,
+                       preexec_fn=limited, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: cannot write")
+    assert os.listdir(tmp_path / "ds.download") == ["LJSpeech-1.1.tar.bz2"] and not (tmp_path / "ds").exists()
+
+
+def test_beethoven_metadata_without_sizes_works(tmp_path, server):
+    for i, item in enumerate(BEETHOVEN_ITEMS):
+        ogg = wav_bytes(0.6, 44100, "OGG", "VORBIS", clip=i % 5)
+        server.files[f"/metadata/{item}"] = json.dumps({"files": [
+            {"name": "a.ogg", "md5": hashlib.md5(ogg).hexdigest()}]}).encode()
+        server.files[f"/download/{item}/a.ogg"] = ogg
+    assert fetch(tmp_path, "beethoven", server.url) == 0
