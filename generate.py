@@ -9,6 +9,7 @@ quantization. The same checkpoint, seed, flags and device give bit-identical fil
 path of lib/sample.py (the one the training loop uses too); --reference uses the plain reference loop.
 """
 import argparse
+import math
 import os
 import time
 
@@ -30,6 +31,8 @@ from lib.sample import BACKENDS, generate
 from lib.train import load_latest_checkpoint, read_run_settings, set_precision
 
 SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
+MAX_FILES = 100_000  # per call: every path is named before the first is written
+MAX_SECS = 24 * 3600.0  # per sequence: a day of audio (16 kHz: 1.4 M samples, 11 MB of levels per sequence)
 
 
 def load_run(path, device):
@@ -116,10 +119,13 @@ def generate_files(args):
     check_torch(torch.__version__)
     if args.n < 1 or args.batch < 1:
         raise UserError(f"--n and --batch must be at least 1 (got --n {args.n}, --batch {args.batch})")
-    if not args.secs > 0:
-        raise UserError(f"--secs must be positive (got {args.secs})")
-    if not args.temperature > 0:
-        raise UserError(f"--temperature must be positive (got {args.temperature})")
+    if args.n > MAX_FILES:
+        raise UserError(f"--n {args.n}: at most {MAX_FILES:,} files per call (run it again with another --seed)")
+    for name, most in (("secs", MAX_SECS), ("temperature", math.inf), ("plot_secs", MAX_SECS)):
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value) and value <= most):
+            raise UserError(f"--{name} must be a positive number" + (f" of at most {most:g}" if most < math.inf else
+                                                                       "") + f" (got {value})")
     if args.threads < 0:
         raise UserError(f"--threads must be 0 (torch's default) or more (got {args.threads})")
     if args.threads:

@@ -17,9 +17,15 @@ class BadAudio(UserError):
 
 def find_audio(folder):
     """(audio files under `folder`, other files under it), recursively, each sorted by path (so every listing is
-    reproducible). Hidden folders such as .cache/ and hidden files are not searched."""
-    found, other = [], []
-    for root, dirs, files in os.walk(folder):
+    reproducible). Hidden folders such as .cache/ and hidden files are not searched. Linked folders are followed,
+    each real folder once (so a link back up the tree makes no loop)."""
+    found, other, seen = [], [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
             if not f.startswith("."):
@@ -30,8 +36,8 @@ def find_audio(folder):
 def read_mono(path):
     """(float32 samples, sample rate), channels averaged. BadAudio if the file is unreadable or holds non-finite
     samples (a float WAV can hold NaN; quantizing it would make nonsense levels)."""
-    try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    try:  # as bytes: a name that is not valid UTF-8 reaches libsndfile as it is on disk
+        audio, rate = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for broken or foreign files
         raise BadAudio(f"{path} is not readable as audio ({str(e).splitlines()[0]})") from None
     bad = np.count_nonzero(~np.isfinite(audio))

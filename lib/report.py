@@ -36,8 +36,12 @@ def read_metrics(run_dir):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
                 warn(f"{path} line {n} is not a complete row (a write was cut off); it is ignored")
     return rows
 
@@ -196,15 +200,39 @@ def find_runs(paths):
     return list(dict.fromkeys(found))
 
 
+ROW_KEYS = ("iteration", "train_secs", "train_bits", "valid_bits")  # what every metrics row must hold
+
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def summarize(run_dir, time_windows, iter_windows):
-    """One run's row as a dict (values, or None where not reached or not measured); None if it has no metrics."""
-    with open(os.path.join(run_dir, "settings.json")) as f:
-        settings = json.load(f)
-    rows = read_metrics(run_dir)
-    if not rows:
-        warn(f"{run_dir} has no metrics rows yet (it has not finished an interval); it is left out")
+    """One run's row as a dict (values, or None where not reached or not measured); None, with one warning, if
+    it has no metrics or its folder cannot be read as a run (the other runs are still reported)."""
+    try:
+        with open(os.path.join(run_dir, "settings.json")) as f:
+            settings = json.load(f)
+        if not (isinstance(settings, dict) and {"model_id", "parameters"} <= set(settings) and
+                isinstance(settings.get("settings"), dict)):
+            raise ValueError("no model_id, parameters or settings in it")
+    except (OSError, ValueError) as e:
+        warn(f"{run_dir}/settings.json is not a run's settings ({str(e)[:80]}); the run is left out")
         return None
-    best = min(rows, key=lambda r: r["valid_bits"])
+    rows = read_metrics(run_dir)
+    complete = [r for r in rows if all(is_number(r.get(k)) for k in ROW_KEYS)]
+    if not complete:
+        warn(f"{run_dir} has no metrics rows yet (none complete: it has not finished an interval); it is left out")
+        return None
+    if len(complete) < len(rows):
+        warn(f"{run_dir}: {len(rows) - len(complete)} metrics row(s) without a number for each of "
+             f"{', '.join(ROW_KEYS)}; ignored")
+        rows = complete
+    finite = [r for r in rows if np.isfinite(r["valid_bits"])]
+    if not finite:
+        warn(f"{run_dir} has no finite valid NLL in its metrics; the run is left out")
+        return None
+    best = min(finite, key=lambda r: r["valid_bits"])
     test_at_best = rows[-1].get("best_test_bits") if rows[-1].get("best_iteration") == best["iteration"] else None
     if test_at_best is None:
         test_at_best = best.get("test_bits")  # measured there: --test_on_best, or the run's end
@@ -236,7 +264,7 @@ def differing(summaries):
 def test_bits_16(summary):
     """The run's test NLL at best in bits per 16-bit sample (lib.quantize.code_bits averaged over the test split's
     predicted samples, added); None where not measured, or for --norm minmax (it rescales each clip)."""
-    from lib.data import DEFAULT_DATA, Segments, load_splits  # the data module imports this one
+    from lib.data import DEFAULT_DATA, Segments, load_splits  # only this column needs the data
     from lib.quantize import code_bits
     s = summary["settings"]
     if summary["test_at_best"] is None or s.get("norm", "none") != "none":

@@ -103,3 +103,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
         assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     else:
         assert not out.exists()
+
+
+def test_linked_folders_are_followed_once_and_any_file_name_is_read(tmp_path):
+    """A folder linked into the source is read (linked files always were); a link back up the tree is no loop;
+    a file name that is not valid UTF-8 (as old archives and other systems leave them) is read as audio."""
+    make_sources(tmp_path / "elsewhere", [1.0, 1.0])
+    src = tmp_path / "src"
+    make_sources(src, [1.0, 1.0])
+    os.symlink(tmp_path / "elsewhere", src / "linked")
+    os.symlink(src, src / "linked_back")  # a loop
+    odd = os.path.join(os.fsencode(str(src)), b"caf\xe9.wav")
+    sf.write(odd, speech(1.0, clip=3), RATE, subtype="PCM_16")
+    assert run_main(prepare_main, [str(src), str(tmp_path / "ds"), "--clip_secs", "0.5"]) == 0
+    meta = json.load(open(tmp_path / "ds" / "dataset.json"))
+    files = sorted(f for s in meta["splits"].values() for f in s["files"])
+    assert files == sorted(["00.wav", "01.wav", "linked/00.wav", "linked/01.wav", os.fsdecode(b"caf\xe9.wav")])
+    assert meta["skipped"] == {}

@@ -113,3 +113,25 @@ def test_runs_of_different_quantizations_get_test_nll_per_16bit_sample(tmp_path)
     gone = make_run(tmp_path, "twotier_gone_4", qtype="mulaw", **dict(common, data="/nowhere/other"))
     row = report([lin, gone], "0-2m", "0-100").splitlines()[-1]
     assert row.endswith("| \u2014 |")  # the run's data is not here: a dash (and a warning), not an error
+
+
+def test_one_bad_run_among_many_is_one_warning_and_the_others_are_reported(tmp_path, capsys):
+    good = make_run(tmp_path, "twotier_good_1")
+    broken = make_run(tmp_path, "twotier_broken_2")
+    (tmp_path / "twotier_broken_2" / "settings.json").write_text("{not json")
+    no_model = make_run(tmp_path, "twotier_nomodel_3")
+    json.dump({"settings": {}, "parameters": 1}, open(tmp_path / "twotier_nomodel_3" / "settings.json", "w"))
+    odd_line = make_run(tmp_path, "twotier_oddline_4")
+    with open(tmp_path / "twotier_oddline_4" / "metrics.jsonl", "a") as f:
+        f.write("42\n")
+    no_valid = make_run(tmp_path, "twotier_novalid_5", rows=[{"iteration": 1, "train_secs": 1.0, "train_bits": 8.0}])
+    nan_valid = make_run(tmp_path, "twotier_nan_6", rows=[dict(ROWS[0], valid_bits=float("nan"))])
+    capsys.readouterr()
+    table = report([good, broken, no_model, odd_line, no_valid, nan_valid])
+    err = capsys.readouterr().err.strip().splitlines()
+    rows = [line for line in table.splitlines()[2:]]
+    assert [r.split("|")[1].strip() for r in rows] == ["`twotier_good_1`", "`twotier_oddline_4`"]
+    assert "nan" not in table
+    assert len(err) == 5 and all(line.startswith("warning: ") for line in err), err
+    for name in ("broken_2", "nomodel_3", "oddline_4", "novalid_5", "nan_6"):
+        assert sum(name in line for line in err) == 1, name

@@ -217,6 +217,10 @@ def test_generate_never_overwrites_without_overwrite(tmp_path, runs, speech_wav,
     (["RUN", "--temperature", "0"], "--temperature"),
     (["RUN", "--prime", "SHORT"], "fewer than one frame"),
     (["RUN", "--threads", "-1"], "--threads"),
+    (["RUN", "--secs", "inf"], "--secs must be a positive number of at most 86400"),
+    (["RUN", "--secs", "1e12"], "--secs must be a positive number of at most 86400"),
+    (["RUN", "--plot_softmax", "--plot_secs", "nan"], "--plot_secs"),
+    (["RUN", "--n", "100000000"], "at most 100,000 files per call"),
 ])
 def test_generate_bad_input(tmp_path, runs, capsys, flags, message):
     os.makedirs(tmp_path / "NOTARUN")
