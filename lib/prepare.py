@@ -65,8 +65,42 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
     if not paths:
         raise UserError(f"no audio files ({' '.join(AUDIO_EXTENSIONS)}) found under {src}")
 
-    audio = {}
-    for path in tqdm(paths, desc="reading", unit="file", disable=None):
+    # everything is written into OUT.partial and renamed at the end: a crash or Ctrl-C leaves no half-made OUT
+    # that a rerun would refuse (a rerun removes a stale OUT.partial). Memory stays flat in the corpus length: each
+    # usable file is decoded once into OUT.partial/.decoded/ (float32), then each split is cut into clips from
+    # there, one file in memory at a time.
+    partial = os.path.normpath(out) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        meta = write_dataset(src, paths, skipped, partial, sample_rate, clip_secs, fractions, seed, silence_db)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.replace(partial, out)
+    except BaseException as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise WriteError(out, e) from None
+        raise
+
+    print(f"dataset {out}: {sample_rate} Hz mono, clips of {clip_secs:g} s ({meta['clip_len']} samples), "
+          f"{meta['used']} files used, {len(skipped)} skipped")
+    for name in SPLITS:
+        s = meta["splits"][name]
+        print(f"  {name:5s}  {len(s['files']):4d} files  {s['clips']:5d} clips  {s['minutes']:7.2f} min")
+        if s["clips"] == 0:
+            warn(f"split {name} has no full clip of {clip_secs:g} s: use shorter --clip_secs or more audio")
+        elif len(s["files"]) == 1 and name != "train":
+            warn(f"split {name} comes from a single source file ({s['files'][0]}): its NLL describes one "
+                 f"recording; more files (or a larger --split fraction) make it a fairer estimate")
+    return meta
+
+
+def write_dataset(src, paths, skipped, folder, sample_rate, clip_secs, fractions, seed, silence_db):
+    """The dataset into `folder` -> its metadata (as dataset.json holds it, and 'used': the files used)."""
+    decoded_dir = os.path.join(folder, ".decoded")
+    os.makedirs(decoded_dir)
+    decoded = {}  # relative path -> its samples at sample_rate, as float32 on disk
+    for i, path in enumerate(tqdm(paths, desc="reading", unit="file", disable=None)):
         rel = os.path.relpath(path, src)
         try:
             samples, rate = read_mono(path)
@@ -80,51 +114,34 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
             warn(f"skipping {path}: empty or silent (peak below {silence_db:g} dBFS)")
             skipped[rel] = "silent"
             continue
-        audio[rel] = samples
-    if not audio:
+        decoded[rel] = os.path.join(decoded_dir, f"{i:07d}.f32")
+        np.asarray(samples, dtype=np.float32).tofile(decoded[rel])
+    if not decoded:
         raise UserError(f"none of the {len(paths)} audio files under {src} could be used (unreadable or silent)")
 
     clip_len = int(round(clip_secs * sample_rate))
-    splits = split_files(list(audio), fractions, seed)
+    splits = split_files(list(decoded), fractions, seed)
     meta = {"source": src, "silence_db": silence_db, "sample_rate": sample_rate, "clip_secs": clip_secs,
             "clip_len": clip_len, "split_fractions": list(fractions), "seed": seed, "skipped": skipped, "splits": {}}
-    # everything is written into OUT.partial and renamed at the end: a crash or Ctrl-C leaves no half-made OUT
-    # that a rerun would refuse (a rerun removes a stale OUT.partial)
-    partial = os.path.normpath(out) + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        for name in SPLITS:
-            joined = np.concatenate([audio[rel] for rel in splits[name]])
-            clips = cut_clips(joined, clip_len)
-            os.makedirs(os.path.join(partial, name))
-            for i, clip in enumerate(clips):
-                # clip to the 16-bit range: resampling can overshoot full scale slightly
-                write_pcm16(os.path.join(partial, name, f"{i:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768),
-                            sample_rate)
-            meta["splits"][name] = {"files": splits[name], "source_samples": len(joined), "clips": len(clips),
-                                    "minutes": len(clips) * clip_len / sample_rate / 60}
-        with open(os.path.join(partial, "dataset.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(partial, out)
-    except BaseException as e:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise WriteError(out, e) from None
-        raise
-
-    print(f"dataset {out}: {sample_rate} Hz mono, clips of {clip_secs:g} s ({clip_len} samples), "
-          f"{len(audio)} files used, {len(skipped)} skipped")
     for name in SPLITS:
-        s = meta["splits"][name]
-        print(f"  {name:5s}  {len(s['files']):4d} files  {s['clips']:5d} clips  {s['minutes']:7.2f} min")
-        if s["clips"] == 0:
-            warn(f"split {name} has no full clip of {clip_secs:g} s: use shorter --clip_secs or more audio")
-        elif len(s["files"]) == 1 and name != "train":
-            warn(f"split {name} comes from a single source file ({s['files'][0]}): its NLL describes one "
-                 f"recording; more files (or a larger --split fraction) make it a fairer estimate")
-    return meta
+        os.makedirs(os.path.join(folder, name))
+        clips, carry, total = 0, np.zeros(0, np.float32), 0
+        for rel in splits[name]:  # the split's files end to end, cut into clips as they come
+            joined = np.concatenate([carry, np.fromfile(decoded[rel], dtype=np.float32)])
+            total += len(joined) - len(carry)
+            whole = cut_clips(joined, clip_len)
+            for clip in whole:
+                # clip to the 16-bit range: resampling can overshoot full scale slightly
+                write_pcm16(os.path.join(folder, name, f"{clips:05d}.flac"), np.clip(clip, -1.0, 32767 / 32768),
+                            sample_rate)
+                clips += 1
+            carry = joined[len(whole) * clip_len:].copy()
+        meta["splits"][name] = {"files": splits[name], "source_samples": total, "clips": clips,
+                                "minutes": clips * clip_len / sample_rate / 60}
+    shutil.rmtree(decoded_dir)
+    with open(os.path.join(folder, "dataset.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return dict(meta, used=len(decoded))
 
 
 def build_parser():
