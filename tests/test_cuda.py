@@ -51,11 +51,12 @@ def test_train_and_generate_on_cuda(tmp_path, speech_wav, name):
     assert len(files) == 2
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
-        assert os.path.getsize(tmp_path / "plain" / f) == os.path.getsize(tmp_path / "a" / f)
+        # the same kernels launched one by one: the same float32 logits, so the same draws
+        assert (tmp_path / "plain" / f).read_bytes() == (tmp_path / "a" / f).read_bytes()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
-def test_training_step_on_cuda_at_each_precision(precision):
+def test_training_step_on_cuda_at_each_precision(precision, tf32_restored):
     """On the GPU, the sync-free step at each precision gives the CPU fp32 step's loss on the same chunk and
     weights (bf16 within 1 %), and a few steps lower the loss."""
     import copy
@@ -67,13 +68,16 @@ def test_training_step_on_cuda_at_each_precision(precision):
     set_precision("fp32")
     ref, _, _ = train_step(cpu, make_optimizer(cpu, 1e-3), chunk, True, None, 1.0)
     set_precision(precision)
+    assert torch.backends.cuda.matmul.allow_tf32 == (precision != "fp32")
     opt = make_optimizer(gpu, 1e-3)
     first, _, h = train_step(gpu, opt, chunk.cuda(), True, None, 1.0, precision)
-    assert first.item() == pytest.approx(ref.item(), rel=1e-2 if precision == "bf16" else 1e-3)
+    # fp32 is fp32 (1e-5: reduction order only); tf32 rounds products to 10 bits; bf16 to 7
+    assert first.item() == pytest.approx(ref.item(), rel={"fp32": 1e-5, "tf32": 1e-3, "bf16": 1e-2}[precision])
+    if precision == "bf16":  # autocast did act: the loss differs from fp32's beyond fp32 rounding
+        assert first.item() != pytest.approx(ref.item(), rel=1e-6)
     for _ in range(20):
         bits, _, h = train_step(gpu, opt, chunk.cuda(), True, h, 1.0, precision)
     assert bits.item() < first.item() - 0.1
-    set_precision("tf32")
 
 
 def test_first_layer_tables_on_cuda():
@@ -136,7 +140,7 @@ def test_training_steps_never_wait_for_the_gpu(kind):
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_graphed_step_equals_the_eager_step(precision):
+def test_graphed_step_equals_the_eager_step(precision, tf32_restored):
     """The training step captured as CUDA graphs (lib/cuda_graph.py) gives the eager step's losses, grad norms and
     weights over 100 steps on real chunks, with a clip's first chunk every 10 steps (both graphs), to float
     tolerance; the warm-up before the capture leaves no trace."""
@@ -162,11 +166,11 @@ def test_graphed_step_equals_the_eager_step(precision):
                 assert torch.equal(a, b)  # the warm-up was undone
         bits_e, norm_e, h_e = train_step(eager, opt_e, chunk, reset, h_e, 1.0, precision)
         bits_g, norm_g, h_g = step(chunk, reset, h_g)
-        assert bits_g.item() == pytest.approx(bits_e.item(), rel=1e-3), it
-        assert norm_g.item() == pytest.approx(norm_e.item(), rel=1e-2), it
+        # the same kernels on the same inputs: equal to float32 rounding (replays may pick other algorithms)
+        assert bits_g.item() == pytest.approx(bits_e.item(), rel=1e-5), it
+        assert norm_g.item() == pytest.approx(norm_e.item(), rel=1e-4), it
     for a, b in zip(eager.parameters(), graphed.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
-    set_precision("tf32")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_training_run_with_cuda_graph_resumes(tmp_path, speech_wav):
@@ -247,3 +251,19 @@ def test_a_ddp_training_step_never_waits_for_the_gpu(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode(0)
         tdist.destroy_process_group()
+
+
+def test_batches_gathered_on_the_gpu_equal_the_memory_mapped_ones():
+    """The splits held on the GPU as uint8 levels give, batch for batch, the memory-mapped path's chunks."""
+    from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_splits
+    splits, _ = load_splits(DEFAULT_DATA)
+    train = splits["train"].quantized(Q, "linear")
+    mapped = ChunkBatches(train, 32, 128, 2, Q, seed=123)
+    held = ChunkBatches(train.on_device(torch.device("cuda"), Q), 32, 128, 2, Q, seed=123)
+    for it in (0, 1, 499, 500, 2501):
+        (a, ra), (b, rb) = mapped(it), held(it)
+        assert b.is_cuda and ra == rb and torch.equal(a, b.cpu()), it
+    valid = splits["valid"].quantized(Q, "linear")
+    for (a, _), (b, _) in zip(eval_chunks(valid, 4, 128, 2, Q, 2048),
+                              eval_chunks(valid.on_device(torch.device("cuda"), Q), 4, 128, 2, Q, 2048)):
+        assert torch.equal(a, b.cpu())
