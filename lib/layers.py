@@ -47,9 +47,10 @@ class GRUStack(nn.Module):
         if h is None:
             h = self.initial_state(x.shape[0])
         # autocast's rule for the cuDNN RNN (ATen's AutocastRNN.cpp) casts to float16 whatever dtype was asked: under
-        # bf16 the GRUs would run in float16, without loss scaling. They run in float32 (TF32 where allowed) instead.
+        # bf16 the GRUs would run in float16, without loss scaling. They run in their weights' dtype instead (float32,
+        # TF32 where allowed).
         with torch.autocast(x.device.type, enabled=False):
-            return self.gru(x.float(), h.float())
+            return self.gru(x.to(self.h0.dtype), h.to(self.h0.dtype))
 
 
 def gru_weights(gru):

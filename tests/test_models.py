@@ -83,6 +83,23 @@ def test_causality_across_a_chunk_boundary(name, make):
 
 
 @pytest.mark.parametrize("name, make", MODELS)
+def test_the_carried_hidden_state_links_chunks(name, make):
+    """A sample of chunk 1 older than the overlap changes chunk 2's predictions, through the carried h alone:
+    with h reset at chunk 2 it changes nothing there."""
+    model = make().eval()
+    fs, T = model.overlap, model.seq_len
+    seq = torch.randint(Q, (2, fs + 2 * T), generator=torch.Generator().manual_seed(5))
+    changed = seq.clone()
+    changed[:, fs + T // 2] = (changed[:, fs + T // 2] + Q // 2) % Q  # in chunk 1, not in chunk 2's overlap
+    with torch.no_grad():
+        def chunk2(s, carry):
+            _, h, _ = model(s[:, :fs + T])
+            return model(s[:, T:fs + 2 * T], h if carry else None)[0]
+        assert not torch.allclose(chunk2(seq, True), chunk2(changed, True))
+        assert torch.equal(chunk2(seq, False), chunk2(changed, False))
+
+
+@pytest.mark.parametrize("name, make", MODELS)
 def test_sampler_matches_teacher_forcing(name, make):
     """The logits each sample was drawn from == the training forward pass over the sampled sequence."""
     model = make().eval()

@@ -55,7 +55,29 @@ def test_normalize_zero_dc_and_minmax():
 
 def test_reals_span_minus_two_to_two():
     r = to_reals(torch.tensor([0, 128, 255]), 256)
-    assert r[0] == -2 and r[1] == 0 and r[2] < 2
+    assert r.tolist() == [-2.0, 0.0, 2 - 4 / 256]  # (level / 128 - 1) * 2
+
+
+@pytest.mark.parametrize("q_levels", [16, 256])
+def test_linear_rounds_to_the_nearest_level_between_levels(q_levels):
+    """Points between two levels go to the nearer one (round, not floor)."""
+    step = 2 / q_levels
+    centres = dequantize(torch.arange(1, q_levels - 1), q_levels, "linear").double()
+    for offset, expected in ((0.4, 0), (-0.4, 0), (0.6, 1), (-0.6, -1)):
+        got = quantize(centres + offset * step, q_levels, "linear")
+        assert torch.equal(got, torch.arange(1, q_levels - 1) + expected), offset
+
+
+@pytest.mark.parametrize("qtype", ["mulaw", "alaw"])
+def test_companded_error_is_within_half_a_step_in_the_compressed_domain(qtype):
+    """Near silence mu-law and a-law levels are dense in x: the bound that holds is half a level in the
+    compressed domain, where the levels are evenly spaced."""
+    from lib.quantize import _compress
+    x = torch.linspace(-1, 1, 200001, dtype=torch.float64)
+    decoded = dequantize(quantize(x, 256, qtype), 256, qtype).double()
+    y = _compress(x, 256, qtype)
+    err = (y - _compress(decoded, 256, qtype)).abs()[y < 1 - 2 / 256]  # the top level is clamped, as in linear
+    assert err.max() <= 1 / 256 + 1e-6
 
 
 @pytest.mark.parametrize("q_levels", [0, 1, 255, 65538])

@@ -15,6 +15,10 @@ from lib.sample import BACKENDS, generate
 from two_tier import TwoTier, main as two_tier_main
 
 Q = 256
+# test_primed_sampling_at_temperature_0_6_is_as_recorded: the first 12 levels of each sequence, and the sum of all
+RECORDED_T06 = [[141, 42, 193, 70, 212, 246, 172, 15, 109, 241, 74, 121],
+                [229, 193, 69, 228, 1, 109, 160, 224, 34, 135, 134, 86]]
+RECORDED_T06_SUM = 10786
 
 
 def model(kind, dtype=torch.float64):
@@ -187,6 +191,14 @@ def test_generate_from_a_checkpoint_with_a_prime_at_another_rate(tmp_path, runs,
     assert "resampled" in capsys.readouterr().out
     written, rate = sf.read(tmp_path / "out" / "prime16k_seed0_temp1_000.wav")  # named after the prime
     assert rate == RATE and len(written) == 800 + 400  # the prime, then the continuation
+    # the prime's content: the 16 kHz file resampled to the run's rate and quantized as the run's data (linear,
+    # 256 levels), to the 16-bit WAV's rounding; and it is still the speech it came from
+    import soxr
+    from lib.quantize import dequantize, quantize
+    x16, _ = sf.read(prime16k, dtype="float32")
+    expected = dequantize(quantize(torch.from_numpy(soxr.resample(x16, 16000, RATE, quality="HQ"))), 256).numpy()
+    assert np.abs(written[:800] - expected).max() <= 1 / 32768
+    assert np.corrcoef(written[:800], audio[:800])[0, 1] > 0.9
 
 
 def test_generate_never_overwrites_without_overwrite(tmp_path, runs, speech_wav, capsys):
@@ -249,3 +261,27 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     assert "MFLOP per generated sample" in lines[1] and "MB of weights per sample" in lines[2]
     assert "read-bound limit" in lines[2] and "achieved / read-bound limit" in rows[0]  # batch 1 only
     assert "read-bound" not in rows[1]
+
+
+def test_temperature_draws_from_softmax_of_logits_over_t():
+    """The independent oracle for every path's draw: at T = 0.6 the frequencies of 200,000 draws match
+    softmax(logits / T) (and not softmax(logits * T)) within 4 standard errors, for a fixed seed."""
+    from lib.sample import GumbelNoise, draw
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, 0.2, -0.5])
+    n, T = 200_000, 0.6
+    noise = GumbelNoise(n, len(logits), 7, "cpu", torch.float64).take(1)[:, 0]
+    counts = torch.bincount(draw(logits.double()[None], noise, T), minlength=len(logits)).double()
+    want = torch.softmax(logits.double() / T, 0)
+    se = (want * (1 - want) / n).sqrt()
+    assert ((counts / n - want).abs() <= 4 * se).all(), (counts / n, want)
+    wrong = torch.softmax(logits.double() * T, 0)
+    assert ((counts / n - wrong).abs() > 10 * se).any()
+
+
+def test_primed_sampling_at_temperature_0_6_is_as_recorded():
+    """A regression case for the reference sampler (float64, a fixed model and seed), primed, at T = 0.6: the
+    levels recorded when the oracle above held. A change in the prime's handling or the temperature shows."""
+    m = model("twotier_fs2")
+    prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3))
+    out = generate(m, 2, 40, seed=11, temperature=0.6, prime=prime, fast=False)
+    assert out[:, :12].tolist() == RECORDED_T06 and int(out.sum()) == RECORDED_T06_SUM
