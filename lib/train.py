@@ -407,7 +407,6 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         load_optimizer(optimizer, ckpt["optimizer"], args.cuda_graph)
-        torch.set_rng_state(ckpt["torch_rng"])
         state.update(ckpt["state"])
         h = None if ckpt["h"] is None else ckpt["h"][:, batches.rows].to(device)  # this rank's rows
     log(f"{'resuming' if resumed else 'run'} {run_dir} from iteration {state['iteration']}" +
@@ -915,7 +914,7 @@ def save_checkpoint(ctx, state, h, row):
     path = os.path.join(folder, f"it{state['iteration']:07d}.pt")
     ckpt = {"model_id": ctx["model_id"], "settings": vars(ctx["args"]), "sample_rate": ctx["sample_rate"],
             "model": ctx["model"].state_dict(), "optimizer": ctx["optimizer"].state_dict(), "state": dict(state),
-            "row": row, "h": None if h is None else h.cpu(), "torch_rng": torch.get_rng_state()}
+            "row": row, "h": None if h is None else h.cpu()}  # no global RNG state: nothing draws from it
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:

@@ -80,6 +80,28 @@ def test_resume_continues_exactly(tmp_path, speech_wav, model):
     assert "resuming" in open(os.path.join(split, "log.txt")).read()
 
 
+def test_training_never_draws_from_the_global_rng(tmp_path, speech_wav, monkeypatch):
+    """Why checkpoints hold no global RNG state: after the model's initialization nothing draws from it (the data
+    order, the evaluation and the samples have generators of their own). A run whose global RNG is reseeded to
+    another state before every step logs the same losses, writes the same samples and ends with the same weights."""
+    import lib.train
+    plain = train(tmp_path, speech_wav, "--stop_iters", "30", runs="plain")
+    step = lib.train.train_step
+
+    def scrambled(*args, **kw):
+        torch.manual_seed(int(torch.randint(1 << 62, (1,), generator=torch.Generator().manual_seed(os.getpid()))))
+        torch.rand(97)
+        return step(*args, **kw)
+    monkeypatch.setattr(lib.train, "train_step", scrambled)
+    mixed = train(tmp_path, speech_wav, "--stop_iters", "30", runs="mixed")
+    assert losses(plain) == losses(mixed)
+    (a, _), (b, _) = final_params(plain), final_params(mixed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    samples = sorted(os.listdir(os.path.join(plain, "samples")))
+    assert samples and all(open(os.path.join(plain, "samples", f), "rb").read() ==
+                           open(os.path.join(mixed, "samples", f), "rb").read() for f in samples)
+
+
 def test_a_relative_data_path_is_recorded_whole(tmp_path, speech_wav, monkeypatch):
     """--data as typed in one folder: the run records the whole path, so resuming (and the report) from any other
     folder still finds the audio."""
