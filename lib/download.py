@@ -142,8 +142,9 @@ def verify(path, algorithm, expected, hint):
                         f"have been cut off; run the same command again to resume it")
     aside = f"{path}.{algorithm}-{got[:12]}"
     os.replace(path, aside)
+    use = f"pass --sha256 {got}" if algorithm == "sha256" else "it is not fetched or checked again"
     raise UserError(f"{path} has {algorithm} {got}, not {expected}: kept as {aside}; {hint} (if you trust that copy, "
-                    f"rename it back and pass --sha256 {got})")
+                    f"rename it back: {use})")
 
 
 def safe_name(name):

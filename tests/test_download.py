@@ -255,3 +255,15 @@ def test_beethoven_metadata_without_sizes_works(tmp_path, server):
             {"name": "a.ogg", "md5": hashlib.md5(ogg).hexdigest()}]}).encode()
         server.files[f"/download/{item}/a.ogg"] = ogg
     assert fetch(tmp_path, "beethoven", server.url) == 0
+
+
+def test_a_beethoven_file_with_the_wrong_md5_is_refused_and_kept_aside(tmp_path, server, capsys):
+    oggs = [wav_bytes(0.6, 44100, "OGG", "VORBIS", clip=i % 5) for i in range(len(BEETHOVEN_ITEMS))]
+    for i, item in enumerate(BEETHOVEN_ITEMS):
+        md5 = hashlib.md5(oggs[i] if i else b"another file").hexdigest()  # the first item's file is not it
+        server.files[f"/metadata/{item}"] = json.dumps({"files": [{"name": "a.ogg", "md5": md5}]}).encode()
+        server.files[f"/download/{item}/a.ogg"] = oggs[i]
+    assert fetch(tmp_path, "beethoven", server.url) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"has md5 {hashlib.md5(oggs[0]).hexdigest()}" in err[0] and "kept as" in err[0]
+    assert not (tmp_path / "ds").exists()
