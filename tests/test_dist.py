@@ -100,6 +100,20 @@ def test_ctrl_c_under_torchrun_saves_every_rank_at_one_iteration(tmp_path):
     out, _ = p.communicate(timeout=120)
     saved = glob.glob(str(tmp_path / "*_sig_*" / "checkpoints" / "it*.pt"))
     assert len(saved) == 1, out[-3000:]
+    # torchrun itself ends with its SignalException (one traceback, its own, exit 1); the ranks saved, and said so
+    assert p.returncode == 1 and out.count("Traceback") == 1 and "SignalException" in out, out[-3000:]
+    assert out.count("interrupted at iteration") == 1
     ckpt = torch.load(saved[0], map_location="cpu", weights_only=False)
     assert ckpt["h"].shape[1] == 8  # both ranks' rows
     assert "continue with: torchrun --nproc_per_node 2 two_tier.py --resume" in open(log).read()
+    # resume as the line says, to 4 steps past the interrupt: bit for bit a straight run of as many steps
+    it = ckpt["state"]["iteration"]
+    run_dir = os.path.dirname(os.path.dirname(saved[0]))
+    p = train("twotier", 2, ["--resume", run_dir, "--stop_iters", str(it + 4)], tmp_path)
+    assert p.returncode == 0, failure(p)
+    straight = TINY["twotier"] + ["--batch_size", "4", "--stop_iters", str(it + 4), "--print_iters", "500000",
+                                  "--n_samples", "0", "--name", "straight"]
+    p = train("twotier", 2, straight, tmp_path)
+    assert p.returncode == 0, failure(p)
+    a, b = checkpoint(tmp_path, "straight", it + 4), checkpoint(tmp_path, "sig", it + 4)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and torch.equal(a["h"], b["h"])
