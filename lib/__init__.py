@@ -1,6 +1,7 @@
 """Shared pieces of the two models: data, quantization, layers, the training loop; and the few helpers
 every script uses: one-line errors, atomic writes, a quiet Ctrl-C."""
 import argparse
+import difflib
 import os
 import re
 import signal
@@ -47,13 +48,39 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, **kw):
         super().__init__(formatter_class=HelpFormatter, **kw)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """--frame-size is --frame_size: the dashed spelling of every flag is accepted."""
+        args = sys.argv[1:] if args is None else list(args)
+        known = set(self._option_string_actions)
+        args = [dashed_to_underscores(a, known) for a in args]
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
+        unknown = re.search(r"unrecognized arguments: (--[\w-]+)", message)
+        if unknown:
+            near = difflib.get_close_matches(unknown.group(1), list(self._option_string_actions), n=1)
+            if near:
+                message += f" (did you mean {near[0]}?)"
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
+def dashed_to_underscores(arg, known):
+    if not arg.startswith("--") or "-" not in arg[2:]:
+        return arg
+    name, eq, value = arg.partition("=")
+    fixed = "--" + name[2:].replace("-", "_")
+    return fixed + eq + value if fixed in known and name not in known else arg
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and '(default: X)' after each flag's help."""
+    """The module docstring as written, and '(default: X)' after each flag's help, unless the help already says
+    what the default is."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_script(work, *args):

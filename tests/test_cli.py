@@ -38,8 +38,27 @@ def test_help_shows_every_default(name, capsys):
     assert len(options) > 3
     for chunk in options:
         if not chunk.startswith("-h"):
-            assert "(default:" in chunk, chunk
+            said = " ".join(chunk.split())
+            assert said.count("(default") == 1, chunk  # said once
     assert "SPEC" not in text
+
+
+@pytest.mark.parametrize("name", ["two_tier.py", "generate.py", "lib.report"])
+def test_dashed_flags_are_accepted_and_a_typo_gets_a_suggestion(name):
+    parser = PARSERS[name]()
+    flag = {"two_tier.py": "--frame_size", "generate.py": "--plot_secs", "lib.report": "--time_windows"}[name]
+    first = [] if name == "two_tier.py" else ["RUN"]
+    value = "0-5m" if name == "lib.report" else "2"
+    assert vars(parser.parse_args(first + [flag.replace("_", "-"), value])) == \
+        vars(parser.parse_args(first + [flag, value]))
+    assert vars(parser.parse_args(first + [flag.replace("_", "-") + "=" + value]))[flag[2:]] == \
+        vars(parser.parse_args(first + [flag, value]))[flag[2:]]
+
+
+def test_a_mistyped_flag_names_the_nearest(capsys):
+    assert run_main(two_tier.main, ["--frame-sise", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean --frame_size?" in err[0]
 
 
 def test_preset_help_says_what_it_sets(capsys):
