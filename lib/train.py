@@ -426,7 +426,7 @@ def start(model_id, args, model, optimizer, splits, sample_rate, batches, device
     if batches.with_replacement:
         log(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
             f"each batch draws segments with replacement")
-    with Interrupts(second_aborts=world == 1) as interrupts:
+    with Interrupts(second_aborts=world == 1, say=log) as interrupts:
         ctx["stop"] = lambda: interrupts.signum is not None
         return loop(ctx, batches, state, h, interrupts)
 
@@ -474,8 +474,9 @@ class Interrupts:
     a SIGTERM of its own; torchrun kills the processes itself if they take too long (30 s)."""
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, second_aborts=True):
-        self.second_aborts = second_aborts
+    def __init__(self, second_aborts=True, say=None):
+        self.second_aborts, self.say = second_aborts, say
+        self.step_secs = None  # the measured time of a step, once known (for the line a first signal prints)
 
     def __enter__(self):
         self.signum, self.previous = None, {}
@@ -489,6 +490,10 @@ class Interrupts:
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        if self.say is not None:  # at once: a step can take many seconds, and silence invites a second Ctrl-C
+            about = f" (about {duration(self.step_secs)})" if self.step_secs else ""
+            self.say(f"stopping after the current step{about}, then saving a checkpoint" +
+                     ("; a second Ctrl-C stops at once, without saving" if self.second_aborts else ""))
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -559,6 +564,7 @@ def loop(ctx, batches, state, h, interrupts):
                 if not finite:
                     raise NonFinite(f"non-finite train NLL by iteration {state['iteration']}")
                 progress.step(state, interval, step_secs, samples_per_step, synced=sync)
+                interrupts.step_secs = progress.secs_per_it()
                 due = (state["iteration"] % args.print_iters == 0) if args.print_iters else \
                     (timed and interval["secs"] >= args.print_time)
             final = stopping(by_time=timed)
@@ -681,6 +687,9 @@ class Progress:
                      f"{secs_per_it:.3f} s per iteration | train {float(interval['bits']) / interval['steps']:.3f} bits/sample "
                      f"since the last interval | {duration(left)} of training left")
 
+    def secs_per_it(self):
+        return self.timed_secs / self.timed_steps if self.timed_steps else None
+
     def budget_left(self, state, secs_per_it):
         left = self.args.stop_time * 3600 - state["train_secs"]
         if self.args.stop_iters:
@@ -707,7 +716,7 @@ class Progress:
 
 
 def duration(secs):
-    return f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
+    return f"{secs:.1f} s" if secs < 10 else f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
 
 
 def clock(secs_from_now):

@@ -79,6 +79,10 @@ def test_signal_saves_and_resume_equals_the_uninterrupted_run(tmp_path, speech_w
     path = os.path.join(run_dir, "checkpoints", f"it{it:07d}.pt")
     assert line == (f"interrupted at iteration {it}; saved {path}; continue with: "
                     f"python {SCRIPT_FILES[model]} --resume {run_dir}")
+    lines = out.splitlines()  # at once, before the save: what happens now and what a second signal does
+    said = [i for i, s in enumerate(lines) if s.startswith("stopping after the current step (about ")]
+    assert len(said) == 1 and said[0] < lines.index(line), out[-2000:]
+    assert "a second Ctrl-C stops at once, without saving" in lines[said[0]]
     assert torch.load(path, weights_only=False)["state"]["iteration"] == it
     assert "Traceback" not in err and not temporary_files(run_dir)
 
