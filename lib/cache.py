@@ -62,6 +62,8 @@ def open_cached(folder, paths):
         return read_cache(cache_dir, name)
     except (FileNotFoundError, Damaged):
         pass  # built below, under the lock
+    made = not os.path.isdir(cache_dir)
+    dataset = os.stat(os.path.dirname(cache_dir))
     try:
         os.makedirs(cache_dir, exist_ok=True)
         with Lock(os.path.join(cache_dir, "lock"), folder):
@@ -76,6 +78,12 @@ def open_cached(folder, paths):
             return read_cache(cache_dir, name)
     except OSError as e:
         cannot_cache(folder, e)
+    except UserError:  # unusable audio: the dataset is left as it was
+        if made and os.listdir(cache_dir) == ["lock"]:
+            os.remove(os.path.join(cache_dir, "lock"))
+            os.rmdir(cache_dir)
+            os.utime(os.path.dirname(cache_dir), ns=(dataset.st_atime_ns, dataset.st_mtime_ns))
+        raise
     return decode_uncached(folder, paths)
 
 

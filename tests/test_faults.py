@@ -240,11 +240,14 @@ def test_a_gpu_run_resumed_where_there_is_no_cuda(tmp_path, speech_wav, capsys):
     run_dir = train(tmp_path, speech_wav, *cpu, "--stop_iters", "10", runs="gpu")
     path = os.path.join(run_dir, "checkpoints", checkpoint_files(run_dir)[-1])
     ckpt = torch.load(path, weights_only=False)
+    made = json.load(open(os.path.join(run_dir, "settings.json")))
     for made_with, message in (({"precision": "bf16"}, "trains in bf16 (--precision), which is for CUDA: resume it "
                                                         "where there is a GPU"),
                                ({"cuda_graph": True}, "--cuda_graph is for CUDA: no CUDA device here; add "
                                                       "--no_cuda_graph to resume without it")):
         torch.save(dict(ckpt, settings={**ckpt["settings"], **made_with}), path)  # as if made so on a GPU
+        with open(os.path.join(run_dir, "settings.json"), "w") as f:  # where the run was made so too
+            json.dump(dict(made, settings={**made["settings"], **made_with}), f)
         before = {f: os.path.getmtime(os.path.join(run_dir, "checkpoints", f)) for f in checkpoint_files(run_dir)}
         assert run_main(SCRIPTS["twotier"], ["--resume", run_dir, "--device", "cpu", "--stop_iters", "20"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

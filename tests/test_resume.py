@@ -120,9 +120,10 @@ def test_libsndfile_write_errors_are_one_line(tmp_path, speech_wav):
     """A full disk or a file-size limit makes libsndfile say 'System error.': generate.py and lib.prepare report
     it as a failed write (exit 1), not a traceback."""
     run_dir = train(tmp_path, speech_wav, "--n_samples", "0")
+    # --backend torch: numba would write its compiled code's cache, which the limit stops first
     p = subprocess.run([sys.executable, "generate.py", run_dir, "--n", "1", "--secs", "2", "--out",
-                        str(tmp_path / "gen")], cwd=REPO, capture_output=True, text=True, preexec_fn=limited(8000),
-                       timeout=300)
+                        str(tmp_path / "gen"), "--backend", "torch"], cwd=REPO, capture_output=True, text=True,
+                       preexec_fn=limited(8000), timeout=300)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().startswith("error: cannot write") and "libsndfile" in p.stderr
     assert os.listdir(tmp_path / "gen") == []  # no partial file
