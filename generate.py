@@ -36,8 +36,8 @@ MAX_SECS = 24 * 3600.0  # per sequence: a day of audio (16 kHz: 1.4 M samples, 1
 
 
 def load_run(path, device):
-    """(model in eval mode, settings namespace, sample_rate, run folder) from a run folder (its newest checkpoint
-    that loads) or a checkpoint."""
+    """(model in eval mode, settings namespace, sample_rate, run folder, iteration, checkpoint path) from a run
+    folder (its newest checkpoint that loads) or a checkpoint."""
     if os.path.isdir(path):
         read_run_settings(path)  # a folder that is no run at all gets its own message
         found = load_latest_checkpoint(path, "generating from")
@@ -59,7 +59,8 @@ def load_run(path, device):
     model = SCRIPTS[model_id].build_model(settings)
     model.load_state_dict(ckpt["model"])
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    return model.to(device).eval(), settings, ckpt["sample_rate"], run_dir, ckpt.get("state", {}).get("iteration")
+    return (model.to(device).eval(), settings, ckpt["sample_rate"], run_dir, ckpt.get("state", {}).get("iteration"),
+            path)
 
 
 def load_prime(path, settings, sample_rate, min_len):
@@ -141,7 +142,7 @@ def generate_files(args):
         args.run = os.path.join(args.run, "checkpoints", "best.pt")
         if not os.path.isfile(args.run):
             raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
-    model, settings, rate, run_dir, iteration = load_run(args.run, device)
+    model, settings, rate, run_dir, iteration, checkpoint = load_run(args.run, device)
     set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
@@ -189,7 +190,8 @@ def generate_files(args):
             if args.animate:
                 animate_softmax(probs[:200], levels[0, :200].cpu().numpy(), plots[1])
     secs, total = gen_secs, args.n * length
-    print(f"wrote {len(written)} files to {out_dir}")
+    print(f"sampled from {checkpoint} (iteration {iteration}); wrote {len(written)} WAV files" +
+          (f" and {', '.join(os.path.basename(p) for p in plots)}" if plots else "") + f" to {out_dir}")
     print(f"generated {args.n} x {length} samples in {secs:.2f} s on {device}: {total / secs:,.0f} samples/s, "
           f"{total / secs / rate:.2f}x real time")
 

@@ -5,12 +5,14 @@
     python -m lib.report experiments/*                          # regenerates the lab notebook's tables
 
 Train NLL is averaged over windows of training time (default: the first and the 12th hour) and of
-iterations (default: 0-10K and 90K-100K). The metrics log holds one mean per interval; an interval that
+iterations (default: 0-10K and 90K-100K); where the shortest run ends before a default window, the defaults are
+the first and the last tenth of that run. The metrics log holds one mean per interval; an interval that
 straddles a window's edge counts with the share of its steps (or seconds) inside the window, as if the
 interval's steps were alike. A window the run has not reached to its end prints as a dash, never a number.
 """
 import glob
 import json
+import math
 import os
 import re
 
@@ -24,9 +26,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_metrics(run_dir):
+def read_metrics(run_dir, quiet=False):
     """The rows of RUN/metrics.jsonl. A line that is not a JSON row (half-written by a kill or a full disk) is
-    dropped with a warning."""
+    dropped with a warning (unless quiet)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -41,7 +43,7 @@ def read_metrics(run_dir):
                 row = None
             if isinstance(row, dict):
                 rows.append(row)
-            else:
+            elif not quiet:
                 warn(f"{path} line {n} is not a complete row (a write was cut off); it is ignored")
     return rows
 
@@ -320,10 +322,40 @@ def short_names(summaries):
     return names if len(set(names)) == len(names) else [s["run"] for s in summaries]
 
 
-def report(paths, time_windows="0-1h,11-12h", iter_windows="0-10K,90K-100K", plot=None, as_json=False):
-    """The text to print for these runs (Markdown, or JSON lines)."""
+DEFAULT_WINDOWS = ("0-1h,11-12h", "0-10K,90K-100K")  # the original notebook's: the first and the 12th hour
+
+
+def fitting_windows(runs):
+    """Windows for runs when none are asked for: the defaults where the shortest run reaches them, else the first
+    and the last tenth of the shortest run (so that a short run's own row is not all dashes)."""
+    ends = [rows[-1] for rows in (read_metrics_quietly(r) for r in runs) if rows]
+    if not ends:
+        return DEFAULT_WINDOWS
+    end = math.floor(min(r["train_secs"] for r in ends) * 1000) / 1000  # rounded down: the run reaches it
+    iters = min(r["iteration"] for r in ends)
+    def secs(x):  # to the millisecond, never rounded up past the run's end
+        return f"{math.floor(x * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
+    time_windows = DEFAULT_WINDOWS[0] if end >= 12 * 3600 or end < 0.01 else \
+        f"0-{secs(end / 10)}s,{secs(end * 0.9)}-{secs(end)}s"
+    iter_windows = DEFAULT_WINDOWS[1] if iters >= 100_000 or iters < 10 else \
+        f"0-{iters // 10},{iters - iters // 10}-{iters}"
+    return time_windows, iter_windows
+
+
+def read_metrics_quietly(run_dir):
+    try:
+        return [r for r in read_metrics(run_dir, quiet=True) if all(is_number(r.get(k)) for k in ROW_KEYS)]
+    except OSError:
+        return []
+
+
+def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False):
+    """The text to print for these runs (Markdown, or JSON lines). Windows not given: fitting_windows."""
+    runs = find_runs(paths)
+    fitting = fitting_windows(runs) if time_windows is None or iter_windows is None else DEFAULT_WINDOWS
+    time_windows, iter_windows = time_windows or fitting[0], iter_windows or fitting[1]
     tw, iw = parse_windows(time_windows, TIME_UNITS), parse_windows(iter_windows, ITER_UNITS)
-    summaries = [s for s in (summarize(r, tw, iw) for r in find_runs(paths)) if s is not None]
+    summaries = [s for s in (summarize(r, tw, iw) for r in runs) if s is not None]
     if not summaries:
         raise UserError("none of the runs has metrics yet")
     if plot:
@@ -336,10 +368,12 @@ def report(paths, time_windows="0-1h,11-12h", iter_windows="0-10K,90K-100K", plo
 def build_parser():
     p = ArgumentParser(prog="python -m lib.report", description=__doc__)
     p.add_argument("runs", nargs="+", help="run folders, folders of runs, or glob patterns")
-    p.add_argument("--time_windows", default="0-1h,11-12h",
-                   help="windows of training time for the mean train NLL (units h, m, s; no unit = hours)")
-    p.add_argument("--iter_windows", default="0-10K,90K-100K",
-                   help="windows of iterations for the mean train NLL (units K, M)")
+    p.add_argument("--time_windows", default=None,
+                   help="windows of training time for the mean train NLL (units h, m, s; no unit = hours) (default: "
+                        "0-1h,11-12h, or the first and last tenth of the shortest run if it is shorter)")
+    p.add_argument("--iter_windows", default=None,
+                   help="windows of iterations for the mean train NLL (units K, M) (default: 0-10K,90K-100K, or "
+                        "the first and last tenth of the shortest run if it is shorter)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the learning curves of all runs here")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     return p

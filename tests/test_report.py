@@ -135,3 +135,18 @@ def test_one_bad_run_among_many_is_one_warning_and_the_others_are_reported(tmp_p
     assert len(err) == 5 and all(line.startswith("warning: ") for line in err), err
     for name in ("broken_2", "nomodel_3", "oddline_4", "novalid_5", "nan_6"):
         assert sum(name in line for line in err) == 1, name
+
+
+def test_without_windows_a_short_runs_row_has_numbers(tmp_path):
+    """README's few-minutes CPU run is far shorter than the first hour: the default windows become the first and
+    last tenth of the shortest run, so its own end-of-run row is not all dashes."""
+    rows = [{"iteration": 100 * k, "train_secs": 8.0 * k, "train_bits": 5.0 - k / 3, "valid_bits": 5.0 - k / 4}
+            for k in range(1, 4)]
+    short = make_run(tmp_path, "twotier_short_1", rows=rows)
+    head, _, row = report([short]).splitlines()
+    assert "train 0-2.4s (time)" in head and "train 21.6-24s (time)" in head
+    assert "train 0-30 (iters)" in head and "train 270-300 (iters)" in head
+    assert row.count("\u2014") == 1 and row.rstrip(" |").endswith("\u2014")  # only "test at best": none here
+    long_rows = [dict(r, train_secs=r["train_secs"] * 5400, iteration=r["iteration"] * 400) for r in rows]
+    full = make_run(tmp_path, "twotier_full_2", rows=long_rows)  # 12 hours, 120K iterations: the defaults
+    assert "train 0-1h (time)" in report([full]).splitlines()[0]

@@ -206,7 +206,12 @@ def test_generate_never_overwrites_without_overwrite(tmp_path, runs, speech_wav,
     files untouched) unless --overwrite is given."""
     out = str(tmp_path / "out")
     flags = ["--n", "1", "--secs", "0.05", "--out", out, "--plot_softmax"]
+    capsys.readouterr()
     assert run_main(generate_main, [runs["twotier"], *flags]) == 0
+    newest = sorted(glob.glob(os.path.join(runs["twotier"], "checkpoints", "it*.pt")))[-1]
+    iteration = int(os.path.basename(newest)[2:9])
+    said = capsys.readouterr().out  # which checkpoint, and every file written
+    assert f"sampled from {newest} (iteration {iteration}); wrote 1 WAV files and seed0_temp1_softmax.png" in said
     assert run_main(generate_main, [runs["twotier"], *flags, "--prime", speech_wav]) == 0
     files = sorted(os.listdir(out))
     assert files == ["seed0_temp1_000.wav", "seed0_temp1_softmax.png", "speech_seed0_temp1_000.wav",
