@@ -57,6 +57,7 @@ PASSES_WARNING = 20  # warn when the budget would pass over the train split more
 PRECISIONS = ("fp32", "tf32", "bf16")
 SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many steps it waits and checks the loss
 SPEED_STEPS = 5  # the speed line comes after this many steps (the first step, a warm-up, is not counted)
+RECHECK_STEPS = 50  # ... and is said again, measured over this many more, if it was off by over 1.5x
 PROGRESS_SECS = 300  # without a terminal, a plain progress line this often (wall seconds)
 
 
@@ -663,7 +664,7 @@ class Progress:
                             dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                                            "[{elapsed}<{remaining}{postfix}]")
         self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
-        self.spoken = False
+        self.spoken, self.rechecked = None, False
 
     def step(self, state, interval, step_secs, samples_per_step, synced=True):
         """synced: whether the loop waited for the device at this step. Steps are timed from the first such wait
@@ -675,8 +676,17 @@ class Progress:
         self.timing = self.timing or synced
         secs_per_it = self.timed_secs / max(1, self.timed_steps)
         if not self.spoken and synced and self.timed_steps >= SPEED_STEPS:
-            self.spoken = True
+            self.spoken = (self.timed_steps, self.timed_secs, secs_per_it)
             self.speed_line(state, interval, secs_per_it, samples_per_step)
+        elif self.spoken and not self.rechecked and synced and self.timed_steps >= self.spoken[0] + RECHECK_STEPS:
+            # the first steps can be far slower than the rest (allocations, caches, compilation): said again if so
+            self.rechecked = True
+            steps, secs, said = self.spoken
+            recent = (self.timed_secs - secs) / (self.timed_steps - steps)
+            if not 1 / 1.5 < recent / said < 1.5:
+                self.speed_line(state, interval, recent, samples_per_step,
+                                f"speed over the last {self.timed_steps - steps} steps (the first were "
+                                f"{said / recent:.1f}x {'slower' if said > recent else 'faster'})")
         self.bar.update(1 if self.by_iters else step_secs)
         if synced and not self.bar.disable:  # the loop has just waited for the device: reading the sum is free
             self.bar.set_postfix(bits=f"{float(interval['bits']) / interval['steps']:.3f}", refresh=False)
@@ -696,7 +706,7 @@ class Progress:
             left = min(left, (self.args.stop_iters - state["iteration"]) * secs_per_it)
         return max(0.0, left)
 
-    def speed_line(self, state, interval, secs_per_it, samples_per_step):
+    def speed_line(self, state, interval, secs_per_it, samples_per_step, what="speed"):
         args = self.args
         if args.print_iters:
             to_interval = (args.print_iters - state["iteration"] % args.print_iters) % args.print_iters * secs_per_it
@@ -704,10 +714,10 @@ class Progress:
             to_interval = args.print_time - interval["secs"]
         to_interval = min(to_interval, self.budget_left(state, secs_per_it))
         to_end = self.budget_left(state, secs_per_it)
-        self.log(f"speed: {secs_per_it:.3f} s per iteration ({samples_per_step / secs_per_it:,.0f} samples/s); "
+        self.log(f"{what}: {secs_per_it:.3f} s per iteration ({samples_per_step / secs_per_it:,.0f} samples/s); "
                  f"the first interval (valid NLL, checkpoint, samples) in about {duration(to_interval)} of training "
                  f"({clock(to_interval)}), the end of the run in about {duration(to_end)} ({clock(to_end)})")
-        if self.device.type == "cpu" and to_interval > 600:
+        if self.device.type == "cpu" and to_interval > 600 and what == "speed":
             self.log("note: this model is sized for a GPU. On a CPU, --preset tiny runs in seconds, and "
                      "--dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something in minutes")
 
