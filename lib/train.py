@@ -51,7 +51,7 @@ EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # flags that may change when a run is resumed; every other setting comes from the run
 RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph",
-             "valid_clips", "n_samples", "sample_secs", "test_on_best", "patience", "dry_run", "data",
+             "valid_clips", "n_samples", "sample_secs", "test_on_best", "patience", "dry_run", "data", "keep_checkpoints",
              "accept_changed_data"}  # --data: when the data there is the run's own (its fingerprint)
 PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -88,6 +88,8 @@ def add_training_args(p, presets):
                         "whole budget, and checkpoints/best.pt keeps the best weights anyway)")
     g.add_argument("--test_on_best", action="store_true", help="also evaluate test NLL whenever valid NLL improves "
                    "(it is always evaluated at the end)")
+    g.add_argument("--keep_checkpoints", type=int, default=0,
+                   help="keep only the newest K interval checkpoints (and best.pt) (default: 0, keep every one)")
     g.add_argument("--n_samples", type=int, default=4, help="sequences generated at every interval")
     g.add_argument("--sample_secs", type=float, default=4.0, help="length of each generated sequence (seconds)")
     g.add_argument("--name", default=None, help="tag in the run name {model}_{tag}_{unixtime} (default from flags)")
@@ -289,7 +291,7 @@ def check_settings(args):
         if not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")
     for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs", "threads",
-                 "patience"):
+                 "patience", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -861,6 +863,9 @@ def end_interval(ctx, state, interval, h, samples_per_step, final):
     path = save_checkpoint(ctx, state, h, row)
     if improved:
         write_best(run_dir, path)
+    if args.keep_checkpoints:  # best.pt is a copy: what it came from may go
+        for old in checkpoint_paths(run_dir)[:-args.keep_checkpoints]:
+            os.remove(old)
     metrics = os.path.join(run_dir, "metrics.jsonl")
     try:
         with open(metrics, "a") as f:

@@ -238,3 +238,14 @@ def test_best_checkpoint_epochs_and_patience(tmp_path, speech_wav, monkeypatch, 
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert run_main(generate_main, [run_dir, "--best", "--n", "1", "--secs", "0.01", "--out", str(tmp_path / "g")]) == 0
+
+
+def test_keep_checkpoints_prunes_old_ones_never_best_or_the_newest(tmp_path, speech_wav):
+    run = train(tmp_path, speech_wav, "--print_iters", "5", "--stop_iters", "30", "--keep_checkpoints", "2",
+                "--n_samples", "0")
+    names = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert names == ["best.pt", "it0000025.pt", "it0000030.pt"]
+    best = torch.load(os.path.join(run, "checkpoints", "best.pt"), weights_only=False)
+    assert best["state"]["iteration"] == best["row"]["best_iteration"]
+    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "40", "--keep_checkpoints", "1"]) == 0
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["best.pt", "it0000040.pt"]
