@@ -168,6 +168,7 @@ def parse_settings(model_id, parser, presets, argv):
         raise UserError(f"--{changed[0]} cannot change when resuming (the run has {saved.get(changed[0])!r}); "
                         f"only {', '.join('--' + k for k in sorted(RESUMABLE - {'resume'}))} can")
     args.data = os.path.abspath(args.data)
+    args.accept_changed_data = first.accept_changed_data  # this session's word only: never carried to the next
     return args, (ckpt_path, ckpt)
 
 

@@ -40,6 +40,9 @@ def test_resume_refuses_changed_data_and_says_what_changed(tmp_path, capsys):
     settings = json.load(open(os.path.join(run_dir, "settings.json")))
     assert settings["data_fingerprint"]["train"]["clips"] == 3 and len(settings["data_changes"]) == 1
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir, "--stop_iters", "40"]) == 0  # now the run's data
+    os.remove(tmp_path / "ds" / "train" / "00002.wav")  # changed again: the earlier --accept_changed_data is not kept
+    assert run_main(SCRIPTS["twotier"], ["--resume", run_dir, "--stop_iters", "50"]) == 2
+    assert "differs from what" in one_error(capsys)
 
 
 def test_a_moved_dataset_resumes_with_data_and_a_different_one_is_refused(tmp_path, capsys):
