@@ -106,18 +106,12 @@ class FastFlatSampler:
         q, dtype = model.q_levels, model.rnn.h0.dtype
         self.recorded = torch.zeros(self.frame_len, q, device=last.device, dtype=dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
-        if backend == "numba":
-            from lib.kernels import Team, by_thread, flat_step, flat_worker, shares, stacked_gru
-            threads = torch.get_num_threads()
-            lasts = self.last.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
+        if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
+            from lib.kernels import flat_team
+            lasts = self.last.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
             self.last = lasts[0]
-            inputs, gru, out = self.weights
-            recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), inputs.dtype)
-            logits = np.zeros((2, n, q), inputs.dtype)  # shared by the threads
-            self.team = Team(flat_step, flat_worker, threads, (n, self.frame_len, q), inputs.dtype,
-                             (lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), temperature, recorded,
-                              logits, inputs, *stacked_gru(gru, threads),
-                              *(by_thread(p, shares(q, threads)) for p in out)))
+            self.team = flat_team(self.weights, lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), temperature,
+                                  as_arrays(self.recorded, np), self.frame_len)
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
 

@@ -28,7 +28,9 @@ from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.train import load_latest_checkpoint, read_run_settings, set_precision
+from lib.run import load_checkpoint, load_latest_checkpoint, read_run_settings
+from lib.settings import choose_device
+from lib.step import set_precision
 
 SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
 MAX_FILES = 100_000  # per call: every path is named before the first is written
@@ -49,7 +51,7 @@ def load_run(path, device):
         raise UserError(f"{path} is neither a run folder nor a checkpoint file")
     else:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(path)
         except Exception as e:  # torch raises many types for files that are not checkpoints
             raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
     model_id = ckpt.get("model_id") if isinstance(ckpt, dict) else None
@@ -94,9 +96,9 @@ def build_parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (torch's, and the compiled step's on the CPU); 0 = torch's default")
-    p.add_argument("--no_cuda_graph", action="store_true",
+    p.add_argument("--no_cuda_graph_sampling", action="store_true",
                    help="on CUDA, launch each step's kernels from Python instead of replaying each step() call "
-                        "(about 32 samples) as one CUDA graph, the default (about 3x faster)")
+                        "(about 32 samples) as one CUDA graph, the default")
     p.add_argument("--reference", action="store_true", help="use the plain reference sampler (slow)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS,
                    help="what the fast path steps with; auto = lib.sample.default_backend (numba and numpy: CPU only)")
@@ -131,9 +133,7 @@ def generate_files(args):
         raise UserError(f"--threads must be 0 (torch's default) or more (got {args.threads})")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = choose_device(args.device)
     if args.backend in ("numba", "numpy") and device.type != "cpu":
         raise UserError(f"--backend {args.backend} runs on the CPU only; add --device cpu, or use --backend torch")
     if args.best:
@@ -167,7 +167,7 @@ def generate_files(args):
         record = args.plot_softmax and first == 0
         start = time.perf_counter()
         result = generate(model, n, length, seed=args.seed + first, temperature=args.temperature, prime=prime,
-                          fast=not args.reference, cuda_graph=not args.no_cuda_graph, record=record, progress=True,
+                          fast=not args.reference, cuda_graph=not args.no_cuda_graph_sampling, record=record, progress=True,
                           backend=None if args.backend == "auto" else args.backend)
         levels, logits = result if record else (result, None)
         levels = levels.cpu()  # waits for the device: the time below is the generation's

@@ -58,7 +58,7 @@ class SampleLevelMLP(nn.Module):
     E @ W_j^T: each sample's first layer is then FS lookups and a sum. With `use_tables`, training computes the
     tables once per step, differentiably, instead of the product for every sample; the fast sampler always uses
     them. use_tables None (the default) means where `python -m lib.bench train` measured it faster: on the CPU
-    (1.3x the whole step at frame size 2, 2.0x at 16); on CUDA not yet measured, so off there."""
+    (notes/performance.md); on CUDA not yet measured, so off there."""
 
     def __init__(self, frame_size, dim, emb_size, q_levels):
         super().__init__()
@@ -189,23 +189,12 @@ class FastTwoTierSampler:
         self.frames = last.new_zeros(n, self.frame_len)  # what step() returns
         self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
-        if backend == "numba":
-            from lib.kernels import Team, by_thread, shares, stacked_gru, twotier_step, twotier_worker
-            threads = torch.get_num_threads()
-            windows = self.window.expand(threads, -1, -1).clone()  # each thread's own copy; thread 0's is the state
+        if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
+            from lib.kernels import twotier_team
+            windows = self.window.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
             self.window = windows[0]
-            reals, gru, cond, table, _, hidden, out = self.weights
-            dim, dtype = table.shape[1], reals.dtype
-            recorded = as_arrays(self.recorded, np) if record else np.zeros((0, q), dtype)
-            scratch = (np.zeros((n, fs * dim), dtype), np.zeros((len(hidden), n, dim), dtype),
-                       np.zeros((2, n, q), dtype))  # conditioning, hidden layers, logits: shared by the threads
-            split = [shares(m, threads) for m in (fs * dim, dim, q)]  # thread t's columns of each product
-            weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
-                       by_thread(np.stack([w for w, _ in hidden]), split[1]),
-                       by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
-            self.team = Team(twotier_step, twotier_worker, threads, (n, self.frame_len, q), dtype,
-                             (windows.numpy(), self.frames.numpy(), as_arrays(self.h, np), temperature, recorded,
-                              *scratch, *weights))
+            self.team = twotier_team(self.weights, windows.numpy(), self.frames.numpy(), as_arrays(self.h, np),
+                                     temperature, as_arrays(self.recorded, np), self.frame_len)
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 

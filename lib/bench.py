@@ -19,8 +19,9 @@ it prints the bytes read per sample, the rate at which they are read, and the re
 which torch's thread count of threads read arrays of the model's size here, over the bytes per sample.
 Weights are random: speed does not depend on them.
 Each figure is the best of --repeats timings, the paths timed in turns (this is a shared machine). Nothing
-here is asserted; the numbers go in README.
+here is asserted; the numbers go in notes/performance.md, dated.
 """
+import argparse
 import json
 import math
 import threading
@@ -30,17 +31,18 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from baseline import FlatGRU
+import baseline
+import two_tier
 from lib import ArgumentParser
 from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
 from lib.sample import BACKENDS, default_backend, generate
-from lib.train import PRECISIONS, backward, make_optimizer, set_precision, train_step
-from two_tier import TwoTier
+from lib.settings import choose_device
+from lib.step import PRECISIONS, backward, make_optimizer, set_precision, train_step
 
 
 def flops_per_sample(model):
     """Multiply-adds x 2 of the fast path per generated sample."""
-    if isinstance(model, TwoTier):
+    if isinstance(model, two_tier.TwoTier):
         fs, gru = model.frame_size, model.frame_rnn.rnn.gru
         dim, q = gru.hidden_size, model.q_levels
         per_frame = sum(2 * 3 * dim * ((fs if k == 0 else dim) + dim) for k in range(gru.num_layers))
@@ -56,7 +58,7 @@ def training_flops(model):
     """FLOPs of one trained sample, forward plus backward (taken as twice the forward), from the layer shapes."""
     def gru(layer_inputs, dim):
         return sum(2 * 3 * dim * (n_in + dim) for n_in in layer_inputs)
-    if isinstance(model, TwoTier):
+    if isinstance(model, two_tier.TwoTier):
         fs, rnn = model.frame_size, model.frame_rnn.rnn.gru
         dim, q, emb = rnn.hidden_size, model.q_levels, model.sample_mlp.embed.embedding_dim
         per_frame = gru([fs] + [dim] * (rnn.num_layers - 1), dim) + 2 * dim * fs * dim
@@ -113,6 +115,17 @@ def read_bandwidth(nbytes, threads):
     return reads * sum(a.nbytes for a in arrays) / best
 
 
+def build(args, seq_len):
+    """The model as its script builds it (its build_model, its defaults), with this benchmark's flags over them."""
+    script = two_tier if args.model == "twotier" else baseline
+    parser = argparse.ArgumentParser()
+    script.add_model_args(parser)
+    flags = vars(parser.parse_args([]))
+    flags.update({k: getattr(args, k) for k in flags if getattr(args, k, None) is not None})
+    flags.update(q_levels=args.q_levels, seq_len=seq_len)
+    return script.build_model(argparse.Namespace(**flags))
+
+
 def samples_per_sec(model, batch, paths, repeats):
     """{name: samples/s} of each path (name -> (length, generate() keywords)): the best of `repeats` timings,
     taken in turns, so that a slow spell of this shared machine falls on every path alike."""
@@ -129,13 +142,12 @@ def samples_per_sec(model, batch, paths, repeats):
 
 
 def bench_generate(args):
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(args.device)
     torch.manual_seed(0)
+    model = build(args, 16 * args.frame_size if args.model == "twotier" else 128)  # the chunk: no matter here
     if args.model == "twotier":
-        model = TwoTier(args.frame_size, 16, args.dim, args.n_rnn, args.emb_size, args.q_levels)
         config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs"
     else:
-        model = FlatGRU(args.dim, args.n_rnn, args.q_levels, args.input, args.emb_size)
         config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}"
     model.to(device).eval()
     flops = flops_per_sample(model)
@@ -198,14 +210,13 @@ def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
 
 
 def bench_train(args):
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = choose_device(args.device)
     torch.manual_seed(0)
+    model = build(args, args.seq_len or (64 * args.frame_size if args.model == "twotier" else 128))
     if args.model == "twotier":
-        n_frames = (args.seq_len or 64 * args.frame_size) // args.frame_size
-        model = TwoTier(args.frame_size, n_frames, args.dim, args.n_rnn, args.emb_size, args.q_levels)
-        config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs, {n_frames} frames"
+        config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs, " \
+                 f"{model.seq_len // args.frame_size} frames"
     else:
-        model = FlatGRU(args.dim, args.n_rnn, args.q_levels, args.input, args.emb_size, args.seq_len or 128)
         config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}, seq_len {model.seq_len}"
     model.to(device).train()
     splits, _ = load_splits(DEFAULT_DATA)

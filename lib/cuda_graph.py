@@ -1,4 +1,4 @@
-"""The training step (lib.train.train_step) captured as CUDA graphs and replayed: one launch per step instead of
+"""The training step (lib.step.train_step) captured as CUDA graphs and replayed: one launch per step instead of
 hundreds of small kernels launched from Python. Shapes are static (the batch and the chunk never change), so two
 graphs cover every step: one for a clip's first chunk (h from the learned h0) and one that carries h.
 
@@ -11,7 +11,7 @@ Adam is capturable (its step counts live on the GPU). tests/test_cuda.py compare
 import torch
 
 from lib import UserError
-from lib.train import train_step
+from lib.step import train_step
 
 
 class GraphedStep:
@@ -59,8 +59,8 @@ def captured_at_first_call(model, optimizer, grad_clip, precision):
                 graphed = GraphedStep(model, optimizer, chunk, grad_clip, precision)
             except RuntimeError as e:  # before the first step ends: nothing of the run has been written since
                 why = str(e).strip().splitlines()[0][:200]
-                raise UserError(f"--cuda_graph: the training step could not be captured as CUDA graphs here ({why}); "
-                                f"train without it (resuming: --no_cuda_graph)") from e
+                raise UserError(f"--cuda_graph_step: the training step could not be captured as CUDA graphs here ({why}); "
+                                f"train without it (resuming: --no_cuda_graph_step)") from e
         return graphed(chunk, reset, h)
     return step
 

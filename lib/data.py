@@ -28,7 +28,7 @@ from lib import cache
 from lib.audio import find_audio, read_mono, warn
 from lib.cache import clip_stats
 from lib.prepare import SPLITS, cut_clips
-from lib.quantize import quantize, q_zero
+from lib.quantize import quantize, q_zero, stretch
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "asterisk_en")
 PCM_SCALE = 1 / 32768  # 16-bit PCM -> float in [-1, 1)
@@ -103,10 +103,7 @@ class Split:
         mean, lo, hi = (torch.from_numpy(self.stats[clips, k])[:, None] for k in range(3))
         if zero_dc:
             x, lo, hi = x - mean, lo - mean, hi - mean
-        if norm == "minmax":
-            span = hi - lo
-            x = torch.where(span > 0, (x - lo) / span.clamp(min=1e-12) * 2 - 1, torch.zeros_like(x))
-        return x
+        return stretch(x, lo, hi) if norm == "minmax" else x
 
 
 def _open_split(folder):
@@ -228,3 +225,9 @@ def eval_chunks(split, batch_size, seq_len, overlap, q_levels, eval_len, max_cli
         padded = segments.levels(np.arange(first, min(n, first + batch_size)), -overlap, overlap + covered, q_levels)
         for start in range(0, covered, eval_len):
             yield padded[:, start:start + overlap + min(eval_len, covered - start)], start == 0
+
+
+def hold_on_device(splits, device, q_levels):
+    """The splits as levels on the device, each distinct split once (one file's data serves as all three)."""
+    held = {id(s): s.on_device(device, q_levels) for s in splits.values()}
+    return {name: held[id(s)] for name, s in splits.items()}

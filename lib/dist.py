@@ -8,6 +8,9 @@ gradients, so a step on N ranks of batch B is a step on one process of batch N*B
 alone evaluates, samples and writes the run folder; decisions made from clocks and signals (an interval's end
 by time, the budget, Ctrl-C) are taken on rank 0's clock and signals, agreed at the loop's sync points, so that
 every rank stops at the same iteration. A run resumes with the same number of processes.
+
+In a single process every helper here does nothing (or returns what it was given), so that the training loop has
+no branch for torchrun.
 """
 import datetime
 import gc
@@ -28,12 +31,12 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def setup(device_flag):
-    """Under torchrun with more than one process: the process group (NCCL on CUDA, gloo on the CPU) -> device.
-    Otherwise None (a single process chooses its device as usual)."""
+def setup(device):
+    """Under torchrun with more than one process: the process group (NCCL on CUDA, gloo on the CPU) -> this
+    process's device (its local GPU). In a single process: `device` as it is."""
     if world_size() == 1:
-        return None
-    cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+        return device
+    cuda = device.type == "cuda"
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
@@ -51,7 +54,9 @@ def wrap(model, device):
     """The model for training steps: DDP averages its gradients across ranks, but for the learned h0, which it
     leaves out (average_initial_state_grads does it at the steps that use them). With every parameter it holds
     used at every step, DDP need not search the autograd graph for unused ones (find_unused_parameters), which
-    copies a map to the host at every step and so would make the step wait for the GPU."""
+    copies a map to the host at every step and so would make the step wait for the GPU. Without a process group (one process): the model itself."""
+    if not dist.is_initialized():
+        return model
     DDP = torch.nn.parallel.DistributedDataParallel
     DDP._set_params_and_buffers_to_ignore_for_model(model, [name for name, _ in initial_states(model)])
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
@@ -68,6 +73,8 @@ def average_initial_state_grads(model):
 
 def share(obj):
     """rank 0's `obj` on every rank (any picklable object)."""
+    if world_size() == 1:
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -82,9 +89,33 @@ def agree(values, device, op="sum"):
 
 def gather_rows(h):
     """The ranks' hidden states (n_rnn, B, dim), in rank order along the batch: (n_rnn, world*B, dim)."""
+    if world_size() == 1 or h is None:
+        return h
     parts = [torch.empty_like(h) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, h.contiguous())
     return torch.cat(parts, dim=1)
+
+
+def mean(values, device):
+    """A list of floats averaged over ranks (one collective)."""
+    if world_size() == 1:
+        return values
+    return [v / world_size() for v in agree(values, device)]
+
+
+def decide(sync, train_secs, interval_secs, signum, finite, device):
+    """What every rank acts on after a step -> (train_secs, interval_secs, signum, finite, agreed). One process
+    acts on its own clocks and signal at every step. Under torchrun the ranks agree at sync points only: rank 0's
+    clocks, any rank's signal or non-finite loss (one collective); between them a rank acts on no clock and no
+    signal (agreed False), so that every rank stops at the same iteration."""
+    if world_size() == 1:
+        return train_secs, interval_secs, signum, finite, True
+    if not sync:
+        return train_secs, interval_secs, None, finite, False
+    main = rank() == 0
+    train_secs, interval_secs, signum, bad = agree([train_secs if main else -1, interval_secs if main else -1,
+                                                    signum or 0, 0 if finite else 1], device, "max")
+    return train_secs, interval_secs, int(signum) or None, not bad, True
 
 
 def cleanup():

@@ -118,7 +118,7 @@ def linear(x, w, b, out, start, end):
     """out[:, start:end] = x (B, k) @ w[:, :end - start] + b[:end - start] (w and b hold this thread's columns).
     Four rows of w at a time, each read once for all B rows: a quarter of the loads and stores of out that a
     row at a time costs. Fused multiply-adds (fastmath "contract" only: the order of the sum is kept) read
-    cached weights 1.3x faster than a multiply, then an add."""
+    cached weights faster than a multiply, then an add (notes/performance.md)."""
     k, c = w.shape[0], end - start
     k4 = k - k % 4
     for r in range(x.shape[0]):
@@ -288,6 +288,35 @@ def flat_worker(*args):
         pass
 
 
+def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
+    """The two-tier model's fast step (FastTwoTierSampler's weights and state, numpy views) compiled, on
+    len(windows) threads, each with its own window and its share of every product's columns."""
+    reals, gru, cond, table, _, hidden, out = weights
+    threads, n, q, dim, fs, dtype = len(windows), len(frames), len(out[1]), table.shape[1], windows.shape[-1] // 2, \
+        reals.dtype
+    recorded = np.zeros((0, q), dtype) if recorded is None else recorded
+    scratch = (np.zeros((n, fs * dim), dtype), np.zeros((len(hidden), n, dim), dtype),
+               np.zeros((2, n, q), dtype))  # conditioning, hidden layers, logits: shared by the threads
+    split = [shares(m, threads) for m in (fs * dim, dim, q)]  # thread t's columns of each product
+    weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
+               by_thread(np.stack([w for w, _ in hidden]), split[1]),
+               by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
+    return Team(twotier_step, twotier_worker, threads, (n, frame_len, q), dtype,
+                (windows, frames, h, temperature, recorded, *scratch, *weights))
+
+
+def flat_team(weights, lasts, frame, h, temperature, recorded, frame_len):
+    """The baseline's fast step (FastFlatSampler's weights and state, numpy views) compiled, on len(lasts)
+    threads."""
+    inputs, gru, out = weights
+    threads, n, q = len(lasts), len(frame), len(out[1])
+    recorded = np.zeros((0, q), inputs.dtype) if recorded is None else recorded
+    logits = np.zeros((2, n, q), inputs.dtype)  # shared by the threads
+    return Team(flat_step, flat_worker, threads, (n, frame_len, q), inputs.dtype,
+                (lasts, frame, h, temperature, recorded, logits, inputs, *stacked_gru(gru, threads),
+                 *(by_thread(p, shares(q, threads)) for p in out)))
+
+
 class Team:
     """`threads` threads stepping one kernel together. step(noise) puts the call's noise where all read it
     and runs thread 0's part in the caller; threads 1.. run `worker` (the kernel in a loop) from the start,
@@ -320,7 +349,7 @@ class Team:
 
 def by_thread(w, bounds):
     """w (..., m) -> (threads, ..., width): thread t's columns bounds[t] = (start, end), zero-padded to the
-    widest share, so that each thread reads one contiguous block (strided shares of rows ran 1.7x slower)."""
+    widest share, so that each thread reads one contiguous block (strided shares of rows ran slower)."""
     out = np.zeros((len(bounds), *w.shape[:-1], max(end - start for start, end in bounds)), w.dtype)
     for t, (start, end) in enumerate(bounds):
         out[t, ..., :end - start] = w[..., start:end]

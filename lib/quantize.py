@@ -63,12 +63,16 @@ def normalize(clips, zero_dc=False, norm="none"):
     if zero_dc:
         x = x - x.mean(dim=-1, keepdim=True)
     if norm == "minmax":
-        lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-        span = hi - lo
-        x = torch.where(span > 0, (x - lo) / span.clamp(min=1e-12) * 2 - 1, torch.zeros_like(x))
+        x = stretch(x, x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True))
     elif norm != "none":
         raise UserError(f"--norm {norm!r} is unknown: use one of {', '.join(NORMS)}")
     return x
+
+
+def stretch(x, lo, hi):
+    """--norm minmax: x from [lo, hi] to [-1, 1], per clip; a constant clip becomes silence, never NaN."""
+    span = hi - lo
+    return torch.where(span > 0, (x - lo) / span.clamp(min=1e-12) * 2 - 1, torch.zeros_like(x))
 
 
 def quantize(x, q_levels=256, qtype="linear"):

@@ -18,34 +18,13 @@ import re
 
 from lib import ArgumentParser, UserError, atomic_write, run_script
 from lib.audio import warn
+from lib.run import read_metrics
 
 import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read_metrics(run_dir, quiet=False):
-    """The rows of RUN/metrics.jsonl. A line that is not a JSON row (half-written by a kill or a full disk) is
-    dropped with a warning (unless quiet)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if isinstance(row, dict):
-                rows.append(row)
-            elif not quiet:
-                warn(f"{path} line {n} is not a complete row (a write was cut off); it is ignored")
-    return rows
 
 
 def plot_curves(runs, path):

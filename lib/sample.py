@@ -20,10 +20,14 @@ call per step(), its columns shared among threads) is fastest; for more, torch, 
 dominate (README has the benchmark). The numpy step is the compiled one's readable twin, and a choice of
 --backend. The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
+import os
+
 import numpy as np
 import torch
 
-from lib import Interrupted
+from lib import Interrupted, WriteError
+from lib.audio import write_wav
+from lib.quantize import dequantize
 
 NOISE_BLOCK = 256  # steps of noise drawn at once
 STEP_SAMPLES = 32  # samples per fast step() call, at least: the ~20 us of Python around a call is then ~1%
@@ -68,8 +72,7 @@ def default_backend(model, n):
     """What the fast path steps with for n sequences of `model`: torch on a GPU. On the CPU, the compiled step
     (lib/kernels.py, on torch's thread count) for one sequence, and for fewer than 8 of a model under 2M
     parameters: there one compiled call beats numpy's hundred calls per frame. Otherwise torch, whose matrix
-    products were as fast as numpy's or faster at batch 64 on both 2-core machines measured (README), by up to
-    1.4x on an Intel CPU, where numpy's OpenBLAS won on an AMD one by up to 1.4x."""
+    products were as fast as numpy's or faster at batch 64 (notes/performance.md)."""
     if next(model.parameters()).device.type != "cpu":
         return "torch"
     small = sum(p.numel() for p in model.parameters()) < 2_000_000
@@ -94,8 +97,8 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
              progress=False, backend=None, stop=None):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
     prime: 1-D int levels that every sequence continues from (they are not part of the output).
-    cuda_graph: on CUDA, replay each step() call as a CUDA graph (3x at batch 1 on an H200; equal to the reference
-    in float64, tests/test_cuda.py). Ignored elsewhere.
+    cuda_graph: on CUDA, replay each step() call as a CUDA graph (one launch instead of hundreds; equal to the
+    reference in float64, tests/test_cuda.py). Ignored elsewhere.
     backend: what the fast path steps with, one of BACKENDS (default: default_backend(model, n)).
     stop: a callable checked between step() calls (the fast path); when true, lib.Interrupted is raised."""
     model.eval()
@@ -163,3 +166,17 @@ def graphed(step, example_noise, sampler):
         return static_out
     return replay
 
+
+def write_samples(model, paths, secs, sample_rate, flags, stop=None):
+    """len(paths) sequences of `secs` seconds as WAV files, drawn with the run's seed (flags.seed: the same noise
+    at every interval, so that samples differ only by the weights) and decoded with its quantization."""
+    if not paths:
+        return
+    seqs = generate(model, len(paths), max(1, round(secs * sample_rate)), seed=flags.seed, stop=stop).cpu()
+    audio = dequantize(seqs, flags.q_levels, flags.qtype).numpy()
+    try:
+        os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    except OSError as e:
+        raise WriteError(os.path.dirname(paths[0]), e) from None
+    for path, a in zip(paths, audio):
+        write_wav(path, a, sample_rate)

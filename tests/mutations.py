@@ -35,8 +35,8 @@ MUTATIONS = {
                                "head = 0 * dequantize(prime, settings.q_levels, settings.qtype).numpy()",
                                "tests/test_sample.py::test_generate_from_a_checkpoint_with_a_prime_at_another_rate"),
     "nan_reaches_a_checkpoint": ("lib/train.py", "    if bad:\n        raise NonFinite(f\"non-finite {', '.join(bad)} "
-                                 "at iteration {it}\")\n    if final and",
-                                 "    if final and",
+                                 "at iteration {it}\")\n    if final:",
+                                 "    if final:",
                                  "tests/test_faults.py::test_non_finite_values_never_reach_a_checkpoint"),
     "md5_not_checked": ("lib/download.py", 'verify(path, "md5", entry["md5"], "run the command again")', "pass",
                         "tests/test_download.py::test_a_beethoven_file_with_the_wrong_md5_is_refused_and_kept_aside"),
@@ -46,12 +46,16 @@ MUTATIONS = {
                               "tests/test_cache.py::test_a_damaged_cache_is_rebuilt_with_one_warning"),
     "cache_without_lock": ("lib/cache.py", "fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
                            "tests/test_cache.py::test_two_builds_at_once_build_once_and_both_read_the_right_samples"),
-    "resume_ignores_changed_data": ("lib/train.py", "    if not change:\n        return", "    return",
+    "resume_ignores_changed_data": ("lib/run.py", "    if not change:\n        return", "    return",
                                     "tests/test_resume.py::test_resume_refuses_changed_data_and_says_what_changed"),
-    "run_not_locked": ("lib/train.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
+    "run_not_locked": ("lib/run.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
                        "tests/test_resume.py::test_a_second_process_on_a_training_run_is_refused_naming_the_first"),
-    "resume_loses_h": ("lib/train.py", "h = None if ckpt[\"h\"] is None else ckpt[\"h\"][:, batches.rows].to(device)",
+    "resume_loses_h": ("lib/session.py", "h = None if ckpt[\"h\"] is None else ckpt[\"h\"][:, s.batches.rows].to(s.device)",
                        "h = None", "tests/test_train.py::test_resume_continues_exactly"),
+    "interval_accounting_off_by_one": ("lib/train.py", "interval[\"steps\"] += 1\n    state[\"iteration\"] += 1",
+                                       "interval[\"steps\"] += 1 if state[\"iteration\"] else 2\n    "
+                                       "state[\"iteration\"] += 1",
+                                       "tests/test_fingerprint.py::test_a_fixed_seed_run_computes_what_it_did"),
 }
 
 

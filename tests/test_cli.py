@@ -6,6 +6,7 @@ import re
 import shlex
 
 import pytest
+import torch
 
 import baseline
 import generate
@@ -13,6 +14,8 @@ import lib.bench
 import lib.download
 import lib.prepare
 import lib.report
+import lib.progress
+import lib.settings
 import lib.train
 import two_tier
 from conftest import REPO, run_main
@@ -22,8 +25,8 @@ MAINS = {"two_tier.py": two_tier.main, "baseline.py": baseline.main, "generate.p
          "lib.prepare": lib.prepare.main, "lib.bench": lib.bench.main, "lib.download": lib.download.main,
          "lib.report": lib.report.main}
 PARSERS = {
-    "two_tier.py": lambda: lib.train.build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS),
-    "baseline.py": lambda: lib.train.build_parser("baseline.py", "", baseline.add_model_args, baseline.PRESETS),
+    "two_tier.py": lambda: lib.settings.build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS),
+    "baseline.py": lambda: lib.settings.build_parser("baseline.py", "", baseline.add_model_args, baseline.PRESETS),
     "generate.py": generate.build_parser, "lib.prepare": lib.prepare.build_parser, "lib.bench": lib.bench.build_parser,
     "lib.download": lib.download.build_parser, "lib.report": lib.report.build_parser,
 }
@@ -89,7 +92,7 @@ def test_readme_commands_parse():
 def test_progress_lines_without_a_terminal(tmp_path, speech_wav, capsys, monkeypatch):
     """Under nohup or with output to a file there is no bar: a plain progress line instead (every 5 minutes;
     here every step), and once the measured speed with when the first interval and the end come."""
-    monkeypatch.setattr(lib.train, "PROGRESS_SECS", 0)
+    monkeypatch.setattr(lib.progress, "PROGRESS_SECS", 0)
     train(tmp_path, speech_wav, "--n_samples", "0")
     out = capsys.readouterr().out
     (speed,) = [s for s in out.splitlines() if s.startswith("speed: ")]
@@ -105,14 +108,14 @@ def test_speed_line_on_a_device_that_runs_ahead_times_whole_waits():
     lines, sync = [], lib.train.SYNC_STEPS
     args = argparse.Namespace(stop_iters=0, stop_time=1.0, print_iters=0, print_time=3600.0)
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
-    progress = lib.train.Progress(args, state, lines.append, lib.train.torch.device("cuda"), shown=False)
+    progress = lib.progress.Progress(args, state, lines.append, torch.device("cuda"), 1000, shown=False)
     for i in range(1, 2 * sync + 1):
         waited = i % sync == 0
         secs = 0.1 * sync if waited else 0.0  # the wait takes the time of the steps queued since the last one
         state["iteration"], interval["steps"] = i, i
         state["train_secs"] += secs
         interval["secs"] += secs
-        progress.step(state, interval, secs, 1000, synced=waited)
+        progress.step(state, interval, secs, synced=waited)
         assert len(lines) == (i == 2 * sync), i  # not at the first wait: its steps began before the timing
     assert lines[0].startswith("speed: 0.100 s per iteration (10,000 samples/s)"), lines
 
@@ -137,13 +140,13 @@ def test_a_speed_line_proven_wrong_is_said_again():
     lines = []
     args = argparse.Namespace(stop_iters=300, stop_time=12.0, print_iters=100, print_time=3600.0)
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
-    progress = lib.train.Progress(args, state, lines.append, lib.train.torch.device("cpu"), shown=False)
+    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 1000, shown=False)
     for i in range(1, 80):
         secs = 0.8 if i <= 6 else 0.08
         state["iteration"], interval["steps"] = i, i
         state["train_secs"] += secs
         interval["secs"] += secs
-        progress.step(state, interval, secs, 1000, synced=True)
+        progress.step(state, interval, secs, synced=True)
     assert len(lines) == 2 and lines[0].startswith("speed: 0.800 s per iteration"), lines
     assert lines[1].startswith("speed over the last 50 steps (the first were 10.0x slower): 0.080 s per iteration")
     assert "the end of the run in about 20 s" in lines[1]  # (300 - 56) steps of 0.08 s: 19.5 s

@@ -44,7 +44,7 @@ def test_train_and_generate_on_cuda(tmp_path, speech_wav, name):
     (run_dir,) = glob.glob(str(runs_dir / "*"))
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "device cuda" in log and "on the GPU as levels" in log  # batches gathered on the GPU
-    for out, flags in (("a", []), ("b", []), ("plain", ["--no_cuda_graph"])):
+    for out, flags in (("a", []), ("b", []), ("plain", ["--no_cuda_graph_sampling"])):
         assert run_main(generate_main, [run_dir, "--n", "2", "--secs", "0.1", "--device", "cuda", "--out",
                                         str(tmp_path / out), *flags]) == 0
     files = sorted(os.listdir(tmp_path / "a"))
@@ -60,7 +60,7 @@ def test_training_step_on_cuda_at_each_precision(precision, tf32_restored):
     """On the GPU, the sync-free step at each precision gives the CPU fp32 step's loss on the same chunk and
     weights (bf16 within 1 %), and a few steps lower the loss."""
     import copy
-    from lib.train import make_optimizer, set_precision, train_step
+    from lib.step import make_optimizer, set_precision, train_step
     from test_models import small
     cpu = small()
     gpu = copy.deepcopy(cpu).cuda()
@@ -84,7 +84,7 @@ def test_first_layer_tables_on_cuda():
     """The MLP's first layer as per-position tables (off by default on CUDA until the bench measures it faster)
     gives the product's loss and gradients on the GPU too (float64)."""
     import copy
-    from lib.train import chunk_loss
+    from lib.step import chunk_loss
     from test_models import small
     product = small(fs=4, n_frames=4).double().cuda()
     tables = copy.deepcopy(product)
@@ -109,7 +109,7 @@ def test_training_steps_never_wait_for_the_gpu(kind):
     import math
     from lib.cuda_graph import captured_at_first_call
     from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
-    from lib.train import make_optimizer, train_step
+    from lib.step import make_optimizer, train_step
     from test_models import flat, small
     m = (flat("embed", seq_len=128) if kind.startswith("baseline") else small(fs=2, n_frames=64)).cuda()
     if kind == "twotier_tables":
@@ -147,7 +147,7 @@ def test_graphed_step_equals_the_eager_step(precision, tf32_restored):
     import copy
     from lib.cuda_graph import GraphedStep
     from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
-    from lib.train import make_optimizer, set_precision, train_step
+    from lib.step import make_optimizer, set_precision, train_step
     from test_models import small
     set_precision(precision)
     eager = small(fs=2, n_frames=16).cuda()
@@ -178,7 +178,7 @@ def test_training_run_with_cuda_graph_resumes(tmp_path, speech_wav):
     runs = tmp_path / "runs"
     base = ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs), "--device", "cuda"]
     assert run_main(SCRIPTS["twotier"], base + ["--name", "eager"]) == 0
-    assert run_main(SCRIPTS["twotier"], base + ["--name", "graph", "--cuda_graph", "--stop_iters", "10"]) == 0
+    assert run_main(SCRIPTS["twotier"], base + ["--name", "graph", "--cuda_graph_step", "--stop_iters", "10"]) == 0
     (graph_run,) = glob.glob(str(runs / "*_graph_*"))
     assert run_main(SCRIPTS["twotier"], ["--resume", graph_run, "--stop_iters", "20"]) == 0
     (eager_run,) = glob.glob(str(runs / "*_eager_*"))
@@ -201,7 +201,7 @@ def test_bf16_autocasts_the_mlp_but_runs_the_grus_in_float32(tf32_restored):
     """--precision bf16: autocast's cuDNN-RNN rule would cast the GRUs to float16 (without loss scaling); they run
     in float32, while the linear layers do run in bf16. fp32 turns TF32 off, tf32 on."""
     from lib.layers import GRUStack
-    from lib.train import set_precision
+    from lib.step import set_precision
     set_precision("fp32")
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     set_precision("tf32")
@@ -220,8 +220,8 @@ def test_a_run_made_without_graphs_resumes_with_them_and_back(tmp_path, speech_w
     base = ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs), "--device", "cuda", "--n_samples", "0"]
     assert run_main(SCRIPTS["twotier"], base + ["--stop_iters", "10"]) == 0
     (run,) = glob.glob(str(runs / "*"))
-    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "20", "--cuda_graph"]) == 0
-    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "30", "--no_cuda_graph"]) == 0
+    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "20", "--cuda_graph_step"]) == 0
+    assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_iters", "30", "--no_cuda_graph_step"]) == 0
     ckpt = torch.load(os.path.join(run, "checkpoints", "it0000030.pt"), weights_only=False)
     assert ckpt["optimizer"]["param_groups"][0]["capturable"] is False
 
@@ -231,7 +231,7 @@ def test_a_ddp_training_step_never_waits_for_the_gpu(tmp_path):
     makes no host round-trip after warm-up: h0 is outside DDP's buckets, so find_unused_parameters is off."""
     import torch.distributed as tdist
     from lib import dist
-    from lib.train import make_optimizer, train_step
+    from lib.step import make_optimizer, train_step
     from test_models import small
     tdist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

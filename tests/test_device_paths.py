@@ -6,7 +6,8 @@ import torch
 from lib import UserError, check_torch
 from lib.data import load_splits
 from lib.layers import GRUStack
-from lib.train import hold_on_device, load_optimizer, make_optimizer
+from lib.step import load_optimizer, make_optimizer
+from lib.data import hold_on_device
 from test_models import small
 
 

@@ -18,14 +18,16 @@ import soundfile as sf
 import torch
 from hypothesis import given, settings, strategies as st
 
+import lib.sample
 import lib.train
 from conftest import RATE, REPO, run_main, speech
 from generate import main as generate_main
 from lib import WriteError, atomic_write
 from lib.prepare import main as prepare_main
 from lib.quantize import QTYPES, quantize
-from lib.report import read_metrics
-from lib.train import Interrupts, checkpoint_paths
+from lib.run import read_metrics
+from lib.run import checkpoint_paths
+from lib.stopping import Interrupts
 from test_train import SCRIPTS, final_params, losses, train
 
 SCRIPT_FILES = {"twotier": "two_tier.py", "baseline": "baseline.py"}
@@ -99,7 +101,8 @@ def test_ctrl_c_during_an_interval_end_stops_it_and_resume_equals_the_uninterrup
     """Evaluation and sampling can take minutes on a CPU: a signal stops them at once. Cut in the evaluation, the
     checkpoint saved says the interval's end is still to do; cut in the samples (after the interval's checkpoint),
     resume writes them. Either way the resumed run equals the uninterrupted one, samples included."""
-    real = getattr(lib.train, during)
+    where = lib.train if during == "evaluate" else lib.sample  # the interval's samples are drawn there
+    real = getattr(where, during)
 
     def ctrl_c_at_iteration_20(*a, **kw):
         if ctrl_c_at_iteration_20.calls == 1:  # the second interval's end (valid NLL, or its samples)
@@ -107,14 +110,14 @@ def test_ctrl_c_during_an_interval_end_stops_it_and_resume_equals_the_uninterrup
         ctrl_c_at_iteration_20.calls += 1
         return real(*a, **kw)
     ctrl_c_at_iteration_20.calls = 0
-    monkeypatch.setattr(lib.train, during, ctrl_c_at_iteration_20)
+    monkeypatch.setattr(where, during, ctrl_c_at_iteration_20)
     runs = tmp_path / "runs"
     assert run_main(SCRIPTS["twotier"], ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs)]) == 130
     (run_dir,) = glob.glob(f"{runs}/*")
     assert "interrupted at iteration 20; saved" in open(os.path.join(run_dir, "log.txt")).read()
     assert [r["iteration"] for r in read_metrics(run_dir)] == ([10] if during == "evaluate" else [10, 20])
 
-    monkeypatch.setattr(lib.train, during, real)
+    monkeypatch.setattr(where, during, real)
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
     straight = train(tmp_path, speech_wav, runs="straight")
     assert_same_run(run_dir, straight)
@@ -243,8 +246,8 @@ def test_a_gpu_run_resumed_where_there_is_no_cuda(tmp_path, speech_wav, capsys):
     made = json.load(open(os.path.join(run_dir, "settings.json")))
     for made_with, message in (({"precision": "bf16"}, "trains in bf16 (--precision), which is for CUDA: resume it "
                                                         "where there is a GPU"),
-                               ({"cuda_graph": True}, "--cuda_graph is for CUDA: no CUDA device here; add "
-                                                      "--no_cuda_graph to resume without it")):
+                               ({"cuda_graph": True}, "--cuda_graph_step is for CUDA: no CUDA device here; add "
+                                                      "--no_cuda_graph_step to resume without it")):
         torch.save(dict(ckpt, settings={**ckpt["settings"], **made_with}), path)  # as if made so on a GPU
         with open(os.path.join(run_dir, "settings.json"), "w") as f:  # where the run was made so too
             json.dump(dict(made, settings={**made["settings"], **made_with}), f)
@@ -254,7 +257,7 @@ def test_a_gpu_run_resumed_where_there_is_no_cuda(tmp_path, speech_wav, capsys):
         assert len(err) == 1 and message in err[0], err
         assert {f: os.path.getmtime(os.path.join(run_dir, "checkpoints", f))
                 for f in checkpoint_files(run_dir)} == before
-    argv = ["--resume", run_dir, "--device", "cpu", "--stop_iters", "20", "--no_cuda_graph"]
+    argv = ["--resume", run_dir, "--device", "cpu", "--stop_iters", "20", "--no_cuda_graph_step"]
     assert run_main(SCRIPTS["twotier"], argv) == 0
     assert_same_run(run_dir, train(tmp_path, speech_wav, *cpu, runs="straight"))
 
@@ -314,7 +317,7 @@ def test_non_finite_values_never_reach_a_checkpoint(tmp_path, speech_wav, capsys
     (["--lr", "0"], "--lr must be positive"), (["--grad_clip", "-1"], "--grad_clip must be >= 0"),
     (["--stop_time", "inf"], "--stop_time must be a finite number"), (["--ipcost", "nan"], "--ipcost"),
     (["--runs_dir", "FILE/runs"], "cannot create a run folder under --runs_dir"),
-    (["--device", "cpu", "--cuda_graph"], "--cuda_graph is for CUDA"),
+    (["--device", "cpu", "--cuda_graph_step"], "--cuda_graph_step is for CUDA"),
     (["--device", "cpu", "--precision", "bf16"], "--precision bf16 is for CUDA"),
 ])
 def test_bad_numbers_and_unwritable_runs_dir_are_refused(tmp_path, speech_wav, capsys, flags, message):

@@ -9,7 +9,7 @@ from lib import UserError
 from lib.data import ChunkBatches, eval_chunks
 from lib.quantize import q_zero
 from lib.sample import GumbelNoise
-from lib.train import chunk_loss, evaluate, train_step
+from lib.step import chunk_loss, evaluate, train_step
 from baseline import FlatGRU
 from two_tier import TwoTier
 
@@ -183,7 +183,7 @@ def test_evaluation_resets_between_clips_and_covers_whole_chunks():
 def test_sync_free_step_equals_the_plain_step():
     """The training step that keeps its sums on the device (fused Adam, one foreach norm) gives the losses, grad
     norms and parameters of the plain step it replaced (per-parameter norms, plain Adam), to float tolerance."""
-    from lib.train import make_optimizer
+    from lib.step import make_optimizer
     plain_model = small()
     fast_model = copy.deepcopy(plain_model)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
@@ -226,7 +226,7 @@ def test_first_layer_as_tables_equals_the_product(fs):
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
     for (name, a), b in zip(product.named_parameters(), tables.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
-    from lib.train import make_optimizer
+    from lib.step import make_optimizer
     product, tables = product.float(), tables.float()
     opts = [make_optimizer(m, 1e-3) for m in (product, tables)]
     h = [None, None]

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, run_main
 from generate import main as generate_main
 from lib.quantize import dequantize
-from lib.report import read_metrics
+from lib.run import read_metrics
 from test_faults import script, wait_for
 from test_train import SCRIPTS, final_params, losses, train
 

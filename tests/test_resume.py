@@ -68,14 +68,35 @@ def test_a_run_made_before_a_flag_existed_resumes_with_its_default(tmp_path, spe
     assert "precision" not in old["settings"] and "cuda_graph" not in old["settings"]
     run_dir = train(tmp_path, speech_wav, "--n_samples", "0", model="baseline")
     made = json.load(open(os.path.join(run_dir, "settings.json")))
-    for key in ("precision", "cuda_graph", "accept_changed_data"):  # as a run made before them
+    for key in ("precision", "cuda_graph_step", "accept_changed_data"):  # as a run made before them
         del made["settings"][key]
     with open(os.path.join(run_dir, "settings.json"), "w") as f:
         json.dump(made, f)
     shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # its settings are then the run's settings.json
     assert run_main(SCRIPTS["baseline"], ["--resume", run_dir, "--stop_iters", "30"]) == 0, capsys.readouterr().err
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "it0000030.pt"), weights_only=False)
-    assert ckpt["settings"]["precision"] == "tf32" and ckpt["settings"]["cuda_graph"] is False
+    assert ckpt["settings"]["precision"] == "tf32" and ckpt["settings"]["cuda_graph_step"] is False
+
+
+def test_a_run_saved_under_old_flag_names_resumes(tmp_path, speech_wav, capsys):
+    """--cuda_graph became --cuda_graph_step, and --test_on_best went: runs and checkpoints saved with them
+    resume, and their checkpoints are not mistaken for another run's."""
+    run_dir = train(tmp_path, speech_wav, "--n_samples", "0", "--stop_iters", "20")
+    for path in [os.path.join(run_dir, "settings.json")]:
+        made = json.load(open(path))
+        made["settings"]["cuda_graph"] = made["settings"].pop("cuda_graph_step")
+        made["settings"]["test_on_best"] = False
+        json.dump(made, open(path, "w"))
+    ckpt_path = os.path.join(run_dir, "checkpoints", "it0000020.pt")
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt["settings"]["cuda_graph"] = ckpt["settings"].pop("cuda_graph_step")
+    ckpt["settings"]["test_on_best"] = True
+    torch.save(ckpt, ckpt_path)
+    assert run_main(SCRIPTS["twotier"], ["--resume", run_dir, "--stop_iters", "30"]) == 0, capsys.readouterr().err
+    assert "skipped" not in capsys.readouterr().err
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "it0000030.pt"), weights_only=False)
+    assert ckpt["settings"]["cuda_graph_step"] is False and "cuda_graph" not in ckpt["settings"]
+    assert "test_on_best" not in ckpt["settings"]
 
 
 def test_a_second_process_on_a_training_run_is_refused_naming_the_first(tmp_path, speech_wav, capsys):

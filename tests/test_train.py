@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from conftest import RATE, run_main
-from lib.report import read_metrics
+from lib.run import read_metrics
 from baseline import main as baseline_main
 from generate import main as generate_main
 from two_tier import main as two_tier_main

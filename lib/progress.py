@@ -1,0 +1,122 @@
+"""What a run tells a person while it trains: a bar on a terminal (plain lines in a file), the measured speed and
+when the first interval and the end will come, and a warning when the budget would pass over the data many times."""
+import os
+import time
+
+from tqdm import tqdm
+
+SPEED_STEPS = 5  # the speed line comes after this many steps (the first step, a warm-up, is not counted)
+RECHECK_STEPS = 50  # ... and is said again, measured over this many more, if it was off by over 1.5x
+PROGRESS_SECS = 300  # without a terminal, a plain progress line this often (wall seconds)
+PASSES_WARNING = 20  # warn when the budget would pass over the train split more often than this
+
+
+def training_left(args, state, secs_per_it):
+    """Seconds of training left in the run's budget (--stop_time, and --stop_iters at this speed)."""
+    left = args.stop_time * 3600 - state["train_secs"]
+    if args.stop_iters:
+        left = min(left, (args.stop_iters - state["iteration"]) * secs_per_it)
+    return max(0.0, left)
+
+
+class Progress:
+    """How far the run is toward the budget that stops it: iterations when --stop_iters is given, else training
+    time. On a terminal a tqdm bar; otherwise (a file, nohup) a plain line every PROGRESS_SECS. Once, after the
+    first few steps, a line with the measured speed and when the first interval and the end will come."""
+
+    def __init__(self, args, state, log, device, samples_per_step, shown=True):
+        self.args, self.log, self.device, self.samples_per_step = args, log, device, samples_per_step
+        self.by_iters = bool(args.stop_iters)
+        disable = None if shown else True  # None: shown on a terminal
+        if self.by_iters:
+            self.bar = tqdm(total=args.stop_iters, initial=state["iteration"], unit="it", disable=disable,
+                            dynamic_ncols=True)
+        else:
+            self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=disable,
+                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                                                           "[{elapsed}<{remaining}{postfix}]")
+        self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
+        self.spoken, self.rechecked = None, False
+
+    def step(self, state, interval, step_secs, synced=True):
+        """synced: whether the loop waited for the device at this step. Steps are timed from the first such wait
+        (on the CPU, every step; the first step warms up: allocations, kernels), and the speed line comes at a
+        wait, so that on CUDA it counts the steps' work, not only their launches."""
+        if self.timing:
+            self.timed_secs += step_secs
+            self.timed_steps += 1
+        self.timing = self.timing or synced
+        secs_per_it = self.timed_secs / max(1, self.timed_steps)
+        if not self.spoken and synced and self.timed_steps >= SPEED_STEPS:
+            self.spoken = (self.timed_steps, self.timed_secs, secs_per_it)
+            self.speed_line(state, interval, secs_per_it)
+        elif self.spoken and not self.rechecked and synced and self.timed_steps >= self.spoken[0] + RECHECK_STEPS:
+            # the first steps can be far slower than the rest (allocations, caches, compilation): said again if so
+            self.rechecked = True
+            steps, secs, said = self.spoken
+            recent = (self.timed_secs - secs) / (self.timed_steps - steps)
+            if not 1 / 1.5 < recent / said < 1.5:
+                self.speed_line(state, interval, recent,
+                                f"speed over the last {self.timed_steps - steps} steps (the first were "
+                                f"{said / recent:.1f}x {'slower' if said > recent else 'faster'})")
+        self.bar.update(1 if self.by_iters else step_secs)
+        if synced and not self.bar.disable:  # the loop has just waited for the device: reading the sum is free
+            self.bar.set_postfix(bits=f"{float(interval['bits']) / interval['steps']:.3f}", refresh=False)
+        if self.bar.disable and time.time() - self.last_line >= PROGRESS_SECS:
+            self.last_line = time.time()
+            left = training_left(self.args, state, secs_per_it)
+            self.log(f"progress: iteration {state['iteration']:,}, {state['train_secs'] / 3600:.3f} h of training | "
+                     f"{secs_per_it:.3f} s per iteration | train {float(interval['bits']) / interval['steps']:.3f} bits/sample "
+                     f"since the last interval | {duration(left)} of training left")
+
+    def secs_per_it(self):
+        return self.timed_secs / self.timed_steps if self.timed_steps else None
+
+    def speed_line(self, state, interval, secs_per_it, what="speed"):
+        args = self.args
+        if args.print_iters:
+            to_interval = (args.print_iters - state["iteration"] % args.print_iters) % args.print_iters * secs_per_it
+        else:
+            to_interval = args.print_time - interval["secs"]
+        to_end = training_left(args, state, secs_per_it)
+        to_interval = min(to_interval, to_end)
+        self.log(f"{what}: {secs_per_it:.3f} s per iteration ({self.samples_per_step / secs_per_it:,.0f} samples/s); "
+                 f"the first interval (valid NLL, checkpoint, samples) in about {duration(to_interval)} of training "
+                 f"({clock(to_interval)}), the end of the run in about {duration(to_end)} ({clock(to_end)})")
+        if self.device.type == "cpu" and to_interval > 600 and what == "speed":
+            self.log("note: this model is sized for a GPU. On a CPU, --preset tiny runs in seconds, and "
+                     "--dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something in minutes")
+
+    def close(self):
+        self.bar.close()
+
+
+def warn_of_many_passes(args, state, interval, clips_per_step, chunks_per_epoch, log):
+    """Once, at the first interval: the passes over the train split that the budget means at the measured speed."""
+    secs_per_it = interval["secs"] / interval["steps"]
+    iters = state["iteration"] + training_left(args, state, secs_per_it) / secs_per_it
+    passes = iters * clips_per_step / chunks_per_epoch
+    if passes > PASSES_WARNING:
+        log(f"warning: at this speed the run's budget passes over the train split about {passes:,.0f} times; "
+            f"expect it to overfit (checkpoints/best.pt keeps the best valid NLL; --patience stops early). "
+            f"README's \"Bigger data\" shows how to train on more audio")
+
+
+def duration(secs):
+    return f"{secs:.1f} s" if secs < 10 else f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} min" if secs < 7200 else f"{secs / 3600:.1f} h"
+
+
+def clock(secs_from_now):
+    """The wall-clock time in secs_from_now seconds, e.g. 'at 14:05' or 'at 09:30 on Fri 27 Nov'."""
+    then = time.localtime(time.time() + secs_from_now)
+    same_day = time.strftime("%Y%m%d", then) == time.strftime("%Y%m%d")
+    return "at " + time.strftime("%H:%M" if same_day else "%H:%M on %a %d %b", then)
+
+
+def rss_mb():
+    """Resident memory of this process now (MB), from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 1)
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -1,0 +1,137 @@
+"""The training flags: their defaults and help, presets, what a resumed run takes from its folder and what a
+session may change, the checks that refuse bad values with one line, and the device, chosen once."""
+import argparse
+import math
+import os
+
+import torch
+
+from lib import ArgumentParser, UserError, dist
+from lib.data import DEFAULT_DATA
+from lib.quantize import NORMS, QTYPES, check_q_levels
+from lib.run import RESUMABLE, load_latest_checkpoint, read_run_settings, upgraded
+from lib.step import PRECISIONS
+
+SCRIPTS = {"twotier": "two_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
+
+
+def add_training_args(p, presets):
+    g = p.add_argument_group("data and quantization")
+    g.add_argument("--data", default=DEFAULT_DATA, help="folder made by python -m lib.prepare, or one audio file")
+    g.add_argument("--clip_secs", type=float, default=8.0, help="clip length (seconds) when --data is one file")
+    g.add_argument("--q_levels", type=int, default=256, help="quantization levels (even, 2..65536)")
+    g.add_argument("--qtype", default="linear", choices=QTYPES, help="quantization type")
+    g.add_argument("--zero_dc", action="store_true", help="subtract each clip's mean before quantizing")
+    g.add_argument("--norm", default="none", choices=NORMS, help="'minmax': stretch each clip to [-1, 1] (original)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch_size", type=int, default=128,
+                   help="clips per batch (per process under torchrun: the global batch is N times this)")
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip each gradient element to [-c, c] (0 = off)")
+    g.add_argument("--seed", type=int, default=123, help="seed of the init, the data order and the samples")
+    g = p.add_argument_group("budget, cadence and runs")
+    g.add_argument("--stop_time", type=float, default=12.0, help="stop after this much training time (hours)")
+    g.add_argument("--stop_iters", type=int, default=0, help="stop after this many iterations (0 = no limit)")
+    g.add_argument("--print_time", type=float, default=3600.0,
+                   help="log, evaluate, checkpoint and sample every this much training time (seconds)")
+    g.add_argument("--print_iters", type=int, default=0, help="... or every this many iterations (overrides "
+                   "--print_time when > 0)")
+    g.add_argument("--valid_clips", type=int, default=0, help="evaluate valid NLL on this many clips (0 = all)")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop when valid NLL has not improved for this many intervals (0 = off: a run spends its "
+                        "whole budget, and checkpoints/best.pt keeps the best weights anyway)")
+    g.add_argument("--keep_checkpoints", type=int, default=0,
+                   help="keep only the newest K interval checkpoints (and best.pt) (default: 0, keep every one)")
+    g.add_argument("--n_samples", type=int, default=4, help="sequences generated at every interval")
+    g.add_argument("--sample_secs", type=float, default=4.0, help="length of each generated sequence (seconds)")
+    g.add_argument("--name", default=None, help="tag in the run name {model}_{tag}_{unixtime} (default from flags)")
+    g.add_argument("--runs_dir", default="runs", help="folder that holds the run folders")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    g.add_argument("--precision", default="tf32", choices=PRECISIONS,
+                   help="matrix products on CUDA: fp32, tf32 (fp32 storage, TF32 tensor cores), or bf16 autocast "
+                        "(weights, optimizer state and loss stay fp32); the CPU always computes in fp32")
+    g.add_argument("--cuda_graph_step", action="store_true",
+                   help="on CUDA, capture the training step as CUDA graphs and replay them (lib/cuda_graph.py); off "
+                        "until measured and checked on a GPU (tests/test_cuda.py); not with torchrun")
+    g.add_argument("--no_cuda_graph_step", dest="cuda_graph_step", action="store_false", default=argparse.SUPPRESS,
+                   help="turn --cuda_graph_step off, e.g. to resume such a run where there is no CUDA (default: off)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads of torch; 0 = torch's default (one per core)")
+    g.add_argument("--preset", default=None, choices=sorted(presets),
+                   help="named set of defaults that flags given after it still override: " +
+                   "; ".join(f"{name} = " + " ".join(f"--{k} {v}" for k, v in values.items())
+                             for name, values in sorted(presets.items())))
+    g.add_argument("--dry_run", action="store_true", help="print the settings and parameter count, then exit")
+    g.add_argument("--accept_changed_data", action="store_true",
+                   help="with --resume: train on, although the data differs from what the run was trained on")
+
+
+def build_parser(script, doc, add_model_args, presets):
+    parser = ArgumentParser(prog=f"python {script}", description=doc)
+    add_model_args(parser)
+    add_training_args(parser, presets)
+    return parser
+
+
+def parse_settings(model_id, parser, presets, argv):
+    """Resolved flags: defaults < preset < command line; on --resume, the run's settings < command line.
+    -> (args, resumed): resumed is None for a new run, else (checkpoint path, checkpoint), both None for a run
+    killed before its first checkpoint (it starts again from iteration 0 in its own folder)."""
+    first, _ = parser.parse_known_args(argv)
+    if first.resume is None:
+        if first.preset:
+            parser.set_defaults(**presets[first.preset])
+        args = parser.parse_args(argv)
+        args.data = os.path.abspath(args.data)  # recorded so: the report and --resume find it from any folder
+        return args, None
+    run = read_run_settings(first.resume)
+    found = load_latest_checkpoint(first.resume, "resuming from")
+    ckpt_path, ckpt = found or (None, None)
+    saved_id, saved = (ckpt["model_id"], ckpt["settings"]) if ckpt else (run["model_id"], run["settings"])
+    if saved_id != model_id:
+        raise UserError(f"{first.resume} is a {saved_id} run, not {model_id}: resume it with "
+                        f"{SCRIPTS.get(saved_id, 'the script that made it')}")
+    # a flag added after the run was made takes its default (what the run did without it)
+    saved = {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **upgraded(saved)}
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
+    changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]
+    if changed:
+        raise UserError(f"--{changed[0]} cannot change when resuming (the run has {saved.get(changed[0])!r}); "
+                        f"only {', '.join('--' + k for k in sorted(RESUMABLE - {'resume'}))} can")
+    args.data = os.path.abspath(args.data)
+    args.accept_changed_data = first.accept_changed_data  # this session's word only: never carried to the next
+    return args, (ckpt_path, ckpt)
+
+
+def check_settings(args):
+    check_q_levels(args.q_levels, args.qtype)
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number (got {value})")
+    positive = {"batch_size": args.batch_size, "lr": args.lr, "stop_time": args.stop_time,
+                "print_time": args.print_time, "clip_secs": args.clip_secs}
+    for name, value in positive.items():
+        if not value > 0:
+            raise UserError(f"--{name} must be positive (got {value})")
+    for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs", "threads",
+                 "patience", "keep_checkpoints"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    no_cuda = choose_device(args.device).type != "cuda"
+    if args.precision == "bf16" and no_cuda:
+        raise UserError("this run trains in bf16 (--precision), which is for CUDA: resume it where there is a GPU"
+                        if args.resume else
+                        "--precision bf16 is for CUDA; on the CPU use fp32 (the default tf32 means fp32 there)")
+    if args.cuda_graph_step and no_cuda:
+        raise UserError("--cuda_graph_step is for CUDA: no CUDA device here; " +
+                        ("add --no_cuda_graph_step to resume without it" if args.resume else "leave it out"))
+    if args.cuda_graph_step and dist.world_size() > 1:
+        raise UserError("--cuda_graph_step does not work with torchrun yet: leave it out")
+
+
+def choose_device(flag):
+    """--device auto|cpu|cuda -> the torch device (auto: cuda when available); cuda where there is none is one
+    line. Under torchrun, lib.dist.setup picks this process's GPU."""
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    return torch.device("cuda" if flag != "cpu" and torch.cuda.is_available() else "cpu")
