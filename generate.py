@@ -1,4 +1,4 @@
-"""Generate audio from a trained run (two-tier or baseline).
+"""Generate audio from a trained run (two-tier, three-tier or baseline).
 
     python generate.py runs/twotier_fs2_nf64_1795621319 --n 8 --secs 5
     python generate.py runs/twotier_fs2_nf64_1795621319/checkpoints/it0003000.pt --prime speech.wav --plot_softmax
@@ -22,6 +22,7 @@ import soxr
 import torch
 
 import baseline
+import three_tier
 import two_tier
 from lib import ArgumentParser, UserError, WriteError, check_torch, run_script
 from lib.audio import read_mono, write_wav
@@ -32,7 +33,7 @@ from lib.run import load_checkpoint, load_latest_checkpoint, read_run_settings
 from lib.settings import choose_device
 from lib.step import set_precision
 
-SCRIPTS = {two_tier.MODEL_ID: two_tier, baseline.MODEL_ID: baseline}
+SCRIPTS = {m.MODEL_ID: m for m in (two_tier, three_tier, baseline)}
 MAX_FILES = 100_000  # per call: every path is named before the first is written
 MAX_SECS = 24 * 3600.0  # per sequence: a day of audio (16 kHz: 1.4 M samples, 11 MB of levels per sequence)
 

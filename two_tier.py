@@ -35,19 +35,26 @@ PRESETS = {  # each preset holds only the values it changes
 
 
 class FrameLevelRNN(nn.Module):
-    """GRU stack over frames of FS reals in [-2, 2]; one conditioning vector per sample of the next frame."""
+    """GRU stack over frames of FS reals in [-2, 2]; one conditioning vector per sample of the next frame.
+    (three_tier.py uses it for two tiers: `per_frame` vectors per frame for the tier below, and `conditioned`,
+    where the frames enter through a linear map to dim plus the conditioning of the tier above.)"""
 
-    def __init__(self, frame_size, dim, n_rnn, q_levels):
+    def __init__(self, frame_size, dim, n_rnn, q_levels, per_frame=None, conditioned=False):
         super().__init__()
         self.frame_size, self.dim, self.q_levels = frame_size, dim, q_levels
-        self.rnn = GRUStack(frame_size, dim, n_rnn)
-        self.to_cond = linear(dim, frame_size * dim)
+        self.inp = linear(frame_size, dim) if conditioned else None
+        self.rnn = GRUStack(dim if conditioned else frame_size, dim, n_rnn)
+        self.to_cond = linear(dim, (per_frame or frame_size) * dim)
 
-    def forward(self, frames, h):
-        """frames (B, F, FS) int levels, h (n_rnn, B, dim) or None
-        -> cond (B, F*FS, dim): cond[:, f*FS + j] is for sample j of frame f+1; out (B, F, dim); h."""
-        out, h = self.rnn(to_reals(frames, self.q_levels).to(self.rnn.h0.dtype), h)  # (B, F, dim)
-        cond = self.to_cond(out).reshape(out.shape[0], -1, self.dim)  # (B, F*FS, dim)
+    def forward(self, frames, h, above=None):
+        """frames (B, F, FS) int levels, h (n_rnn, B, dim) or None[, above (B, F, dim): the tier above's
+        conditioning of each frame] -> cond (B, F*FS, dim): cond[:, f*FS + j] is for sample j of frame f+1;
+        out (B, F, dim); h."""
+        x = to_reals(frames, self.q_levels).to(self.rnn.h0.dtype)
+        if self.inp is not None:
+            x = self.inp(x) + above
+        out, h = self.rnn(x, h)  # (B, F, dim)
+        cond = self.to_cond(out).reshape(out.shape[0], -1, self.dim)  # (B, F*per_frame, dim)
         return cond, out, h
 
 

@@ -32,11 +32,14 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import baseline
+import three_tier
 import two_tier
 from lib import ArgumentParser
 from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
 from lib.sample import BACKENDS, default_backend, generate
 from lib.settings import choose_device
+
+SCRIPTS = {m.MODEL_ID: m for m in (two_tier, three_tier, baseline)}
 from lib.step import PRECISIONS, backward, make_optimizer, set_precision, train_step
 
 
@@ -49,9 +52,25 @@ def flops_per_sample(model):
         per_frame += 2 * dim * fs * dim  # conditioning projection
         per_sample = fs * dim + 2 * 2 * dim * dim + 2 * dim * q  # table lookup-sum, 2 hidden, output
         return per_frame / fs + per_sample
+    if isinstance(model, three_tier.ThreeTier):
+        return three_tier_flops(model)
     gru = model.rnn.gru
     dim, n_in = gru.hidden_size, gru.input_size
     return sum(2 * 3 * dim * ((n_in if k == 0 else dim) + dim) for k in range(gru.num_layers)) + 2 * dim * model.q_levels
+
+
+def gru_dim(model):
+    return model.frame_rnn.rnn.gru.hidden_size
+
+
+def three_tier_flops(model):
+    """Multiply-adds x 2 per sample of the three-tier model's fast path: the big tier once per big frame, the
+    frame tier once per frame, the MLP (first layer as table lookups) once per sample."""
+    bfs, fs, q, dim = model.big_frame_size, model.frame_size, model.q_levels, gru_dim(model)
+    layers = model.big_rnn.rnn.gru.num_layers
+    big = sum(2 * 3 * dim * ((bfs if k == 0 else dim) + dim) for k in range(layers)) + 2 * dim * (bfs // fs) * dim
+    frame = 2 * fs * dim + sum(2 * 3 * dim * (dim + dim) for k in range(layers)) + 2 * dim * fs * dim
+    return big / bfs + frame / fs + fs * dim + 2 * 2 * dim * dim + 2 * dim * q
 
 
 def training_flops(model):
@@ -64,6 +83,9 @@ def training_flops(model):
         per_frame = gru([fs] + [dim] * (rnn.num_layers - 1), dim) + 2 * dim * fs * dim
         per_frame += 2 * dim * fs * q if model.ip_head is not None else 0
         forward = per_frame / fs + 2 * fs * emb * dim + 2 * 2 * dim * dim + 2 * dim * q
+    elif isinstance(model, three_tier.ThreeTier):  # the first layer as a product in training
+        emb = model.sample_mlp.embed.embedding_dim
+        forward = three_tier_flops(model) - model.frame_size * gru_dim(model) + 2 * model.frame_size * emb * gru_dim(model)
     else:
         rnn = model.rnn.gru
         forward = gru([rnn.input_size] + [rnn.hidden_size] * (rnn.num_layers - 1), rnn.hidden_size)
@@ -117,7 +139,7 @@ def read_bandwidth(nbytes, threads):
 
 def build(args, seq_len):
     """The model as its script builds it (its build_model, its defaults), with this benchmark's flags over them."""
-    script = two_tier if args.model == "twotier" else baseline
+    script = SCRIPTS[args.model]
     parser = argparse.ArgumentParser()
     script.add_model_args(parser)
     flags = vars(parser.parse_args([]))
@@ -144,9 +166,12 @@ def samples_per_sec(model, batch, paths, repeats):
 def bench_generate(args):
     device = choose_device(args.device)
     torch.manual_seed(0)
-    model = build(args, 16 * args.frame_size if args.model == "twotier" else 128)  # the chunk: no matter here
+    model = build(args, 16 * args.big_frame_size)  # the chunk: no matter here
     if args.model == "twotier":
         config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs"
+    elif args.model == "threetier":
+        config = f"three-tier dim {args.dim}, big frames {args.big_frame_size}, frames {args.frame_size}, " \
+                 f"{args.n_rnn} GRUs per tier"
     else:
         config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}"
     model.to(device).eval()
@@ -171,6 +196,7 @@ def bench_generate(args):
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
         backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
+        backends = [b for b in backends if b in getattr(model, "backends", BACKENDS)]
         paths = {"reference": (max(1, length // args.ref_fraction), dict(fast=False))}
         paths.update({backend: (length, dict(backend=backend, cuda_graph=False)) for backend in backends})
         if device.type == "cuda":
@@ -212,10 +238,14 @@ def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
 def bench_train(args):
     device = choose_device(args.device)
     torch.manual_seed(0)
-    model = build(args, args.seq_len or (64 * args.frame_size if args.model == "twotier" else 128))
+    default_len = {"twotier": 64 * args.frame_size, "threetier": 64 * args.big_frame_size, "baseline": 128}
+    model = build(args, args.seq_len or default_len[args.model])
     if args.model == "twotier":
         config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs, " \
                  f"{model.seq_len // args.frame_size} frames"
+    elif args.model == "threetier":
+        config = f"three-tier dim {args.dim}, big frames {args.big_frame_size}, frames {args.frame_size}, " \
+                 f"{args.n_rnn} GRUs per tier, seq_len {model.seq_len}"
     else:
         config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}, seq_len {model.seq_len}"
     model.to(device).train()
@@ -281,9 +311,10 @@ def bench_train(args):
 def build_parser():
     p = ArgumentParser(prog="python -m lib.bench", description=__doc__)
     p.add_argument("what", choices=["generate", "train"], help="what to measure")
-    p.add_argument("--model", default="twotier", choices=["twotier", "baseline"], help="which model")
+    p.add_argument("--model", default="twotier", choices=sorted(SCRIPTS), help="which model")
     p.add_argument("--dim", type=int, default=1024, help="width of the GRUs (and of the two-tier's MLP)")
-    p.add_argument("--frame_size", type=int, default=2, help="two-tier frame size (samples)")
+    p.add_argument("--frame_size", type=int, default=2, help="frame size of the two- and three-tier models (samples)")
+    p.add_argument("--big_frame_size", type=int, default=8, help="the three-tier model's big frame size (samples)")
     p.add_argument("--n_rnn", type=int, default=3, help="stacked GRUs")
     p.add_argument("--emb_size", type=int, default=256, help="embedding size")
     p.add_argument("--input", default="reals", choices=["reals", "embed"], help="the baseline's input")

@@ -1,4 +1,4 @@
-"""Sampling, shared by both models, generate.py and the training loop's samples (one sampler, not two).
+"""Sampling, shared by every model, generate.py and the training loop's samples (one sampler, not two).
 
 Each sample is argmax(logits / temperature + Gumbel noise), an exact draw from the softmax. The noise comes
 from one seeded generator in fixed blocks (`GumbelNoise`), so any way of walking the steps (the plain
@@ -76,7 +76,10 @@ def default_backend(model, n):
     if next(model.parameters()).device.type != "cpu":
         return "torch"
     small = sum(p.numel() for p in model.parameters()) < 2_000_000
-    return "numba" if n == 1 or (n < 8 and small) else "torch"
+    if not (n == 1 or (n < 8 and small)):
+        return "torch"
+    # a model without a compiled step says so; numpy then (at batch 1 twice torch's speed, notes/performance.md)
+    return "numba" if "numba" in getattr(model, "backends", BACKENDS) else "numpy"
 
 
 def array_module(backend):

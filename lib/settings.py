@@ -12,7 +12,7 @@ from lib.quantize import NORMS, QTYPES, check_q_levels
 from lib.run import RESUMABLE, load_latest_checkpoint, read_run_settings, upgraded
 from lib.step import PRECISIONS
 
-SCRIPTS = {"twotier": "two_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
+SCRIPTS = {"twotier": "two_tier.py", "threetier": "three_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
 
 
 def add_training_args(p, presets):

@@ -1,5 +1,5 @@
 """The objective and one update: the loss of a chunk, its gradients, the Adam step, the evaluation NLL, and the
-precision they run in. Both models, the training loop, the CUDA-graph step and the benchmarks call these.
+precision they run in. Every model, the training loop, the CUDA-graph step and the benchmarks call these.
 
 A model answers `model(x, h) -> (logits, h, aux)` on a (B, overlap + seq_len) chunk of int levels, where
 logits[:, t] predicts x[:, overlap + t]; it has attributes `overlap`, `seq_len`, `q_levels`."""

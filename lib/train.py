@@ -1,4 +1,4 @@
-"""The training loop both models share: two_tier.py and baseline.py call train_main with their model.
+"""The training loop every model shares: two_tier.py, three_tier.py and baseline.py call train_main with theirs.
 
 One session: read the settings (lib/settings.py), build the model, set up the data, the device and the run folder
 (lib/run.py), then loop: draw a batch, step (lib/step.py), account; at an interval's end evaluate, save a

@@ -17,16 +17,19 @@ import lib.report
 import lib.progress
 import lib.settings
 import lib.train
+import three_tier
 import two_tier
 from conftest import REPO, run_main
 from test_train import train
 
-MAINS = {"two_tier.py": two_tier.main, "baseline.py": baseline.main, "generate.py": generate.main,
+MAINS = {"two_tier.py": two_tier.main, "three_tier.py": three_tier.main, "baseline.py": baseline.main, "generate.py": generate.main,
          "lib.prepare": lib.prepare.main, "lib.bench": lib.bench.main, "lib.download": lib.download.main,
          "lib.report": lib.report.main}
 PARSERS = {
     "two_tier.py": lambda: lib.settings.build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS),
     "baseline.py": lambda: lib.settings.build_parser("baseline.py", "", baseline.add_model_args, baseline.PRESETS),
+    "three_tier.py": lambda: lib.settings.build_parser("three_tier.py", "", three_tier.add_model_args,
+                                                       three_tier.PRESETS),
     "generate.py": generate.build_parser, "lib.prepare": lib.prepare.build_parser, "lib.bench": lib.bench.build_parser,
     "lib.download": lib.download.build_parser, "lib.report": lib.report.build_parser,
 }

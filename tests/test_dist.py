@@ -13,9 +13,8 @@ import torch
 
 from conftest import REPO
 
-SCRIPT_FILES = {"twotier": "two_tier.py", "baseline": "baseline.py"}
-TINY = {"twotier": ["--preset", "tiny"],
-        "baseline": ["--preset", "tiny"]}
+SCRIPT_FILES = {"twotier": "two_tier.py", "baseline": "baseline.py", "threetier": "three_tier.py"}
+TINY = {model: ["--preset", "tiny"] for model in SCRIPT_FILES}
 
 
 def command(model, nproc, argv):
@@ -45,7 +44,7 @@ def checkpoint(tmp_path, name, it):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.parametrize("model", ["twotier", "baseline"])
+@pytest.mark.parametrize("model", ["twotier", "baseline", "threetier"])
 def test_two_ranks_of_batch_b_train_as_one_of_batch_2b(model, tmp_path):
     argv = TINY[model] + ["--stop_iters", "4", "--print_iters", "2", "--n_samples", "0"]
     p = train(model, 2, argv + ["--batch_size", "4", "--name", "two"], tmp_path)

@@ -1,4 +1,4 @@
-"""Both models: shapes, causality, the loss at initialization, sampler == teacher forcing; TBPTT mechanics."""
+"""Every model: shapes, causality, the loss at initialization, sampler == teacher forcing; TBPTT mechanics."""
 import copy
 import math
 
@@ -11,6 +11,7 @@ from lib.quantize import q_zero
 from lib.sample import GumbelNoise
 from lib.step import chunk_loss, evaluate, train_step
 from baseline import FlatGRU
+from three_tier import ThreeTier
 from two_tier import TwoTier
 
 Q = 256
@@ -21,6 +22,11 @@ def small(fs=2, n_frames=8, **kw):
     return TwoTier(frame_size=fs, n_frames=n_frames, dim=32, n_rnn=2, emb_size=8, q_levels=Q, **kw)
 
 
+def three(bfs=4, fs=2, seq_len=16):
+    torch.manual_seed(0)
+    return ThreeTier(big_frame_size=bfs, frame_size=fs, seq_len=seq_len, dim=32, n_rnn=2, emb_size=8, q_levels=Q)
+
+
 def flat(input="reals", seq_len=16):
     torch.manual_seed(0)
     return FlatGRU(dim=32, n_rnn=2, q_levels=Q, input=input, emb_size=8, seq_len=seq_len)
@@ -29,7 +35,8 @@ def flat(input="reals", seq_len=16):
 # every model the repository trains, as (name, factory): the contract tests run on each
 MODELS = [("twotier_fs1", lambda: small(fs=1, n_frames=8)), ("twotier_fs2", lambda: small(fs=2, n_frames=4)),
           ("twotier_fs4", lambda: small(fs=4, n_frames=4)), ("baseline_reals", lambda: flat("reals")),
-          ("baseline_embed", lambda: flat("embed"))]
+          ("baseline_embed", lambda: flat("embed")), ("threetier_bfs4_fs2", lambda: three(4, 2)),
+          ("threetier_bfs8_fs2", lambda: three(8, 2)), ("threetier_bfs4_fs1", lambda: three(4, 1, seq_len=8))]
 
 
 def test_shapes():
@@ -39,6 +46,45 @@ def test_shapes():
     assert logits.shape == (3, 20, Q)
     assert h.shape == (2, 3, 32)
     assert aux.shape == () and aux.item() > 0
+
+
+def test_three_tier_shapes():
+    model = three(8, 2, seq_len=24)
+    logits, h, aux = model(torch.randint(Q, (3, 8 + 24)))
+    assert logits.shape == (3, 24, Q) and h.shape == (4, 3, 32) and aux.item() == 0  # both stacks' 2 layers
+
+
+@pytest.mark.parametrize("bfs, fs", [(4, 2), (8, 2), (4, 1)])
+def test_the_big_tier_sees_only_whole_big_frames_that_ended_before(bfs, fs):
+    """The frame tier's input from the big tier for frame k (the `above` it is given) changes with sample p only
+    when frame k starts after the big frame that holds p has ended: whole big frames, never a part of one."""
+    model = three(bfs, fs, seq_len=4 * bfs).eval()
+    T, R = model.seq_len, bfs // fs
+    seen = {}
+    model.frame_rnn.register_forward_pre_hook(lambda module, args: seen.__setitem__("above", args[2]))
+    seq = torch.randint(Q, (2, bfs + T), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(seq)
+        base = seen["above"]
+        for p in range(bfs + T):
+            changed = seq.clone()
+            changed[:, p] = (changed[:, p] + Q // 2) % Q
+            model(changed)
+            first = (p // bfs) * R  # frame k starts at BFS + k*FS: the first frame after p's big frame ends
+            assert torch.equal(seen["above"][:, :first], base[:, :first]), p
+            if first < T // fs:
+                assert not torch.allclose(seen["above"][:, first], base[:, first]), p
+
+
+def test_three_tier_bad_geometry_is_one_line():
+    import argparse
+    from three_tier import build_model
+    flags = dict(big_frame_size=8, frame_size=2, seq_len=512, dim=8, n_rnn=1, emb_size=4, q_levels=Q)
+    for change, message in [(dict(big_frame_size=6, frame_size=4), "--big_frame_size 6 must be a multiple of"),
+                            (dict(seq_len=100), "--seq_len 100 must be a multiple of --big_frame_size 8"),
+                            (dict(frame_size=0), "--frame_size must be at least 1")]:
+        with pytest.raises(UserError, match=message):
+            build_model(argparse.Namespace(**{**flags, **change}))
 
 
 def test_baseline_shapes():
@@ -89,8 +135,8 @@ def test_the_carried_hidden_state_links_chunks(name, make):
     model = make().eval()
     fs, T = model.overlap, model.seq_len
     seq = torch.randint(Q, (2, fs + 2 * T), generator=torch.Generator().manual_seed(5))
-    changed = seq.clone()
-    changed[:, fs + T // 2] = (changed[:, fs + T // 2] + Q // 2) % Q  # in chunk 1, not in chunk 2's overlap
+    changed, p = seq.clone(), min(fs + T // 2, T - 1)  # in chunk 1, not in chunk 2 (it starts at T)
+    changed[:, p] = (changed[:, p] + Q // 2) % Q
     with torch.no_grad():
         def chunk2(s, carry):
             _, h, _ = model(s[:, :fs + T])

@@ -11,7 +11,9 @@ import torch
 from baseline import FlatGRU, main as baseline_main
 from conftest import RATE, run_main
 from generate import main as generate_main
+from lib import UserError
 from lib.sample import BACKENDS, generate
+from three_tier import ThreeTier, main as three_tier_main
 from two_tier import TwoTier, main as two_tier_main
 
 Q = 256
@@ -25,12 +27,16 @@ def model(kind, dtype=torch.float64):
     torch.manual_seed(0)
     if kind.startswith("twotier"):
         m = TwoTier(frame_size=int(kind[-1]), n_frames=4, dim=32, n_rnn=2, emb_size=8, q_levels=Q)
+    elif kind.startswith("threetier"):  # threetier_bfs4_fs2
+        bfs, fs = (int(part[-1]) for part in kind.split("_")[1:])
+        m = ThreeTier(big_frame_size=bfs, frame_size=fs, seq_len=4 * bfs, dim=32, n_rnn=2, emb_size=8, q_levels=Q)
     else:
         m = FlatGRU(dim=32, n_rnn=2, q_levels=Q, input=kind.split("_")[1], emb_size=8, seq_len=16)
     return m.to(dtype).eval()
 
 
-KINDS = ["twotier_fs1", "twotier_fs2", "twotier_fs3", "baseline_reals", "baseline_embed"]
+KINDS = ["twotier_fs1", "twotier_fs2", "twotier_fs3", "baseline_reals", "baseline_embed", "threetier_bfs4_fs2",
+         "threetier_bfs8_fs2", "threetier_bfs4_fs1"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -40,6 +46,10 @@ def test_fast_path_equals_reference(kind, temperature, primed, backend):
     """Same seed -> exactly the same integer samples, from the fast step compiled, on numpy and on torch (as on a
     GPU). In float64, so that the paths' different (but equally correct) rounding cannot move a Gumbel argmax."""
     m = model(kind)
+    if backend not in getattr(m, "backends", BACKENDS):
+        with pytest.raises(UserError, match=f"--backend {backend}: the three-tier model samples with"):
+            generate(m, 3, 77, seed=11, backend=backend)
+        return
     prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3)) if primed else None
     ref = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=False)
     fast = generate(m, 3, 77, seed=11, temperature=temperature, prime=prime, fast=True, backend=backend)
@@ -124,6 +134,8 @@ def test_compiled_step_threads_stop(torch_threads):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recorded_logits_are_the_first_sequences(kind, backend):
     m = model(kind)
+    if backend not in getattr(m, "backends", BACKENDS):
+        pytest.skip(f"{kind} has no {backend} step (test_fast_path_equals_reference checks the refusal)")
     levels, logits = generate(m, 2, 30, seed=1, record=True, backend=backend)
     ref_levels, ref_logits = generate(m, 2, 30, seed=1, record=True, fast=False)
     assert torch.equal(levels, ref_levels) and logits.shape == (30, Q)
@@ -137,6 +149,8 @@ REGRESSION = {
                     [93, 84, 203, 254, 184, 179, 122, 229, 202, 61, 228, 77, 74, 36, 23, 145]],
     "baseline_embed": [[136, 151, 221, 80, 143, 87, 213, 248, 209, 154, 220, 123, 226, 184, 102, 138],
                        [96, 196, 113, 214, 184, 87, 122, 9, 207, 61, 228, 77, 74, 36, 231, 145]],
+    "threetier_bfs4_fs2": [[44, 110, 221, 80, 143, 87, 213, 248, 209, 154, 220, 142, 133, 184, 102, 112],
+                           [235, 196, 113, 214, 184, 179, 122, 162, 207, 61, 228, 77, 74, 36, 231, 145]],
 }
 
 
@@ -150,7 +164,7 @@ def test_sampling_regression(kind):
 def runs(tmp_path_factory, speech_wav):
     """A tiny trained run of each model."""
     made = {}
-    for name, main in (("twotier", two_tier_main), ("baseline", baseline_main)):
+    for name, main in (("twotier", two_tier_main), ("baseline", baseline_main), ("threetier", three_tier_main)):
         runs_dir = tmp_path_factory.mktemp(name)
         assert run_main(main, ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs_dir),
                                "--n_samples", "0"]) == 0
@@ -158,7 +172,7 @@ def runs(tmp_path_factory, speech_wav):
     return made
 
 
-@pytest.mark.parametrize("name", ["twotier", "baseline"])
+@pytest.mark.parametrize("name", ["twotier", "baseline", "threetier"])
 def test_generate_writes_bit_identical_files(tmp_path, runs, name, speech_wav, capsys):
     for out, threads in (("a", "2"), ("b", "1")):  # the compiled step's bits do not depend on its threads
         assert run_main(generate_main, [runs[name], "--n", "3", "--batch", "2", "--secs", "0.1", "--out",
@@ -172,6 +186,10 @@ def test_generate_writes_bit_identical_files(tmp_path, runs, name, speech_wav, c
     assert "samples/s" in capsys.readouterr().out
     # every fast backend writes valid audio of the same length (not the same bits: float32 rounds differently)
     for backend in ("numba", "numpy", "torch"):
+        if name == "threetier" and backend == "numba":  # it has no compiled step: one line, exit 2
+            assert run_main(generate_main, [runs[name], "--n", "1", "--backend", backend]) == 2
+            assert "--backend numba: the three-tier model samples with numpy or torch" in capsys.readouterr().err
+            continue
         assert run_main(generate_main, [runs[name], "--n", "1", "--secs", "0.1", "--backend", backend, "--out",
                                         str(tmp_path / backend)]) == 0
         assert len(sf.read(tmp_path / backend / files[0])[0]) == 800
