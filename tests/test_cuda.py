@@ -174,7 +174,7 @@ def test_graphed_step_equals_the_eager_step(precision, tf32_restored):
 
 
 def test_training_run_with_cuda_graph_resumes(tmp_path, speech_wav):
-    """--cuda_graph trains, resumes, and ends where an eager run ends (float tolerance)."""
+    """--cuda_graph_step trains, resumes, and ends where an eager run ends (float tolerance)."""
     runs = tmp_path / "runs"
     base = ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs), "--device", "cuda"]
     assert run_main(SCRIPTS["twotier"], base + ["--name", "eager"]) == 0
@@ -215,7 +215,7 @@ def test_bf16_autocasts_the_mlp_but_runs_the_grus_in_float32(tf32_restored):
 
 
 def test_a_run_made_without_graphs_resumes_with_them_and_back(tmp_path, speech_wav):
-    """--cuda_graph may change on resume: Adam's capturable flag follows it (else the capture fails)."""
+    """--cuda_graph_step may change on resume: Adam's capturable flag follows it (else the capture fails)."""
     runs = tmp_path / "runs"
     base = ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs), "--device", "cuda", "--n_samples", "0"]
     assert run_main(SCRIPTS["twotier"], base + ["--stop_iters", "10"]) == 0

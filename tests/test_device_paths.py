@@ -13,7 +13,7 @@ from test_models import small
 
 @pytest.mark.parametrize("saved, now", [(False, True), (True, False)])
 def test_resume_sets_adams_capturable_flag_from_this_sessions_cuda_graph(saved, now):
-    """A run made without --cuda_graph resumed with it (and back): load_state_dict alone would keep the saved
+    """A run made without --cuda_graph_step resumed with it (and back): load_state_dict alone would keep the saved
     flag, and the capture would fail (or the eager run keep the graph's path)."""
     m = small()
     opt = make_optimizer(m, 1e-3, capturable=False)

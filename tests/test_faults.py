@@ -237,8 +237,8 @@ def test_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path, 
 
 
 def test_a_gpu_run_resumed_where_there_is_no_cuda(tmp_path, speech_wav, capsys):
-    """A run made on a GPU in bf16 or with --cuda_graph, resumed on the CPU: one line says what to do, nothing is
-    written; a --cuda_graph run with --no_cuda_graph goes on as if it had never stopped."""
+    """A run made on a GPU in bf16 or with --cuda_graph (now --cuda_graph_step), resumed on the CPU: one line says
+    what to do, nothing is written; such a run with --no_cuda_graph_step goes on as if it had never stopped."""
     cpu = ["--device", "cpu", *QUIET]
     run_dir = train(tmp_path, speech_wav, *cpu, "--stop_iters", "10", runs="gpu")
     path = os.path.join(run_dir, "checkpoints", checkpoint_files(run_dir)[-1])

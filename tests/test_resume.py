@@ -62,7 +62,7 @@ def test_a_moved_dataset_resumes_with_data_and_a_different_one_is_refused(tmp_pa
 
 
 def test_a_run_made_before_a_flag_existed_resumes_with_its_default(tmp_path, speech_wav, capsys):
-    """The runs kept under experiments/ that predate --precision (and --cuda_graph)."""
+    """The runs kept under experiments/ that predate --precision (and --cuda_graph_step)."""
     old = json.load(open(os.path.join(REPO, "experiments", "baseline_cpu_time_reals_seqlen128_1795674863",
                                       "settings.json")))
     assert "precision" not in old["settings"] and "cuda_graph" not in old["settings"]
