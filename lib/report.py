@@ -10,6 +10,7 @@ the first and the last tenth of that run. The metrics log holds one mean per int
 straddles a window's edge counts with the share of its steps (or seconds) inside the window, as if the
 interval's steps were alike. A window the run has not reached to its end prints as a dash, never a number.
 """
+import argparse
 import glob
 import json
 import math
@@ -19,6 +20,7 @@ import re
 from lib import ArgumentParser, UserError, atomic_write, run_script
 from lib.audio import warn
 from lib.run import read_metrics
+from lib.settings import add_training_args
 
 import matplotlib
 import numpy as np
@@ -123,7 +125,9 @@ def plot_spectrograms(wavs, path, secs=2.0, labels=None):
 
 # ---- the report
 
-IGNORED = {"name", "runs_dir", "resume", "dry_run", "threads", "preset"}  # settings that do not change a result
+# settings that do not change a result (test_on_best: a flag older runs have, which only added test evaluations)
+IGNORED = {"name", "runs_dir", "resume", "dry_run", "threads", "preset", "keep_checkpoints", "accept_changed_data",
+           "test_on_best"}
 DASH = "\u2014"
 
 
@@ -228,9 +232,12 @@ def summarize(run_dir, time_windows, iter_windows):
 
 def differing(summaries):
     """The settings whose values differ between the runs (sorted), not counting IGNORED ones. A setting that some
-    runs lack counts only between different models (a flag of one model); within one model it is a flag that a
-    later version added, and runs without it ran as its default."""
+    runs lack counts only between different models (a flag of one model); within one model, or for a training
+    flag (every model has those), it is a flag that a later version added, and runs without it ran as its default."""
     keys = sorted(set().union(*(s["settings"] for s in summaries)) - IGNORED)
+    parser = argparse.ArgumentParser()
+    add_training_args(parser, {})
+    training = {a.dest for a in parser._actions}
 
     def differs(k):
         present = {json.dumps(s["settings"][k]) for s in summaries if k in s["settings"]}
@@ -238,7 +245,7 @@ def differing(summaries):
         for s in summaries:
             has.setdefault(s["model"], set()).add(k in s["settings"])
         one_model_only = all(len(v) == 1 for v in has.values()) and len({v.pop() for v in has.values()}) > 1
-        return len(present) > 1 or one_model_only  # values differ, or the flag is one model's
+        return len(present) > 1 or (one_model_only and k not in training)  # values differ, or a model's own flag
     return [k for k in keys if differs(k)]
 
 
