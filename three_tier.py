@@ -28,7 +28,7 @@ from lib.layers import gru_step, gru_weights, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
 from lib.train import train_main
-from two_tier import FrameLevelRNN, SampleLevelMLP
+from two_tier import FrameLevelRNN, SampleLevelMLP, mlp_logits
 
 MODEL_ID = "threetier"
 PRESETS = {  # each preset holds only the values it changes
@@ -150,7 +150,7 @@ class FastThreeTierSampler:
         xp, bfs, fs, n_rnn = self.xp, self.bfs, self.fs, self.n_rnn
         h, win, _, recorded = self.arrays
         reals, big_gru, (above_w, above_b), (in_w, in_b), frame_gru, (cond_w, cond_b), table, offsets, hidden, \
-            (out_w, out_b) = self.weights
+            out = self.weights
         x = gru_step(reals[win[:, :bfs]], h[:n_rnn], big_gru, xp)
         above = (x @ above_w + above_b).reshape(x.shape[0], bfs // fs, -1)  # (n, R, dim)
         for r in range(bfs // fs):
@@ -158,15 +158,7 @@ class FastThreeTierSampler:
             y = gru_step(reals[win[:, s - fs:s]] @ in_w + in_b + above[:, r], h[n_rnn:], frame_gru, xp)
             cond = (y @ cond_w + cond_b).reshape(y.shape[0], fs, -1)  # (n, FS, dim)
             for j in range(fs):
-                a = table[win[:, s + j - fs:s + j] + offsets].sum(1)  # first layer, no bias
-                a += cond[:, j]
-                a = a.clip(0)
-                for w_t, bias in hidden:
-                    a = a @ w_t
-                    a += bias
-                    a = a.clip(0)
-                logits = a @ out_w
-                logits += out_b
+                logits = mlp_logits(win[:, s + j - fs:s + j], cond[:, j], table, offsets, hidden, out)
                 if self.record:
                     recorded[t + r * fs + j] = logits[0]
                 win[:, s + j] = draw(logits, noise[:, r * fs + j], self.temperature)

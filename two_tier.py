@@ -220,19 +220,11 @@ class FastTwoTierSampler:
         """noise (n, FS, q_levels) -> the next frame (n, FS), whose logits are recorded from row t on."""
         xp, fs = self.xp, self.fs
         h, win, _, recorded = self.arrays
-        reals, gru, (cond_w, cond_b), table, offsets, hidden, (out_w, out_b) = self.weights
+        reals, gru, (cond_w, cond_b), table, offsets, hidden, out = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)
         cond = (x @ cond_w + cond_b).reshape(x.shape[0], fs, -1)  # (n, FS, dim)
         for j in range(fs):
-            a = table[win[:, j:j + fs] + offsets].sum(1)  # first layer, no bias
-            a += cond[:, j]
-            a = a.clip(0)
-            for w_t, b in hidden:
-                a = a @ w_t
-                a += b
-                a = a.clip(0)
-            logits = a @ out_w
-            logits += out_b
+            logits = mlp_logits(win[:, j:j + fs], cond[:, j], table, offsets, hidden, out)
             if self.record:
                 recorded[t + j] = logits[0]
             win[:, fs + j] = draw(logits, noise[:, j], self.temperature)
@@ -245,6 +237,21 @@ class FastTwoTierSampler:
     def state_restore(self, state):
         self.h.copy_(state[0])
         self.window.copy_(state[1])
+
+
+def mlp_logits(prev, cond, table, offsets, hidden, out):
+    """The sample-level MLP of a fast sampler, on numpy arrays or torch tensors: prev (n, FS) levels, cond (n, dim)
+    -> logits (n, q_levels), the first layer as table lookups (SampleLevelMLP.tables)."""
+    a = table[prev + offsets].sum(1)  # first layer, no bias
+    a += cond
+    a = a.clip(0)
+    for w_t, b in hidden:
+        a = a @ w_t
+        a += b
+        a = a.clip(0)
+    logits = a @ out[0]
+    logits += out[1]
+    return logits
 
 
 def add_model_args(p):
