@@ -24,7 +24,7 @@ import torch
 import baseline
 import three_tier
 import two_tier
-from lib import ArgumentParser, UserError, WriteError, check_torch, run_script
+from lib import ArgumentParser, UserError, WriteError, check_torch, page, run_script
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
@@ -190,9 +190,11 @@ def generate_files(args):
             plot_softmax(probs, levels[0, :shown].cpu().numpy(), rate, plots[0], title)
             if args.animate:
                 animate_softmax(probs[:200], levels[0, :200].cpu().numpy(), plots[1])
+    index = page.write_folder_page(out_dir, f"{os.path.basename(run_dir)}: generated from iteration {iteration}")
     secs, total = gen_secs, args.n * length
     print(f"sampled from {checkpoint} (iteration {iteration}); wrote {len(written)} WAV files" +
-          (f" and {', '.join(os.path.basename(p) for p in plots)}" if plots else "") + f" to {out_dir}")
+          (f" and {', '.join(os.path.basename(p) for p in plots)}" if plots else "") + f" to {out_dir} (to listen: "
+          f"{index})")
     print(f"generated {args.n} x {length} samples in {secs:.2f} s on {device}: {total / secs:,.0f} samples/s, "
           f"{total / secs / rate:.2f}x real time")
 

@@ -3,6 +3,8 @@
     python -m lib.report runs/twotier_* runs/baseline_*         # one row per run, the settings that differ
     python -m lib.report runs/ --time_windows 0-5m,25-30m --plot notes/curves.png
     python -m lib.report experiments/*                          # regenerates the lab notebook's tables
+    python -m lib.report RUN --html                             # RUN/index.html, to listen (lib/page.py)
+    python -m lib.report RUN1 RUN2 --html compare.html          # the runs' samples side by side, by interval
 
 Train NLL is averaged over windows of training time (default: the first and the 12th hour) and of
 iterations (default: 0-10K and 90K-100K); where the shortest run ends before a default window, the defaults are
@@ -17,7 +19,7 @@ import math
 import os
 import re
 
-from lib import ArgumentParser, UserError, atomic_write, run_script
+from lib import ArgumentParser, UserError, atomic_write, page, run_script
 from lib.audio import warn
 from lib.run import read_metrics
 from lib.settings import add_training_args
@@ -221,7 +223,7 @@ def summarize(run_dir, time_windows, iter_windows):
     test_at_best = rows[-1].get("best_test_bits") if rows[-1].get("best_iteration") == best["iteration"] else None
     if test_at_best is None:
         test_at_best = best.get("test_bits")  # measured there: --test_on_best, or the run's end
-    return {"run": os.path.basename(os.path.normpath(run_dir)), "model": settings["model_id"],
+    return {"run": os.path.basename(os.path.normpath(run_dir)), "path": run_dir, "model": settings["model_id"],
             "settings": settings["settings"], "parameters": settings["parameters"],
             "iterations": rows[-1]["iteration"], "hours": rows[-1]["train_secs"] / 3600,
             "time_windows": {label: window_mean(rows, "train_secs", a, b) for label, a, b in time_windows},
@@ -271,9 +273,10 @@ def test_bits_16(summary):
     return summary["test_at_best"] + float(code_bits(s["q_levels"], s["qtype"])[targets.numpy()].mean())
 
 
-def markdown_table(summaries):
-    """The report as Markdown: one row per run, bits per sample to 3 decimals, a dash where not reached. Where the
-    runs differ in quantization, a last column gives test NLL in bits per 16-bit sample, comparable across them."""
+def table(summaries):
+    """The report's table -> (header, rows of cell strings): one row per run, bits per sample to 3 decimals, a dash
+    where not reached. Where the runs differ in quantization, a last column gives test NLL in bits per 16-bit
+    sample, comparable across them."""
     keys = differing(summaries)
     per_16bit = bool({"qtype", "q_levels"} & set(keys))
     tw, iw = list(summaries[0]["time_windows"]), list(summaries[0]["iter_windows"])
@@ -283,15 +286,19 @@ def markdown_table(summaries):
     head = (["run", "model"] + [f"--{k}" for k in keys] + ["params", "iters", "hours"] +
             [f"train {w} (time)" for w in tw] + [f"train {w} (iters)" for w in iw] +
             ["best valid", "at iter (hour)", "test at best"] + (["test, bits per 16-bit sample"] if per_16bit else []))
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summaries:
-        cells = ([f"`{s['run']}`", s["model"]] + [str(s["settings"].get(k, DASH)) for k in keys] +
-                 [f"{s['parameters']:,}", f"{s['iterations']:,}", f"{s['hours']:.3f}"] +
-                 [bits(s["time_windows"][w]) for w in tw] + [bits(s["iter_windows"][w]) for w in iw] +
-                 [bits(s["best_valid"]), f"{s['best_iteration']:,} ({s['best_hours']:.3f})", bits(s["test_at_best"])] +
-                 ([bits(test_bits_16(s))] if per_16bit else []))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[f"`{s['run']}`", s["model"]] + [str(s["settings"].get(k, DASH)) for k in keys] +
+            [f"{s['parameters']:,}", f"{s['iterations']:,}", f"{s['hours']:.3f}"] +
+            [bits(s["time_windows"][w]) for w in tw] + [bits(s["iter_windows"][w]) for w in iw] +
+            [bits(s["best_valid"]), f"{s['best_iteration']:,} ({s['best_hours']:.3f})", bits(s["test_at_best"])] +
+            ([bits(test_bits_16(s))] if per_16bit else []) for s in summaries]
+    return head, rows
+
+
+def markdown_table(summaries):
+    """The report as Markdown (table())."""
+    head, rows = table(summaries)
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                     ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
 CADENCE = {"print_time", "print_iters", "n_samples", "sample_secs", "valid_clips", "stop_time", "stop_iters",
@@ -335,19 +342,29 @@ def read_metrics_quietly(run_dir):
         return []
 
 
-def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False):
-    """The text to print for these runs (Markdown, or JSON lines). Windows not given: fitting_windows."""
+def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False, html=None):
+    """The text to print for these runs (Markdown, or JSON lines). Windows not given: fitting_windows.
+    html: "" writes each run's RUN/index.html (lib/page.py); a path writes the page comparing the runs there."""
     runs = find_runs(paths)
     fitting = fitting_windows(runs) if time_windows is None or iter_windows is None else DEFAULT_WINDOWS
     time_windows, iter_windows = time_windows or fitting[0], iter_windows or fitting[1]
     tw, iw = parse_windows(time_windows, TIME_UNITS), parse_windows(iter_windows, ITER_UNITS)
+    if html == "":  # the run pages render whatever each folder holds, metrics or not
+        return "\n".join(f"wrote {page.write_run_page(r)}" for r in runs)
     summaries = [s for s in (summarize(r, tw, iw) for r in runs) if s is not None]
     if not summaries:
         raise UserError("none of the runs has metrics yet")
+    if html:
+        plot = plot or os.path.splitext(html)[0] + "_files/curves.png"
+        os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
     if plot:
         plot_curves({name: s["rows"] for name, s in zip(short_names(summaries), summaries)}, plot)
     if as_json:
-        return "\n".join(json.dumps({k: v for k, v in s.items() if k != "rows"}) for s in summaries)
+        return "\n".join(json.dumps({k: v for k, v in s.items() if k not in ("rows", "path")}) for s in summaries)
+    if html:
+        head, rows = table(summaries)
+        page.write_compare_page(summaries, head, rows, html, plot)
+        return markdown_table(summaries) + f"\nwrote {html}"
     return markdown_table(summaries)
 
 
@@ -362,12 +379,15 @@ def build_parser():
                         "the first and last tenth of the shortest run if it is shorter)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the learning curves of all runs here")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    p.add_argument("--html", nargs="?", const="", default=None, metavar="OUT.html",
+                   help="alone: write (or rewrite) each run's RUN/index.html, the page to listen to its samples; with "
+                        "a file name: one page comparing the runs, their samples side by side by interval")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    print(run_script(report, args.runs, args.time_windows, args.iter_windows, args.plot, args.json))
+    print(run_script(report, args.runs, args.time_windows, args.iter_windows, args.plot, args.json, args.html))
 
 
 if __name__ == "__main__":

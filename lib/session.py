@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lib import UserError, cache, dist, run
+from lib import UserError, cache, dist, page, run
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import write_samples
 from lib.step import load_optimizer, make_optimizer, set_precision
@@ -103,6 +103,7 @@ def begin(s, n_params, resumed):
             s.log(f"writing the samples of iteration {state['iteration']}, which a stop had cut off")
             write_samples(s.model, run.sample_paths(s.run_dir, state["iteration"], args.n_samples),
                           args.sample_secs, s.sample_rate, args)
+        page.write_run_page(s.run_dir, quiet=True)  # a stop may have come before it was rewritten
     world, segments = dist.world_size(), s.batches.segments
     s.log(f"{s.model_id}: {n_params:,} parameters | device {s.device} float32 | torch {torch.__version__}" +
           (f" | {torch.get_num_threads()} CPU threads" if s.device.type == "cpu" else "") +

@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from lib import Interrupted, UserError, WriteError, check_torch, dist, run
+from lib import Interrupted, UserError, WriteError, check_torch, dist, page, run
 from lib.cuda_graph import captured_at_first_call
 from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.report import plot_curves, report
@@ -238,7 +238,8 @@ def end_interval(s, state, interval, h, final):
     Nothing is saved from non-finite values (NonFinite). The checkpoint holds the interval's metrics row and is
     written first: a failed write leaves no row without its checkpoint, and resume puts back a row, best.pt or
     samples that a kill cut off. A signal stops the evaluation or the samples (Interrupted, saying whether the
-    checkpoint was written). At the end, test NLL is measured on the last weights and on best.pt's."""
+    checkpoint was written). At the end, test NLL is measured on the last weights and on best.pt's. Last, the
+    curves and the run's page to listen with (index.html, lib/page.py) are rewritten."""
     args, it = s.args, state["iteration"]
     nll = lambda model, split, clips=0: evaluate(model, s.splits[split], args.batch_size, s.device, clips, s.stop)  # noqa: E731
     row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
@@ -284,6 +285,7 @@ def end_interval(s, state, interval, h, final):
     except Interrupted:
         raise Interrupted(saved=True) from None
     plot_curves({os.path.basename(s.run_dir): run.read_metrics(s.run_dir)}, os.path.join(s.run_dir, "curves.png"))
+    page.write_run_page(s.run_dir, quiet=True)  # index.html, with the new samples' spectrograms
     gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
     return final
 

@@ -45,7 +45,8 @@ def fingerprint(run_dir):
         out[name] = {"tensors": {k: digest(v.contiguous().numpy().tobytes()) for k, v in sorted(tensors.items())},
                      "state": {k: v for k, v in ckpt["state"].items() if k not in TIMES}}
     samples = os.path.join(run_dir, "samples")
-    out["samples"] = {n: digest(open(os.path.join(samples, n), "rb").read()) for n in sorted(os.listdir(samples))}
+    out["samples"] = {n: digest(open(os.path.join(samples, n), "rb").read()) for n in sorted(os.listdir(samples))
+                      if n.endswith(".wav")}  # the spectrogram PNGs beside them are drawn from them
     return out
 
 
