@@ -19,6 +19,9 @@ if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load 
     from lib import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
+import weakref
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -38,8 +41,6 @@ PRESETS = {  # each preset holds only the values it changes
 
 
 class ThreeTier(nn.Module):
-    backends = ("numpy", "torch")  # what its fast sampler steps with: no compiled step (lib/kernels.py) yet
-
     def __init__(self, big_frame_size=8, frame_size=2, seq_len=512, dim=1024, n_rnn=1, emb_size=256, q_levels=256):
         super().__init__()
         self.big_frame_size, self.frame_size, self.n_rnn, self.q_levels = big_frame_size, frame_size, n_rnn, q_levels
@@ -100,8 +101,6 @@ class ThreeTier(nn.Module):
         return (x, torch.stack(kept, dim=1)[:, :length]) if keep_logits else x
 
     def fast_sampler(self, n, temperature=1.0, prime=None, record=False, backend="torch"):
-        if backend not in self.backends:
-            raise UserError(f"--backend {backend}: the three-tier model samples with {' or '.join(self.backends)}")
         return FastThreeTierSampler(self, n, temperature, prime, record, backend)
 
     @property
@@ -134,13 +133,23 @@ class FastThreeTierSampler:
         self.window = torch.cat([last, last.new_zeros(n, bfs)], dim=1)  # last big frame read, then the new one
         self.frames = last.new_zeros(n, self.frame_len)  # what step() returns
         self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
-        self.close = lambda: None
+        self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
+        if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
+            from lib.kernels import threetier_team
+            windows = self.window.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
+            self.window = windows[0]
+            self.team = threetier_team(self.weights, windows.numpy(), self.frames.numpy(), as_arrays(self.h, np),
+                                       temperature, as_arrays(self.recorded, np), self.frame_len)
+            self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
         """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len) of levels (an xp array,
         a view of the state); advances h and the window in place."""
         bfs, frames = self.bfs, self.arrays[2]
+        if self.backend == "numba":
+            self.team.step(noise)
+            return frames
         for b in range(self.frame_len // bfs):
             frames[:, b * bfs:(b + 1) * bfs] = self.big_frame_step(noise[:, b * bfs:(b + 1) * bfs], b * bfs)
         return frames

@@ -196,7 +196,6 @@ def bench_generate(args):
     for batch in args.batch:
         length = max(1, round(args.secs * args.sample_rate))
         backends = ("torch",) if device.type != "cpu" else BACKENDS if batch < 16 else ("numpy", "torch")
-        backends = [b for b in backends if b in getattr(model, "backends", BACKENDS)]
         paths = {"reference": (max(1, length // args.ref_fraction), dict(fast=False))}
         paths.update({backend: (length, dict(backend=backend, cuda_graph=False)) for backend in backends})
         if device.type == "cuda":

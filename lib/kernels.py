@@ -3,7 +3,7 @@ between, optionally shared by several threads.
 
 At small batch on the CPU the numpy step spends about half its time in the ~1 us each of its hundred small
 calls per frame; compiled, a frame costs little more than reading the weights once. Each function here is
-the numpy step of two_tier.py / baseline.py written as loops over rows; tests/test_sample.py checks that
+the numpy step of two_tier.py / three_tier.py / baseline.py written as loops over rows; tests/test_sample.py checks that
 they give exactly the reference's samples. Weights come in as plain float arrays, transposed as in the
 numpy step (in, out), split by output columns into one block per thread (`by_thread`; a leading thread
 axis), with the GRU layers stacked (`stacked_gru`): w_ih0 (threads, n_in, 3 c) for layer 0, w_ih (threads,
@@ -242,6 +242,83 @@ def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, re
 
 
 @njit(cache=True, nogil=True)
+def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, above, x_frame, cond, hidden,
+                   logits, reals, bw_ih0, bw_ih, bw_hh, bb_ih, bb_hh, above_w, above_b, in_w, in_b, fw_ih0, fw_ih,
+                   fw_hh, fb_ih, fb_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
+    """FastThreeTierSampler.step for thread tid of `threads`, as twotier_step with a big tier above the frame tier:
+    per big frame, the big GRU (h[:n_rnn]) steps once and its projection `above` (B, BFS / FS dim) gives each of
+    the BFS / FS frames below the vector added to the frame GRU's input x_frame (B, dim); the frame GRU
+    (h[n_rnn:]) and the MLP then run as in twotier_step. windows (threads, B, 2 BFS): the last big frame, then
+    the new one. above, x_frame, cond, hidden and logits are shared by the threads, each writing its columns."""
+    sync(flags, tid, threads)  # start: the caller has put the noise in place
+    if flags[threads * LINE]:
+        return False
+    win = windows[tid]
+    n, bfs, q, d, n_rnn = win.shape[0], win.shape[1] // 2, logits.shape[2], h.shape[2], h.shape[0] // 2
+    fs = cond.shape[1] // d
+    if tid:
+        win[:, :bfs] = windows[0, :, :bfs]
+    bw_ih0, bw_ih, bw_hh, bb_ih, bb_hh, above_w, above_b = bw_ih0[tid], bw_ih[tid], bw_hh[tid], bb_ih[tid], \
+        bb_hh[tid], above_w[tid], above_b[tid]
+    in_w, in_b, fw_ih0, fw_ih, fw_hh, fb_ih, fb_hh = in_w[tid], in_b[tid], fw_ih0[tid], fw_ih[tid], fw_hh[tid], \
+        fb_ih[tid], fb_hh[tid]
+    cond_w, cond_b, hidden_w, hidden_b, out_w, out_b = cond_w[tid], cond_b[tid], hidden_w[tid], hidden_b[tid], \
+        out_w[tid], out_b[tid]
+    big_h, frame_h = h[:n_rnn], h[n_rnn:]
+    x_big, x_in = np.empty((n, bfs), h.dtype), np.empty((n, fs), h.dtype)
+    a, zero = np.empty((n, d), h.dtype), np.zeros((1, d), h.dtype)
+    for b in range(frames.shape[1] // bfs):
+        for r in range(n):
+            for j in range(bfs):
+                x_big[r, j] = reals[win[r, j]]
+        gru_stack(x_big, big_h, bw_ih0, bw_ih, bw_hh, bb_ih, bb_hh, tid, threads, flags)
+        start, end = share(above.shape[1], tid, threads)
+        linear(big_h[n_rnn - 1], above_w, above_b, above, start, end)
+        sync(flags, tid, threads)
+        for f in range(bfs // fs):
+            s = bfs + f * fs  # the frame's first sample in the window
+            for r in range(n):
+                for j in range(fs):
+                    x_in[r, j] = reals[win[r, s - fs + j]]
+            start, end = share(d, tid, threads)
+            linear(x_in, in_w, in_b, x_frame, start, end)
+            for r in range(n):
+                x_frame[r, start:end] += above[r, f * d + start:f * d + end]
+            # gru_stack reads x_frame after its first barrier: every thread's columns are written by then
+            gru_stack(x_frame, frame_h, fw_ih0, fw_ih, fw_hh, fb_ih, fb_hh, tid, threads, flags)
+            start, end = share(fs * d, tid, threads)
+            linear(frame_h[n_rnn - 1], cond_w, cond_b, cond, start, end)
+            sync(flags, tid, threads)
+            for j in range(fs):
+                for r in range(n):
+                    p0 = s - fs + j  # the FS samples before this one: window positions p0 .. p0 + FS - 1
+                    a[r, :] = table[win[r, p0]]
+                    for p in range(1, fs):
+                        a[r, :] += table[p * q + win[r, p0 + p]]
+                    relu(a[r], cond[r, j * d:(j + 1) * d], a[r])
+                for layer in range(hidden_w.shape[0]):
+                    start, end = share(d, tid, threads)
+                    linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
+                    sync(flags, tid, threads)
+                    for r in range(n):
+                        relu(hidden[layer, r], zero[0], a[r])
+                start, end = share(q, tid, threads)
+                out = logits[j % 2]
+                linear(a, out_w, out_b, out, start, end)
+                sync(flags, tid, threads)
+                t = b * bfs + f * fs + j
+                if tid == 0 and recorded.shape[0]:
+                    recorded[t, :] = out[0]
+                for r in range(n):
+                    win[r, s + j] = draw(out[r], noise[r, t], temperature)
+        win[:, :bfs] = win[:, bfs:]
+        if tid == 0:
+            frames[:, b * bfs:(b + 1) * bfs] = win[:, :bfs]
+    sync(flags, tid, threads)  # end: all are done with this call's noise
+    return True
+
+
+@njit(cache=True, nogil=True)
 def flat_step(tid, threads, flags, noise, lasts, frame, h, temperature, recorded, logits, inputs, w_ih0, w_ih,
                w_hh, b_ih, b_hh, out_w, out_b):
     """FastFlatSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
@@ -283,6 +360,12 @@ def twotier_worker(*args):
 
 
 @njit(cache=True, nogil=True)
+def threetier_worker(*args):
+    while threetier_step(*args):
+        pass
+
+
+@njit(cache=True, nogil=True)
 def flat_worker(*args):
     while flat_step(*args):
         pass
@@ -302,6 +385,23 @@ def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
                by_thread(np.stack([w for w, _ in hidden]), split[1]),
                by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
     return Team(twotier_step, twotier_worker, threads, (n, frame_len, q), dtype,
+                (windows, frames, h, temperature, recorded, *scratch, *weights))
+
+
+def threetier_team(weights, windows, frames, h, temperature, recorded, frame_len):
+    """The three-tier model's fast step (FastThreeTierSampler's weights and state, numpy views) compiled, on
+    len(windows) threads."""
+    reals, big_gru, above, inp, frame_gru, cond, table, _, hidden, out = weights
+    threads, n, q, dim, dtype = len(windows), len(frames), len(out[1]), table.shape[1], reals.dtype
+    recorded = np.zeros((0, q), dtype) if recorded is None else recorded
+    scratch = (np.zeros((n, len(above[1])), dtype), np.zeros((n, dim), dtype), np.zeros((n, len(cond[1])), dtype),
+               np.zeros((len(hidden), n, dim), dtype), np.zeros((2, n, q), dtype))  # shared by the threads
+    split = [shares(m, threads) for m in (len(above[1]), dim, len(cond[1]), q)]  # thread t's columns of each
+    weights = (reals, *stacked_gru(big_gru, threads), *(by_thread(p, split[0]) for p in above),
+               *(by_thread(p, split[1]) for p in inp), *stacked_gru(frame_gru, threads),
+               *(by_thread(p, split[2]) for p in cond), table, by_thread(np.stack([w for w, _ in hidden]), split[1]),
+               by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[3]) for p in out))
+    return Team(threetier_step, threetier_worker, threads, (n, frame_len, q), dtype,
                 (windows, frames, h, temperature, recorded, *scratch, *weights))
 
 

@@ -78,8 +78,7 @@ def default_backend(model, n):
     small = sum(p.numel() for p in model.parameters()) < 2_000_000
     if not (n == 1 or (n < 8 and small)):
         return "torch"
-    # a model without a compiled step says so; numpy then (faster than torch at batch 1, notes/performance.md)
-    return "numba" if "numba" in getattr(model, "backends", BACKENDS) else "numpy"
+    return "numba"
 
 
 def array_module(backend):

@@ -56,6 +56,14 @@ MUTATIONS = {
                                        "interval[\"steps\"] += 1 if state[\"iteration\"] else 2\n    "
                                        "state[\"iteration\"] += 1",
                                        "tests/test_fingerprint.py::test_a_fixed_seed_run_computes_what_it_did"),
+    "page_links_absolute": ("lib/page.py", 'return quote(os.path.relpath(path, page_dir).replace(os.sep, "/"))',
+                            'return "file://" + quote(os.path.abspath(path))',
+                            "tests/test_page.py::test_the_run_page_in_a_browser"),
+    "page_not_rewritten": ("lib/train.py", "    page.write_run_page(s.run_dir, quiet=True)", "    pass",
+                           "tests/test_page.py::test_a_fresh_run_writes_its_page_with_every_interval_and_sample"),
+    "threetier_kernel_reads_ahead": ("lib/kernels.py", "x_in[r, j] = reals[win[r, s - fs + j]]",
+                                     "x_in[r, j] = reals[win[r, s + j - 1]]",
+                                     "tests/test_sample.py::test_fast_path_equals_reference"),
 }
 
 

@@ -65,7 +65,8 @@ def assert_same_run(a, b):
 
 # ---- interrupts
 
-@pytest.mark.parametrize("model, signum", [("twotier", signal.SIGINT), ("baseline", signal.SIGTERM)])
+@pytest.mark.parametrize("model, signum", [("twotier", signal.SIGINT), ("baseline", signal.SIGTERM),
+                                           ("threetier", signal.SIGINT)])
 def test_signal_saves_and_resume_equals_the_uninterrupted_run(tmp_path, speech_wav, model, signum):
     runs = str(tmp_path / "runs")
     flags = ["--preset", "tiny", "--data", speech_wav, "--print_iters", "25", *QUIET]
@@ -439,12 +440,13 @@ def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_resume_works(tmp_pa
 
 @pytest.mark.parametrize("model", sorted(SCRIPT_FILES))
 def test_memory_stays_flat_over_a_long_run(tmp_path, speech_wav, model):
-    """Resident memory after 2,000 iterations is within 5 % of that after 200 (logged in every metrics row):
-    nothing keeps graphs alive through the carried hidden state, no list grows, no figure piles up."""
+    """Resident memory after 1,000 iterations is within 5 % of that after 200 (logged in every metrics row): nothing
+    keeps graphs alive through the carried hidden state, no list grows, no figure or page piles up over the 20
+    intervals' ends (each writes a checkpoint, a sample, its spectrogram, the curves and the run's page)."""
     proc = script(model, "--preset", "tiny", "--data", speech_wav, "--runs_dir", str(tmp_path / "runs"),
-                  "--stop_iters", "2000", "--print_iters", "100", "--n_samples", "1")
+                  "--stop_iters", "1000", "--print_iters", "50", "--n_samples", "1")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     rss = {r["iteration"]: r["rss_mb"] for r in read_metrics(run_dir)}
-    assert rss[2000] < 1.05 * rss[200], rss
+    assert len(rss) == 20 and rss[1000] < 1.05 * rss[200], rss

@@ -22,16 +22,17 @@ from test_faults import script, wait_for
 from test_train import SCRIPTS, final_params, losses, train
 
 
-def test_a_real_kill_9_at_random_moments_resumes_bit_for_bit(tmp_path, speech_wav):
+@pytest.mark.parametrize("model", ["twotier", "threetier"])
+def test_a_real_kill_9_at_random_moments_resumes_bit_for_bit(tmp_path, speech_wav, model):
     """A training process killed with SIGKILL at seeded random moments (mid-step, mid-evaluation, mid-save,
     mid-samples: wherever the delay lands), then resumed, again and again: the end equals an uninterrupted run's,
     bit for bit. The seed is printed, so a failure reproduces."""
     budget = ["--print_iters", "20", "--stop_iters", "120"]
-    straight = train(tmp_path, speech_wav, *budget, runs="straight")
+    straight = train(tmp_path, speech_wav, *budget, runs="straight", model=model)
     runs = str(tmp_path / "killed")
     rng = random.Random(20261130)
     kills = 0
-    proc = script("twotier", "--preset", "tiny", "--data", speech_wav, *budget, "--runs_dir", runs)
+    proc = script(model, "--preset", "tiny", "--data", speech_wav, *budget, "--runs_dir", runs)
     wait_for(lambda: glob.glob(f"{runs}/*/settings.json") or proc.poll() is not None)
     for attempt in range(6):
         try:
@@ -44,7 +45,7 @@ def test_a_real_kill_9_at_random_moments_resumes_bit_for_bit(tmp_path, speech_wa
             assert proc.returncode == 0, proc.stderr.read()
             break
         run_dir, = glob.glob(f"{runs}/*")
-        proc = script("twotier", "--resume", run_dir)
+        proc = script(model, "--resume", run_dir)
     else:
         proc.wait(timeout=600)
     assert proc.returncode == 0 and kills >= 2, (kills, proc.returncode)
