@@ -25,15 +25,27 @@ def speech(seconds, clip=0, offset=0.0):
     return audio[start:start + int(seconds * rate)]
 
 
+def loudest_second():
+    """The loudest second of a train clip of real speech."""
+    audio = speech(8.0)
+    energy = np.convolve(audio ** 2, np.ones(RATE), mode="valid")
+    start = int(np.argmax(energy[::800]) * 800)
+    return audio[start:start + RATE]
+
+
 @pytest.fixture(scope="session")
 def speech_wav(tmp_path_factory):
     """1 s of real speech (the loudest second of a train clip) as a 16-bit WAV file."""
-    audio = speech(8.0)
-    n = RATE
-    energy = np.convolve(audio ** 2, np.ones(n), mode="valid")
-    start = int(np.argmax(energy[::800]) * 800)
     path = str(tmp_path_factory.mktemp("speech") / "speech.wav")
-    sf.write(path, audio[start:start + n], RATE, subtype="PCM_16")
+    sf.write(path, loudest_second(), RATE, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
+def half_second_wav(tmp_path_factory):
+    """The first half of speech_wav: what the overfitting tests memorize (half the steps of a second)."""
+    path = str(tmp_path_factory.mktemp("speech") / "half_second.wav")
+    sf.write(path, loudest_second()[:RATE // 2], RATE, subtype="PCM_16")
     return path
 
 
