@@ -282,7 +282,7 @@ def test_temperature_draws_from_softmax_of_logits_over_t():
     from lib.sample import GumbelNoise, draw
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5, 0.2, -0.5])
     n, T = 200_000, 0.6
-    noise = GumbelNoise(n, len(logits), 7, "cpu", torch.float64).take(1)[:, 0]
+    noise = GumbelNoise(1, len(logits), 7, "cpu", torch.float64).take(n)[0]  # one sequence's n steps: (n, Q)
     counts = torch.bincount(draw(logits.double()[None], noise, T), minlength=len(logits)).double()
     want = torch.softmax(logits.double() / T, 0)
     se = (want * (1 - want) / n).sqrt()
