@@ -184,6 +184,39 @@ def draw(logits, noise, temperature):
 
 
 @njit(cache=True, nogil=True)
+def mlp_frame(tid, threads, flags, win, first, t0, cond, table, hidden, hidden_w, hidden_b, logits, out_w, out_b, a,
+              zero, noise, temperature, recorded):
+    """The sample-level MLP over one frame of FS samples (FS = cond's width / dim), this thread's columns of each
+    product: sample j reads window positions first + j .. first + j + FS - 1 (the FS samples before it), is drawn
+    with noise step t0 + j and written at first + FS + j; row 0's logits go to recorded[t0 + j] if it has rows.
+    a (B, dim) is scratch; zero (dim,) zeros."""
+    n, q, d = win.shape[0], logits.shape[2], a.shape[1]
+    fs = cond.shape[1] // d
+    for j in range(fs):
+        p0 = first + j
+        for r in range(n):
+            a[r, :] = table[win[r, p0]]  # first layer: the table rows of the FS samples before, summed
+            for p in range(1, fs):
+                a[r, :] += table[p * q + win[r, p0 + p]]
+            relu(a[r], cond[r, j * d:(j + 1) * d], a[r])
+        for layer in range(hidden_w.shape[0]):
+            start, end = share(d, tid, threads)
+            linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
+            sync(flags, tid, threads)
+            for r in range(n):
+                relu(hidden[layer, r], zero, a[r])
+        start, end = share(q, tid, threads)
+        out = logits[j % 2]  # two buffers: a thread may write the next sample's while another draws this one
+        linear(a, out_w, out_b, out, start, end)
+        sync(flags, tid, threads)
+        t = t0 + j
+        if tid == 0 and recorded.shape[0]:
+            recorded[t, :] = out[0]
+        for r in range(n):
+            win[r, first + fs + j] = draw(out[r], noise[r, t], temperature)
+
+
+@njit(cache=True, nogil=True)
 def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
                  reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
     """FastTwoTierSampler.step for thread tid of `threads`: frame_len / FS frames, one after the other; False
@@ -197,14 +230,14 @@ def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, re
     if flags[threads * LINE]:
         return False
     win = windows[tid]
-    n, fs, q, d = win.shape[0], win.shape[1] // 2, logits.shape[2], h.shape[2]
+    n, fs, d = win.shape[0], win.shape[1] // 2, h.shape[2]
     if tid:
         win[:, :fs] = windows[0, :, :fs]
     w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b = w_ih0[tid], w_ih[tid], w_hh[tid], b_ih[tid], b_hh[tid], \
         cond_w[tid], cond_b[tid]
     hidden_w, hidden_b, out_w, out_b = hidden_w[tid], hidden_b[tid], out_w[tid], out_b[tid]
     x = np.empty((n, fs), h.dtype)
-    a, zero = np.empty((n, d), h.dtype), np.zeros((1, d), h.dtype)
+    a, zero = np.empty((n, d), h.dtype), np.zeros(d, h.dtype)  # the MLP's scratch (mlp_frame)
     for f in range(frames.shape[1] // fs):
         for r in range(n):
             for j in range(fs):
@@ -213,27 +246,8 @@ def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, re
         start, end = share(fs * d, tid, threads)                             # the last frame's MLP
         linear(h[h.shape[0] - 1], cond_w, cond_b, cond, start, end)
         sync(flags, tid, threads)
-        for j in range(fs):
-            for r in range(n):
-                a[r, :] = table[win[r, j]]  # first layer: the table rows of the FS samples before, summed
-                for p in range(1, fs):
-                    a[r, :] += table[p * q + win[r, j + p]]
-                relu(a[r], cond[r, j * d:(j + 1) * d], a[r])
-            for layer in range(hidden_w.shape[0]):
-                start, end = share(d, tid, threads)
-                linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
-                sync(flags, tid, threads)
-                for r in range(n):
-                    relu(hidden[layer, r], zero[0], a[r])
-            start, end = share(q, tid, threads)
-            out = logits[j % 2]  # two buffers: a thread may write the next sample's while another draws this one
-            linear(a, out_w, out_b, out, start, end)
-            sync(flags, tid, threads)
-            t = f * fs + j
-            if tid == 0 and recorded.shape[0]:
-                recorded[t, :] = out[0]
-            for r in range(n):
-                win[r, fs + j] = draw(out[r], noise[r, t], temperature)
+        mlp_frame(tid, threads, flags, win, 0, f * fs, cond, table, hidden, hidden_w, hidden_b, logits, out_w, out_b,
+                  a, zero, noise, temperature, recorded)
         win[:, :fs] = win[:, fs:]
         if tid == 0:
             frames[:, f * fs:(f + 1) * fs] = win[:, :fs]
@@ -254,7 +268,7 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
     if flags[threads * LINE]:
         return False
     win = windows[tid]
-    n, bfs, q, d, n_rnn = win.shape[0], win.shape[1] // 2, logits.shape[2], h.shape[2], h.shape[0] // 2
+    n, bfs, d, n_rnn = win.shape[0], win.shape[1] // 2, h.shape[2], h.shape[0] // 2
     fs = cond.shape[1] // d
     if tid:
         win[:, :bfs] = windows[0, :, :bfs]
@@ -266,7 +280,7 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
         out_w[tid], out_b[tid]
     big_h, frame_h = h[:n_rnn], h[n_rnn:]
     x_big, x_in = np.empty((n, bfs), h.dtype), np.empty((n, fs), h.dtype)
-    a, zero = np.empty((n, d), h.dtype), np.zeros((1, d), h.dtype)
+    a, zero = np.empty((n, d), h.dtype), np.zeros(d, h.dtype)  # the MLP's scratch (mlp_frame)
     for b in range(frames.shape[1] // bfs):
         for r in range(n):
             for j in range(bfs):
@@ -289,28 +303,8 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
             start, end = share(fs * d, tid, threads)
             linear(frame_h[n_rnn - 1], cond_w, cond_b, cond, start, end)
             sync(flags, tid, threads)
-            for j in range(fs):
-                for r in range(n):
-                    p0 = s - fs + j  # the FS samples before this one: window positions p0 .. p0 + FS - 1
-                    a[r, :] = table[win[r, p0]]
-                    for p in range(1, fs):
-                        a[r, :] += table[p * q + win[r, p0 + p]]
-                    relu(a[r], cond[r, j * d:(j + 1) * d], a[r])
-                for layer in range(hidden_w.shape[0]):
-                    start, end = share(d, tid, threads)
-                    linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
-                    sync(flags, tid, threads)
-                    for r in range(n):
-                        relu(hidden[layer, r], zero[0], a[r])
-                start, end = share(q, tid, threads)
-                out = logits[j % 2]
-                linear(a, out_w, out_b, out, start, end)
-                sync(flags, tid, threads)
-                t = b * bfs + f * fs + j
-                if tid == 0 and recorded.shape[0]:
-                    recorded[t, :] = out[0]
-                for r in range(n):
-                    win[r, s + j] = draw(out[r], noise[r, t], temperature)
+            mlp_frame(tid, threads, flags, win, s - fs, b * bfs + f * fs, cond, table, hidden, hidden_w, hidden_b,
+                      logits, out_w, out_b, a, zero, noise, temperature, recorded)
         win[:, :bfs] = win[:, bfs:]
         if tid == 0:
             frames[:, b * bfs:(b + 1) * bfs] = win[:, :bfs]

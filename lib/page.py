@@ -185,14 +185,12 @@ def write_run_page(run_dir, quiet=False):
     samples = run_samples(run_dir)
     for line in missing_samples(run_dir, rows, samples, flags.get("n_samples", 0)):
         say(line)
-    with_images = set(make_spectrograms([w for ws in samples.values() for w in ws], quiet))
-    for wav in (w for ws in samples.values() for w in ws if w not in with_images):
-        say(f"{run_dir}: no spectrogram for {os.path.basename(wav)}")
+    make_spectrograms([w for ws in samples.values() for w in ws], quiet)  # one warning per WAV it cannot draw
     name = os.path.basename(os.path.normpath(run_dir))
     best = min((r for r in rows if np.isfinite(r["valid_bits"])), key=lambda r: r["valid_bits"], default=None)
     parts = [f"<h1>{esc(name)}</h1>"]
     if saved:
-        parts.append(f'<p class="meta">{esc(saved.get("model_id", "?"))}, {saved.get("parameters", 0):,} parameters, '
+        parts.append(f'<p class="meta">{esc(saved.get("model_id", "?"))}, {number(saved.get("parameters"), ",")} parameters, '
                      f'{esc(saved.get("device", "?"))}, {esc(saved.get("sample_rate", "?"))} Hz; started with '
                      f'<code>{esc(saved.get("command", ""))}</code></p>')
         parts.append("<details><summary>all flags</summary>" + html_table(
@@ -209,15 +207,19 @@ def write_run_page(run_dir, quiet=False):
     return os.path.join(run_dir, "index.html")
 
 
+def number(v, spec):
+    return f"{v:{spec}}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "\u2014"
+
+
 def bits(v):
-    return "\u2014" if v is None else f"{v:.3f}"
+    return number(v, ".3f")
 
 
 def metrics_section(rows, best, samples):
     if not rows:
         return "<h2>Metrics</h2><p>No interval has ended yet.</p>"
     head = ["interval", "iteration", "hours", "epochs", "train NLL", "valid NLL", "test NLL", "samples"]
-    body = [[str(n), f"{r['iteration']:,}", f"{r['train_secs'] / 3600:.3f}", f"{r.get('epochs', 0):.2f}",
+    body = [[str(n), f"{r['iteration']:,}", f"{r['train_secs'] / 3600:.3f}", number(r.get("epochs"), ".2f"),
              bits(r["train_bits"]), bits(r["valid_bits"]) + (" *" if r is best else ""), bits(r.get("test_bits")),
              str(len(samples.get(r["iteration"], [])))] for n, r in enumerate(rows, 1)]
     note = "<p>NLL in bits per sample; * marks the best valid NLL (checkpoints/best.pt).</p>"
