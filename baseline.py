@@ -107,7 +107,7 @@ class FastFlatSampler:
         self.recorded = torch.zeros(self.frame_len, q, device=last.device, dtype=dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
-            from lib.kernels import flat_team
+            from lib.teams import flat_team
             lasts = self.last.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
             self.last = lasts[0]
             self.team = flat_team(self.weights, lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), temperature,

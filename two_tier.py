@@ -197,7 +197,7 @@ class FastTwoTierSampler:
         self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
-            from lib.kernels import twotier_team
+            from lib.teams import twotier_team
             windows = self.window.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
             self.window = windows[0]
             self.team = twotier_team(self.weights, windows.numpy(), self.frames.numpy(), as_arrays(self.h, np),
