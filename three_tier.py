@@ -19,9 +19,6 @@ if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load 
     from lib import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
-import weakref
-
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -135,12 +132,8 @@ class FastThreeTierSampler:
         self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
-            from lib.teams import threetier_team
-            windows = self.window.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
-            self.window = windows[0]
-            self.team = threetier_team(self.weights, windows.numpy(), self.frames.numpy(), as_arrays(self.h, np),
-                                       temperature, as_arrays(self.recorded, np), self.frame_len)
-            self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
+            from lib.teams import start_team, threetier_team
+            start_team(self, threetier_team, temperature)
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):

@@ -3,11 +3,25 @@ thread (`by_thread`, `stacked_gru`), and the `Team` of threads that steps a kern
 docstring says how the threads share the work).
 """
 import threading
+import weakref
 
 import numpy as np
+import torch
 
 from lib.kernels import (LINE, flat_step, flat_worker, share, sync, threetier_step, threetier_worker, twotier_step,
                          twotier_worker)
+
+
+def start_team(sampler, make_team, temperature):
+    """Give a fast sampler (two_tier.py's or three_tier.py's) the compiled step on torch's thread count: one window
+    per thread (thread 0's is the sampler's state); sampler.close stops the threads, also when the sampler is
+    dropped unclosed."""
+    windows = sampler.window.expand(torch.get_num_threads(), -1, -1).clone()
+    sampler.window = windows[0]
+    recorded = None if sampler.recorded is None else sampler.recorded.numpy()
+    sampler.team = make_team(sampler.weights, windows.numpy(), sampler.frames.numpy(), sampler.h.numpy(), temperature,
+                             recorded, sampler.frame_len)
+    sampler.close = weakref.finalize(sampler, sampler.team.close)
 
 
 def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
