@@ -49,6 +49,14 @@ def half_second_wav(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def quarter_second_wav(tmp_path_factory):
+    """The first quarter of speech_wav: what the slowest overfitting test (the baseline on reals) memorizes."""
+    path = str(tmp_path_factory.mktemp("speech") / "quarter_second.wav")
+    sf.write(path, loudest_second()[:RATE // 4], RATE, subtype="PCM_16")
+    return path
+
+
 def run_main(main, argv, capsys=None):
     """Call a script's main(argv) in-process -> exit status."""
     try:
