@@ -3,6 +3,9 @@ claim it breaks; the test must fail ("caught"). Outside CI (minutes). notes/test
 
     python tests/mutations.py            # all
     python tests/mutations.py floor_not_round temperature_times
+
+First the control: the chosen mutations' guards must pass on an unmutated copy (else "caught" would mean nothing).
+Each result names the first test that failed and why.
 """
 import os
 import shutil
@@ -64,29 +67,78 @@ MUTATIONS = {
     "threetier_kernel_reads_ahead": ("lib/kernels.py", "x_in[r, j] = reals[win[r, s - fs + j]]",
                                      "x_in[r, j] = reals[win[r, s + j - 1]]",
                                      "tests/test_sample.py::test_fast_path_equals_reference"),
+    "mlp_frame_reads_ahead": ("lib/kernels.py", "        p0 = first + j\n", "        p0 = first + j + 1\n",
+                              "tests/test_sample.py::test_fast_path_equals_reference"),
+    "frame_tier_sees_its_frame": ("two_tier.py", "self.frame_rnn(x[:, :-fs].reshape(B, T // fs, fs), h)",
+                                  "self.frame_rnn(x[:, fs:].reshape(B, T // fs, fs), h)",
+                                  "tests/test_models.py::test_causality_across_a_chunk_boundary"),
+    "mlp_sees_its_sample": ("two_tier.py", "prev = x[:, :-1].unfold(1, fs, 1)", "prev = x[:, 1:].unfold(1, fs, 1)",
+                            "tests/test_models.py::test_causality_across_a_chunk_boundary"),
+    "big_tier_sees_its_big_frame": ("three_tier.py", "self.big_rnn(x[:, :-bfs].reshape(B, T // bfs, bfs), h_big)",
+                                    "self.big_rnn(x[:, bfs:].reshape(B, T // bfs, bfs), h_big)",
+                                    "tests/test_models.py::test_causality_across_a_chunk_boundary"),
+    "eval_counted_as_training_time": ("lib/train.py", 'state["wall_secs"] = time.time() - wall_start',
+                                      'state["wall_secs"] = state["train_secs"] = time.time() - wall_start',
+                                      "tests/test_promises.py::test_time_budgets_count_training_time_only_and_resume"),
+    "samples_decoded_as_linear": ("lib/sample.py", "audio = dequantize(seqs, flags.q_levels, flags.qtype).numpy()",
+                                  "audio = dequantize(seqs, flags.q_levels).numpy()",
+                                  "tests/test_promises.py::test_generated_samples_are_decoded_with_the_runs_quantization"),
+    "generate_decodes_as_linear": ("generate.py", "audio = dequantize(levels, settings.q_levels, settings.qtype).numpy()",
+                                   "audio = dequantize(levels, settings.q_levels).numpy()",
+                                   "tests/test_promises.py::test_generated_samples_are_decoded_with_the_runs_quantization"),
+    "split_of_the_unsorted_list": ("lib/prepare.py", "    order = sorted(files)\n", "    order = list(files)\n",
+                                   "tests/test_promises.py::test_the_split_is_90_5_5_by_file"),
+    "parameters_counted_without_biases": ("lib/train.py", "n_params = sum(p.numel() for p in model.parameters())",
+                                          "n_params = sum(p.numel() for p in model.parameters() if p.dim() > 1)",
+                                          "tests/test_promises.py::test_readme_parameter_counts_are_what_the_scripts_print"),
+    "bad_wav_breaks_the_page": ("lib/page.py", "except (BadAudio, WriteError, OSError) as e:",
+                                "except (WriteError, OSError) as e:",
+                                "tests/test_page.py::test_a_damaged_or_unfinished_run_still_gets_its_page_with_one_warning_per_missing_piece"),
 }
+
+
+def copy_of_repo(tmp):
+    copy = os.path.join(tmp, "repo")
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".cache"))
+    return copy
+
+
+def pytest(copy, tests):
+    """Run the tests in the copy -> (exit status, the first failure's summary line)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="220")  # wide: pytest cuts the summary to the terminal
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                       cwd=copy, capture_output=True, text=True, env=env)
+    lines = p.stdout.strip().splitlines()
+    why = [line for line in lines if line.startswith(("FAILED", "ERROR"))] or lines[-1:] or [""]
+    return p.returncode, why[0][:160]
 
 
 def run(name):
     path, text, replacement, tests = MUTATIONS[name]
     with tempfile.TemporaryDirectory() as tmp:
-        copy = os.path.join(tmp, "repo")
-        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".cache"))
+        copy = copy_of_repo(tmp)
         source = open(os.path.join(copy, path)).read()
         if source.count(text) != 1:
             return "stale (the text to mutate is not there once)"
         with open(os.path.join(copy, path), "w") as f:
             f.write(source.replace(text, replacement))
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests.split()],
-                           cwd=copy, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        return "caught" if p.returncode == 1 else "SURVIVED" if p.returncode == 0 else f"error {p.returncode}"
+        code, why = pytest(copy, tests.split())
+        return f"caught: {why}" if code == 1 else "SURVIVED" if code == 0 else f"error {code}: {why}"
 
 
 def main(names):
-    results = {name: run(name) for name in names or MUTATIONS}
+    names = names or list(MUTATIONS)
+    guards = sorted({t for name in names for t in MUTATIONS[name][3].split()})
+    with tempfile.TemporaryDirectory() as tmp:  # the control: without a mutation every guard passes
+        code, why = pytest(copy_of_repo(tmp), guards)
+    if code != 0:
+        print(f"the guards fail without any mutation, so no result below would mean anything: {why}")
+        return 2
+    print(f"control: the {len(guards)} guards pass unmutated")
+    results = {name: run(name) for name in names}
     for name, result in results.items():
-        print(f"{name:32s} {result}")
-    return 0 if all(r == "caught" for r in results.values()) else 1
+        print(f"{name:34s} {result}")
+    return 0 if all(r.startswith("caught") for r in results.values()) else 1
 
 
 if __name__ == "__main__":
