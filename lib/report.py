@@ -33,8 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_curves(runs, path):
     """runs: {name: metrics rows}. Train (solid) and valid (dashed) bits per sample by training hours and by
-    iteration; the legend sits outside the axes, so that 2-8 runs stay readable."""
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    iteration; the legend sits outside the axes, and the figure grows taller when the legend needs it."""
+    legend_lines = sum(2 * (name.count("\n") + 1) for name, rows in runs.items() if rows)  # train and valid
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4.8, 0.8 + 0.16 * legend_lines)))
     for name, rows in runs.items():
         if not rows:
             continue

@@ -150,3 +150,18 @@ def test_without_windows_a_short_runs_row_has_numbers(tmp_path):
     long_rows = [dict(r, train_secs=r["train_secs"] * 5400, iteration=r["iteration"] * 400) for r in rows]
     full = make_run(tmp_path, "twotier_full_2", rows=long_rows)  # 12 hours, 120K iterations: the defaults
     assert "train 0-1h (time)" in report([full]).splitlines()[0]
+
+
+def test_the_curves_legend_fits_in_the_figure(tmp_path):
+    """12 lines of runs whose settings wrap to 3-4 lines each (as with several --data paths): the figure grows, and
+    the legend's column ends above the image's bottom edge instead of being cut off there."""
+    import numpy as np
+    from PIL import Image
+    from lib.report import plot_curves
+    runs = {f"threetier big_frame_size=8\ndata=/work/clone{k}/data/asterisk_en\ndim=256 seed={k}": ROWS
+            for k in range(6)}
+    plot_curves(runs, str(tmp_path / "curves.png"))
+    image = np.asarray(Image.open(tmp_path / "curves.png").convert("L"))
+    legend_column = image[:, int(0.77 * image.shape[1]):]
+    inked = np.nonzero((legend_column < 200).any(axis=1))[0]
+    assert len(inked) and inked.max() < image.shape[0] - 10, (inked.max(), image.shape)
