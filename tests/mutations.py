@@ -128,6 +128,10 @@ def run(name):
 
 def main(names):
     names = names or list(MUTATIONS)
+    unknown = [name for name in names if name not in MUTATIONS]
+    if unknown:
+        print(f"error: no mutation named {', '.join(unknown)}; the names are in MUTATIONS at the top of {__file__}")
+        return 2
     guards = sorted({t for name in names for t in MUTATIONS[name][3].split()})
     with tempfile.TemporaryDirectory() as tmp:  # the control: without a mutation every guard passes
         code, why = pytest(copy_of_repo(tmp), guards)
