@@ -29,7 +29,7 @@ from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.report import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.run import load_checkpoint, load_latest_checkpoint, read_run_settings
+from lib.run import load_checkpoint, load_latest_checkpoint, own_checkpoint, read_run_settings
 from lib.settings import choose_device
 from lib.step import set_precision
 
@@ -50,6 +50,8 @@ def load_run(path, device):
         path, ckpt = found
     elif not os.path.isfile(path):
         raise UserError(f"{path} is neither a run folder nor a checkpoint file")
+    elif os.path.isfile(os.path.join(run_of(path), "settings.json")):
+        ckpt = own_checkpoint(run_of(path), path)  # a checkpoint in a run folder must be the run's own
     else:
         try:
             ckpt = load_checkpoint(path)
@@ -61,9 +63,13 @@ def load_run(path, device):
     settings = argparse.Namespace(**ckpt["settings"])
     model = SCRIPTS[model_id].build_model(settings)
     model.load_state_dict(ckpt["model"])
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    return (model.to(device).eval(), settings, ckpt["sample_rate"], run_dir, ckpt.get("state", {}).get("iteration"),
+    return (model.to(device).eval(), settings, ckpt["sample_rate"], run_of(path), ckpt.get("state", {}).get("iteration"),
             path)
+
+
+def run_of(checkpoint):
+    """The run folder a checkpoint file lies in (RUN/checkpoints/it0000300.pt -> RUN)."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
 
 
 def load_prime(path, settings, sample_rate, min_len):

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 
 import torch
 from tqdm import tqdm
@@ -127,8 +128,15 @@ def check_data(run_dir, splits, data, accept_changed):
     write_settings(run_dir, run)
 
 
+def new_run_id():
+    """The id a run gets at creation, written into settings.json and every checkpoint it saves: a checkpoint copied
+    in from another run, even one with the same flags, is never taken for the run's own."""
+    return uuid.uuid4().hex
+
+
 def checkpoint_paths(run_dir):
-    """The run's checkpoints it0000300.pt ..., oldest first (names are zero-padded iteration numbers)."""
+    """The run folder's interval checkpoints it0000300.pt ..., oldest first (names are zero-padded iteration
+    numbers). What they hold is not checked here: own_checkpoints and read_checkpoint check it."""
     folder = os.path.join(run_dir, "checkpoints")
     names = os.listdir(folder) if os.path.isdir(folder) else []
     return [os.path.join(folder, n) for n in sorted(names) if re.fullmatch(r"it\d+\.pt", n)]
@@ -138,52 +146,88 @@ def checkpoint_path(run_dir, iteration):
     return os.path.join(run_dir, "checkpoints", f"it{iteration:07d}.pt")
 
 
-def load_checkpoint(path):
-    """A checkpoint's dict, on the CPU. Checkpoints hold plain Python state beside tensors (settings, the metrics
-    row), so they are not loaded weights-only: load only checkpoints you trust, as with any pickle."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+def best_path(run_dir):
+    return os.path.join(run_dir, "checkpoints", "best.pt")
 
 
-def load_latest_checkpoint(run_dir, verb):
-    """(path, checkpoint) of the newest checkpoint that loads, newest first: a damaged one (truncated, empty) is
-    skipped with a warning. None if the run has no checkpoint that loads."""
-    paths = checkpoint_paths(run_dir)[::-1]
+def load_checkpoint(path, mmap=False):
+    """A checkpoint's dict, on the CPU (mmap: tensors mapped, not read: to look at its state cheaply). Checkpoints
+    hold plain Python state beside tensors (settings, the metrics row), so they are not loaded weights-only: load
+    only checkpoints you trust, as with any pickle."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+
+
+def read_checkpoint(run, path, mmap=False):
+    """(checkpoint, '') when the file at `path` loads and is the run's own (`run`: its settings.json, or None when
+    there is none to compare with), else (None, why not)."""
     try:
-        run = read_run_settings(run_dir)
-    except UserError:
-        run = None  # nothing to compare with
-    for i, path in enumerate(paths):
-        then = f"{verb} {os.path.basename(paths[i + 1])}" if i + 1 < len(paths) else "no older checkpoint"
-        try:
-            ckpt = load_checkpoint(path)
-            if not isinstance(ckpt, dict) or not {"model_id", "settings", "model"} <= set(ckpt):
-                raise ValueError("not a checkpoint of this repository")
-        except Exception as e:  # torch raises many types for damaged files
-            warn(f"{os.path.basename(path)} is unreadable ({str(e).splitlines()[0][:100]}); {then}")
-            continue
-        foreign = run and not_of_run(run, ckpt)
-        if foreign:
-            warn(f"{os.path.basename(path)} is not this run's ({foreign}); skipped: {then}")
-            continue
-        return path, ckpt
-    return None
+        ckpt = load_checkpoint(path, mmap)
+        if not isinstance(ckpt, dict) or not {"model_id", "settings", "model", "state"} <= set(ckpt):
+            raise ValueError("not a checkpoint of this repository")
+    except Exception as e:  # torch raises many types for damaged files
+        return None, f"unreadable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})"
+    foreign = not_of_run(run, ckpt, os.path.basename(path)) if run is not None else ""
+    return (None, f"not this run's ({foreign})") if foreign else (ckpt, "")
 
 
-def not_of_run(run, ckpt):
-    """'' if the checkpoint was made by the run whose settings.json is `run`, else how it differs."""
+def not_of_run(run, ckpt, name):
+    """'' if the checkpoint file `name` was saved by the run whose settings.json is `run`, else how it differs:
+    another run's id (runs made before ids: another model or other flags), or an iteration other than its name's."""
     if ckpt["model_id"] != run.get("model_id"):
         return f"a {ckpt['model_id']} checkpoint in a {run.get('model_id')} run"
+    if ckpt.get("run_id") != run.get("run_id"):
+        return f"saved by run {ckpt.get('run_id') or '(made before run ids)'}, this run is {run.get('run_id')}"
+    named = re.fullmatch(r"it(\d+)\.pt", name)
+    held = ckpt["state"].get("iteration") if isinstance(ckpt["state"], dict) else None
+    if named and held != int(named.group(1)):
+        return f"it holds iteration {held}, not {int(named.group(1))}"
     theirs, ours = upgraded(ckpt["settings"]), upgraded(run.get("settings", {}))
     differ = sorted(k for k in theirs.keys() & ours.keys() if k not in RESUMABLE and theirs[k] != ours[k])
     return f"--{differ[0]} {theirs[differ[0]]!r}, the run has {ours[differ[0]]!r}" if differ else ""
 
 
-def saved_state(path):
-    """The training state ({'iteration': ...}) in a checkpoint; {} if it is damaged (treated as missing)."""
+def run_or_none(run_dir):
     try:
-        return load_checkpoint(path)["state"]
-    except Exception:
-        return {}
+        return read_run_settings(run_dir)
+    except UserError:
+        return None  # nothing to compare with
+
+
+def load_latest_checkpoint(run_dir, verb):
+    """(path, checkpoint) of the run's newest own checkpoint that loads, newest first, best.pt among them by the
+    iteration it holds: a damaged one (truncated, empty) or another run's is skipped with a warning. None if the
+    run has no such checkpoint."""
+    run = run_or_none(run_dir)
+    paths = checkpoint_paths(run_dir)[::-1]
+    best, _ = read_checkpoint(run, best_path(run_dir), mmap=True) if os.path.exists(best_path(run_dir)) \
+        else (None, "")
+    if best is not None:  # a copy of an interval checkpoint, which may be gone or damaged
+        at = next((i for i, p in enumerate(paths) if int(os.path.basename(p)[2:-3]) < best["state"]["iteration"]),
+                  len(paths))
+        paths.insert(at, best_path(run_dir))
+    for i, path in enumerate(paths):
+        then = f"{verb} {os.path.basename(paths[i + 1])}" if i + 1 < len(paths) else "no older checkpoint"
+        ckpt, problem = read_checkpoint(run, path)
+        if problem:
+            warn(f"{os.path.basename(path)} is {problem}; {then}")
+            continue
+        return path, ckpt
+    return None
+
+
+def own_checkpoint(run_dir, path):
+    """The checkpoint at `path`, checked to be the run's own and to load; a one-line UserError if not."""
+    ckpt, problem = read_checkpoint(run_or_none(run_dir), path)
+    if problem:
+        raise UserError(f"{path} is {problem}")
+    return ckpt
+
+
+def saved_state(run, path):
+    """The training state ({'iteration': ...}) in the run's own checkpoint at `path`; {} if it is damaged or not
+    the run's (treated as missing)."""
+    ckpt, _ = read_checkpoint(run, path, mmap=True) if os.path.exists(path) else (None, "")
+    return ckpt["state"] if ckpt is not None else {}
 
 
 def save_checkpoint(run_dir, ckpt):
@@ -194,28 +238,39 @@ def save_checkpoint(run_dir, ckpt):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as e:
         raise WriteError(os.path.dirname(path), e) from None
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+    def write(tmp):
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as e:  # torch's writer reports a short write as "[enforce fail ...] unexpected pos"
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            raise WriteError(path, OSError(f"the write stopped partway ({free / 2 ** 20:,.0f} MB free there: a full "
+                                           f"disk, a quota or a file size limit?)")) from e
+    atomic_write(path, write)
     return path
 
 
 def write_best(run_dir, checkpoint):
     """checkpoints/best.pt: a copy of the checkpoint with the best valid NLL so far, written atomically."""
-    atomic_write(os.path.join(run_dir, "checkpoints", "best.pt"), lambda tmp: shutil.copyfile(checkpoint, tmp))
+    atomic_write(best_path(run_dir), lambda tmp: shutil.copyfile(checkpoint, tmp))
 
 
 def keep_newest(run_dir, keep):
-    """Only the newest `keep` interval checkpoints stay (best.pt is a copy: what it came from may go)."""
-    for old in checkpoint_paths(run_dir)[:-keep]:
+    """Only the run's newest `keep` interval checkpoints stay; files of other runs (or damaged ones) are not
+    counted and never removed (best.pt is a copy: what it came from may go)."""
+    run = run_or_none(run_dir)
+    own = [p for p in checkpoint_paths(run_dir) if read_checkpoint(run, p, mmap=True)[0] is not None]
+    for old in own[:-keep]:
         os.remove(old)
 
 
-def read_metrics(run_dir, quiet=False):
-    """The rows of RUN/metrics.jsonl. A line that is not a JSON row (half-written by a kill or a full disk) is
-    dropped with a warning (unless quiet)."""
+def metrics_lines(run_dir):
+    """(rows, others) of RUN/metrics.jsonl: rows are JSON objects with an integer iteration; others are
+    (line number, text, why) for every other line: half-written by a kill or a full disk, or not a metrics row."""
     path = os.path.join(run_dir, "metrics.jsonl")
+    rows, others = [], []
     if not os.path.exists(path):
-        return []
-    rows = []
+        return rows, others
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -223,11 +278,21 @@ def read_metrics(run_dir, quiet=False):
             try:
                 row = json.loads(line)
             except ValueError:
-                row = None
-            if isinstance(row, dict):
+                others.append((n, line, "is not a complete row (a write was cut off)"))
+                continue
+            it = row.get("iteration") if isinstance(row, dict) else None
+            if isinstance(it, int) and not isinstance(it, bool):
                 rows.append(row)
-            elif not quiet:
-                warn(f"{path} line {n} is not a complete row (a write was cut off); it is ignored")
+            else:
+                others.append((n, line, "is not a metrics row (no integer iteration)"))
+    return rows, others
+
+
+def read_metrics(run_dir, quiet=False):
+    """The rows of RUN/metrics.jsonl. A line that is not a metrics row is dropped with a warning (unless quiet)."""
+    rows, others = metrics_lines(run_dir)
+    for n, _, why in others if not quiet else ():
+        warn(f"{os.path.join(run_dir, 'metrics.jsonl')} line {n} {why}; it is ignored")
     return rows
 
 
@@ -252,20 +317,37 @@ def remove_temporary_files(run_dir):
                 os.remove(os.path.join(root, name))
 
 
-def repair(run_dir, iteration, row):
-    """On resume from the checkpoint of `iteration`: forget metrics rows logged after it; if it ends an interval
-    (it holds the interval's row), put back that row and best.pt where a kill came before they were written."""
-    rows = read_metrics(run_dir)
+SET_ASIDE = "metrics_set_aside.jsonl"  # rows a resume will redo, and lines that are no metrics rows: kept, not lost
+
+
+def repair(run_dir, iteration, row, source):
+    """On resume from the checkpoint `source` of `iteration`: metrics rows logged after it (and lines that are no
+    metrics rows) move to RUN/metrics_set_aside.jsonl, each with why; if the checkpoint ends an interval (it holds
+    the interval's row), put back that row and best.pt where a kill came before they were written."""
+    rows, others = metrics_lines(run_dir)
     keep = [r for r in rows if r["iteration"] <= iteration]
+    why = f"set aside on {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+    aside = [dict(r, set_aside=why + f"after {os.path.basename(source)} (iteration {iteration}), which the run "
+                                      f"resumed from") for r in rows if r["iteration"] > iteration]
+    aside += [{"line": text.rstrip("\n"), "set_aside": why + f"line {n} {reason}"} for n, text, reason in others]
+    for a in aside:
+        warn(f"metrics.jsonl: {a['set_aside'][len(why):]}" + (f": the row of iteration {a['iteration']}"
+                                                                 if "iteration" in a else "") + f"; kept in {SET_ASIDE}")
+    if aside:
+        path = os.path.join(run_dir, SET_ASIDE)
+        try:
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(a) + "\n" for a in aside))
+        except OSError as e:
+            raise WriteError(path, e) from None
     if row is not None and (not keep or keep[-1]["iteration"] != iteration):
         keep.append(row)
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if keep != rows or (os.path.exists(path) and len(open(path).read().splitlines()) != len(rows)):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-    best = os.path.join(run_dir, "checkpoints", "best.pt")
-    if row is not None and row.get("best_iteration") == iteration and (
-            not os.path.exists(best) or saved_state(best).get("iteration") != iteration):
-        write_best(run_dir, checkpoint_path(run_dir, iteration))
+    if keep != rows or aside:
+        write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
+    best = best_path(run_dir)
+    if row is not None and row.get("best_iteration") == iteration and \
+            saved_state(run_or_none(run_dir), best).get("iteration") != iteration:
+        write_best(run_dir, source)
 
 
 class Logger:

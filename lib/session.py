@@ -28,6 +28,7 @@ class Session:
     batches: ChunkBatches
     device: torch.device
     run_dir: str
+    run_id: str  # written into every checkpoint: None for runs made before ids
     log: Callable
     main: bool  # rank 0: the one that evaluates and writes
     clips_per_step: int  # the global batch
@@ -63,9 +64,10 @@ def setup(model_id, args, model, device, tag, resuming):
     run_dir = dist.share(run_dir)
     if main and not resuming:
         run.hold_run(run_dir)
+    run_id = run.read_run_settings(args.resume).get("run_id") if resuming else dist.share(run.new_run_id())
     return Session(args=args, model_id=model_id, model=model, net=dist.wrap(model, device),
                    optimizer=make_optimizer(model, args.lr, capturable=args.cuda_graph_step), splits=splits,
-                   sample_rate=sample_rate, batches=batches, device=device, run_dir=run_dir,
+                   sample_rate=sample_rate, batches=batches, device=device, run_dir=run_dir, run_id=run_id,
                    log=run.Logger(os.path.join(run_dir, "log.txt") if main else None), main=main,
                    clips_per_step=world * args.batch_size, samples_per_step=world * args.batch_size * model.seq_len,
                    chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)
@@ -83,8 +85,8 @@ def begin(s, n_params, resumed):
         run.remove_temporary_files(s.run_dir)
     elif s.main:
         run.write_settings(s.run_dir, {
-            "model_id": s.model_id, "settings": vars(args), "parameters": n_params, "world_size": dist.world_size(),
-            "sample_rate": s.sample_rate, "clips": {k: [v.n_clips, int(v.lengths.sum())] for k, v in splits.items()},
+            "model_id": s.model_id, "run_id": s.run_id, "settings": vars(args), "parameters": n_params,
+            "world_size": dist.world_size(),            "sample_rate": s.sample_rate, "clips": {k: [v.n_clips, int(v.lengths.sum())] for k, v in splits.items()},
             "data_fingerprint": cache.fingerprint(splits), "device": str(s.device), "command": " ".join(sys.argv),
             "git": run.git_info(), "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                                 "numpy": np.__version__}})
@@ -97,7 +99,7 @@ def begin(s, n_params, resumed):
           (f" ({os.path.basename(ckpt_path)})" if ckpt_path else ""))
     if resumed and s.main:
         row = ckpt.get("row") if ckpt else None
-        run.repair(s.run_dir, state["iteration"], row)
+        run.repair(s.run_dir, state["iteration"], row, ckpt_path)
         if row is not None and not all(map(os.path.exists, run.sample_paths(s.run_dir, state["iteration"],
                                                                            args.n_samples))):
             s.log(f"writing the samples of iteration {state['iteration']}, which a stop had cut off")

@@ -9,7 +9,8 @@ import torch
 from lib import ArgumentParser, UserError, dist
 from lib.data import DEFAULT_DATA
 from lib.quantize import NORMS, QTYPES, check_q_levels
-from lib.run import RESUMABLE, load_latest_checkpoint, read_run_settings, upgraded
+from lib.run import RESUMABLE, best_path, checkpoint_paths, load_latest_checkpoint, read_metrics, read_run_settings, \
+    upgraded
 from lib.step import PRECISIONS
 
 SCRIPTS = {"twotier": "two_tier.py", "threetier": "three_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
@@ -76,7 +77,8 @@ def build_parser(script, doc, add_model_args, presets):
 def parse_settings(model_id, parser, presets, argv):
     """Resolved flags: defaults < preset < command line; on --resume, the run's settings < command line.
     -> (args, resumed): resumed is None for a new run, else (checkpoint path, checkpoint), both None for a run
-    killed before its first checkpoint (it starts again from iteration 0 in its own folder)."""
+    killed before its first checkpoint (it starts again from iteration 0 in its own folder). A run with a history
+    (metrics rows, checkpoint files) but no readable checkpoint of its own is refused: it never starts over."""
     first, _ = parser.parse_known_args(argv)
     if first.resume is None:
         if first.preset:
@@ -86,6 +88,8 @@ def parse_settings(model_id, parser, presets, argv):
         return args, None
     run = read_run_settings(first.resume)
     found = load_latest_checkpoint(first.resume, "resuming from")
+    if found is None:
+        refuse_to_start_over(first.resume, run)
     ckpt_path, ckpt = found or (None, None)
     saved_id, saved = (ckpt["model_id"], ckpt["settings"]) if ckpt else (run["model_id"], run["settings"])
     if saved_id != model_id:
@@ -101,6 +105,22 @@ def parse_settings(model_id, parser, presets, argv):
     args.data = os.path.abspath(args.data)
     args.accept_changed_data = first.accept_changed_data  # this session's word only: never carried to the next
     return args, (ckpt_path, ckpt)
+
+
+def refuse_to_start_over(run_dir, run):
+    """A UserError when the run folder holds a history that starting from iteration 0 there would replace."""
+    rows = read_metrics(run_dir, quiet=True)
+    files = checkpoint_paths(run_dir) + [p for p in [best_path(run_dir)] if os.path.exists(p)]
+    if not rows and not files:
+        return  # killed before its first checkpoint: nothing to lose
+    history = (f"metrics up to iteration {rows[-1]['iteration']}" if rows else "no metrics") + \
+        (f" and {len(files)} checkpoint file(s), none of them its own and readable" if files else
+         " and no checkpoint (checkpoints/it*.pt, best.pt)")
+    command = run.get("command", "").split()
+    again = f"python {' '.join(command)}" if command and "--resume" not in command else \
+        f"python {SCRIPTS.get(run.get('model_id'), 'SCRIPT')} with the flags in {run_dir}/settings.json"
+    raise UserError(f"{run_dir} cannot be resumed: it has {history}, and starting again at iteration 0 would "
+                    f"replace its history; to train these settings anew in a new run folder: {again}")
 
 
 def check_settings(args):

@@ -293,7 +293,7 @@ def end_interval(s, state, interval, h, final):
 def save(s, state, h, row):
     """Everything needed to continue exactly, and the interval's metrics row (None when saved mid-interval)."""
     return run.save_checkpoint(s.run_dir, {
-        "model_id": s.model_id, "settings": vars(s.args), "sample_rate": s.sample_rate,
+        "model_id": s.model_id, "run_id": s.run_id, "settings": vars(s.args), "sample_rate": s.sample_rate,
         "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "state": dict(state), "row": row,
         "h": None if h is None else h.cpu()})  # no global RNG state: nothing draws from it
 
@@ -318,7 +318,7 @@ def interrupted(s, state, interval, h, signum):
 def best_model(s):
     """A copy of the model with best.pt's weights (for the end-of-run test NLL)."""
     best = copy.deepcopy(s.model)
-    best.load_state_dict(run.load_checkpoint(os.path.join(s.run_dir, "checkpoints", "best.pt"))["model"])
+    best.load_state_dict(run.own_checkpoint(s.run_dir, run.best_path(s.run_dir))["model"])
     return best
 
 
