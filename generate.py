@@ -159,6 +159,10 @@ def generate_files(args):
                         f"seed{args.seed}_temp{args.temperature:g}")
     paths = [f"{base}_{k:03d}.wav" for k in range(args.n)]
     plots = [f"{base}_softmax.png"] + ([f"{base}_softmax.gif"] if args.animate else []) if args.plot_softmax else []
+    if os.path.exists(os.path.join(out_dir, "settings.json")):
+        raise UserError(f"--out {out_dir} is a run folder (its index.html is the run's own page): choose another "
+                        f"--out, e.g. {os.path.join(out_dir, 'generated')}")
+    page.check_output(os.path.join(out_dir, "index.html"), "folder", args.overwrite, "--out's page")
     existing = [p for p in paths + plots if os.path.exists(p)]
     if existing and not args.overwrite:
         raise UserError(f"{existing[0]} exists ({len(existing)} of the files to write do): pass --overwrite to replace "

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from lib import WriteError, atomic_write
+from lib import UserError, WriteError, atomic_write
 from lib.audio import BadAudio, find_audio, read_mono, warn, write_wav
 from lib.run import read_metrics
 
@@ -109,9 +109,36 @@ def link(path, page_dir):
     return quote(os.path.relpath(path, page_dir).replace(os.sep, "/"))
 
 
-def document(title, body):
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'
+# each page says which writer made it: a writer replaces only its own kind of page, never another file
+KINDS = {"run": "samplernn run page", "folder": "samplernn generate.py page", "compare": "samplernn lib.report page"}
+BEFORE_KINDS = {"folder": " generated files.</p>", "compare": " runs compared</h1>"}  # pages made before KINDS
+
+
+def document(title, body, kind):
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="generator" content="{KINDS[kind]}">\n<title>{esc(title)}</title>\n'
             f'<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n')
+
+
+def is_page(path, kind):
+    """Whether the file at `path` is a page of this kind that this repository wrote."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError:
+        return False
+    return f'content="{KINDS[kind]}"' in text[:500] or (kind in BEFORE_KINDS and text.startswith("<!DOCTYPE html>")
+                                                         and BEFORE_KINDS[kind] in text)
+
+
+def check_output(path, kind, overwrite=False, flag="the output"):
+    """A UserError, before anything is written, when writing a page of `kind` at `path` would replace something
+    else: a folder, or a file that is not such a page (unless overwrite)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder: name a file, e.g. {os.path.join(path, 'compare.html')}")
+    if os.path.lexists(path) and not overwrite and not is_page(path, kind):
+        raise UserError(f"{flag} {path} exists and is not a page this command wrote: choose another name, or pass "
+                        f"--overwrite to replace it")
 
 
 def html_table(head, rows, classes=None):
@@ -132,8 +159,8 @@ def player(wav, page_dir, caption):
             f'<figcaption>{esc(caption)}</figcaption></figure>')
 
 
-def write_page(path, title, body):
-    text = document(title, body)
+def write_page(path, title, body, kind):
+    text = document(title, body, kind)
     atomic_write(path, lambda tmp: open(tmp, "w").write(text))
 
 
@@ -203,7 +230,7 @@ def write_run_page(run_dir, quiet=False):
     elif rows:
         say(f"{run_dir} has no curves.png")
     parts.append(samples_section(run_dir, rows, best, samples))
-    write_page(os.path.join(run_dir, "index.html"), name, "\n".join(parts))
+    write_page(os.path.join(run_dir, "index.html"), name, "\n".join(parts), "run")
     return os.path.join(run_dir, "index.html")
 
 
@@ -257,7 +284,7 @@ def write_folder_page(folder, title):
     parts += [player(w, folder, os.path.basename(w)) for w in wavs]
     parts += [f'<h2>{esc(os.path.basename(p))}</h2><img class="curves" src="{link(p, folder)}" alt="softmax">'
               for p in pictures]
-    write_page(os.path.join(folder, "index.html"), title, "\n".join(parts))
+    write_page(os.path.join(folder, "index.html"), title, "\n".join(parts), "folder")
     return os.path.join(folder, "index.html")
 
 
@@ -287,12 +314,16 @@ def reference_clip(flags, out_wav):
     return out_wav
 
 
+def files_folder(out_path):
+    """OUT_files/, beside OUT.html: the comparison page's curves and reference clip."""
+    return os.path.splitext(os.path.abspath(out_path))[0] + "_files"
+
+
 def write_compare_page(summaries, table_head, table_rows, out_path, curves):
     """OUT.html: the report's table and curves (`curves`, a PNG already written), a real clip of the data, then
     the runs' samples side by side by interval (the k-th interval of each run), each with its valid NLL."""
     out_dir = os.path.dirname(os.path.abspath(out_path))
-    files = os.path.splitext(os.path.abspath(out_path))[0] + "_files"
-    os.makedirs(files, exist_ok=True)
+    files = files_folder(out_path)
     parts = [f"<h1>{len(summaries)} runs compared</h1>",
              "<p>NLL in bits per sample; train NLL as mean over the windows named, valid at each interval's end.</p>",
              html_table(table_head, [[esc(c).strip("`") for c in row] for row in table_rows]),
@@ -329,5 +360,5 @@ def write_compare_page(summaries, table_head, table_rows, out_path, curves):
                           '<span class="missing">no samples</span>') + "</td>")
         rows.append(f"<tr><th>interval {k}</th>{''.join(cells)}</tr>")
     parts.append(f"<table>\n<tr><th></th>{head}</tr>\n" + "\n".join(rows) + "\n</table>")
-    write_page(out_path, f"{len(summaries)} runs compared", "\n".join(parts))
+    write_page(out_path, f"{len(summaries)} runs compared", "\n".join(parts), "compare")
     return out_path

@@ -19,7 +19,7 @@ import math
 import os
 import re
 
-from lib import ArgumentParser, UserError, atomic_write, page, run_script
+from lib import ArgumentParser, UserError, WriteError, atomic_write, page, run_script
 from lib.audio import warn
 from lib.run import read_metrics
 from lib.settings import add_training_args
@@ -343,7 +343,28 @@ def read_metrics_quietly(run_dir):
         return []
 
 
-def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False, html=None):
+PLOT_TYPES = (".png", ".pdf", ".svg")
+
+
+def check_plot(path, overwrite):
+    """A UserError when --plot would replace a folder, or a file that matplotlib did not draw."""
+    if os.path.isdir(path):
+        raise UserError(f"--plot {path} is a folder: name a file, e.g. {os.path.join(path, 'curves.png')}")
+    if os.path.splitext(path)[1].lower() not in PLOT_TYPES:
+        raise UserError(f"--plot {path}: name a {', '.join(PLOT_TYPES)} file (matplotlib picks the format by it)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there to replace
+    except OSError:
+        head = b""
+    if not overwrite and b"matplotlib" not in head.lower():
+        raise UserError(f"--plot {path} exists and is not a plot this command drew: choose another name, or pass "
+                        f"--overwrite to replace it")
+
+
+def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False, html=None, overwrite=False):
     """The text to print for these runs (Markdown, or JSON lines). Windows not given: fitting_windows.
     html: "" writes each run's RUN/index.html (lib/page.py); a path writes the page comparing the runs there."""
     runs = find_runs(paths)
@@ -355,9 +376,16 @@ def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False
     summaries = [s for s in (summarize(r, tw, iw) for r in runs) if s is not None]
     if not summaries:
         raise UserError("none of the runs has metrics yet")
+    if html:  # every output checked before anything is written
+        page.check_output(html, "compare", overwrite, "--html")
+        plot = plot or os.path.join(page.files_folder(html), "curves.png")
+    if plot:
+        check_plot(plot, overwrite)
     if html:
-        plot = plot or os.path.splitext(html)[0] + "_files/curves.png"
-        os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
+        try:
+            os.makedirs(page.files_folder(html), exist_ok=True)
+        except OSError as e:
+            raise WriteError(page.files_folder(html), e) from None
     if plot:
         plot_curves({name: s["rows"] for name, s in zip(short_names(summaries), summaries)}, plot)
     if as_json:
@@ -383,12 +411,15 @@ def build_parser():
     p.add_argument("--html", nargs="?", const="", default=None, metavar="OUT.html",
                    help="alone: write (or rewrite) each run's RUN/index.html, the page to listen to its samples; with "
                         "a file name: one page comparing the runs, their samples side by side by interval")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --html and --plot replace a file that is not a page or plot this command wrote")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    print(run_script(report, args.runs, args.time_windows, args.iter_windows, args.plot, args.json, args.html))
+    print(run_script(report, args.runs, args.time_windows, args.iter_windows, args.plot, args.json, args.html,
+                     args.overwrite))
 
 
 if __name__ == "__main__":
