@@ -35,7 +35,7 @@ from lib.step import set_precision
 
 SCRIPTS = {m.MODEL_ID: m for m in (two_tier, three_tier, baseline)}
 MAX_FILES = 100_000  # per call: every path is named before the first is written
-MAX_SECS = 24 * 3600.0  # per sequence: a day of audio (16 kHz: 1.4 M samples, 11 MB of levels per sequence)
+MAX_SECS = 24 * 3600.0  # per sequence: a day of audio (16 kHz: 1.4 G samples, 11 GB of levels per sequence)
 
 
 def load_run(path, device):
@@ -136,8 +136,10 @@ def generate_files(args):
         if not (value > 0 and math.isfinite(value) and value <= most):
             raise UserError(f"--{name} must be a positive number" + (f" of at most {most:g}" if most < math.inf else
                                                                        "") + f" (got {value})")
-    if args.threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or more (got {args.threads})")
+    if not 0 <= args.threads <= 1024:
+        raise UserError(f"--threads must be 0 (torch's default) to 1024 (got {args.threads})")
+    if not 0 <= args.seed <= 2 ** 32 - 1 - args.n:
+        raise UserError(f"--seed must be 0 to 2**32 - 1 - --n (seeds are 32-bit; got {args.seed})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = choose_device(args.device)

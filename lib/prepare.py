@@ -50,6 +50,9 @@ def cut_clips(audio, clip_len):
 def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.05), seed=0, silence_db=-60.0):
     if not os.path.isdir(src):
         raise UserError(f"source folder {src} does not exist (or is not a folder)")
+    inside = os.path.commonpath([os.path.realpath(src), os.path.realpath(out)]) == os.path.realpath(src)
+    if inside:  # its clips (and OUT.partial's) would be taken in as sources by a later prepare of SRC
+        raise UserError(f"output {out} is inside the source folder {src}: choose a folder outside it")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"output {out} already exists and is not empty: choose a new folder (nothing was changed)")
     if not (sample_rate >= 1 and 0 < clip_secs < float("inf")):

@@ -3,6 +3,7 @@ session may change, the checks that refuse bad values with one line, and the dev
 import argparse
 import math
 import os
+import re
 
 import torch
 
@@ -14,6 +15,12 @@ from lib.run import RESUMABLE, best_path, checkpoint_paths, load_latest_checkpoi
 from lib.step import PRECISIONS
 
 SCRIPTS = {"twotier": "two_tier.py", "threetier": "three_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
+
+
+BOUNDS = {"seed": 2 ** 32 - 1, "threads": 1024, "sample_secs": 3600.0, "n_samples": 1000}
+BOUNDS_WHY = {"seed": "seeds are 32-bit", "threads": "more threads than any machine has cores crash OpenMP",
+              "sample_secs": "each interval's samples are held in memory whole: an hour is 115 M samples at 8 kHz x 4",
+              "n_samples": "that many WAV files every interval"}
 
 
 def add_training_args(p, presets):
@@ -137,6 +144,12 @@ def check_settings(args):
                  "patience", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
+    for name, most in BOUNDS.items():
+        if getattr(args, name) > most:
+            raise UserError(f"--{name} {getattr(args, name)} is more than {most:,} ({BOUNDS_WHY[name]})")
+    if args.name is not None and not re.fullmatch(r"[\w.+=-]+", args.name) or args.name in (".", ".."):
+        raise UserError(f"--name {args.name!r}: use letters, digits and . _ + = - only (it becomes part of one folder's "
+                        f"name under --runs_dir; no / or spaces)")
     no_cuda = choose_device(args.device).type != "cuda"
     if args.precision == "bf16" and no_cuda:
         raise UserError("this run trains in bf16 (--precision), which is for CUDA: resume it where there is a GPU"

@@ -86,10 +86,13 @@ def test_mixed_rates_channels_formats_and_bad_files(tmp_path, capsys):
     assert sum(len(meta["splits"][s]["files"]) for s in SPLITS) == 4
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "out_exists"])
+@pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "out_exists", "out_inside_src"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     src, out = tmp_path / "src", tmp_path / "out"
-    if case != "missing":
+    if case == "out_inside_src":  # a later prepare of src would take out's clips in as sources
+        make_sources(src, [0.6] * 3)
+        out = src / "out"
+    if case not in ("missing", "out_inside_src"):
         os.makedirs(src)
     if case == "unreadable":
         (src / "x.wav").write_bytes(b"garbage")
@@ -101,6 +104,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: ")
+    if case == "out_inside_src":
+        assert "is inside the source folder" in err[-1] and not (src / "out.partial").exists()
     if case == "out_exists":
         assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
     else:

@@ -182,6 +182,11 @@ def snapshot(folder):
     (["--n_frames", "5000"], "shorter than one training chunk"),
     (["--batch_size", "0"], "--batch_size"),
     (["--resume", "NOTARUN"], "not a run folder"),
+    (["--sample_secs", "1e7"], "--sample_secs 10000000.0 is more than 3,600"),  # checked at start, not at the interval
+    (["--threads", "100000"], "--threads 100000 is more than 1,024"),  # segfaulted in libgomp
+    (["--seed", str(2 ** 70)], "seeds are 32-bit"),  # a ValueError from torch
+    (["--name", "a/b"], "--name 'a/b': use letters"),  # nested the run folder
+    (["--name", "../outside"], "--name '../outside': use letters"),  # outside --runs_dir
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, speech_wav, capsys, flags, message):
     for name in ("EMPTY", "NOAUDIO/train", "NOAUDIO/valid", "NOAUDIO/test", "NOTARUN"):
