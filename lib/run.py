@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 
@@ -360,6 +361,7 @@ class Logger:
         if self.path is None:
             return
         tqdm.write(message)
+        sys.stdout.flush()  # a log redirected to a file (nohup, tee) is block-buffered: each line goes out whole
         try:
             with open(self.path, "a") as f:
                 f.write(message + "\n")

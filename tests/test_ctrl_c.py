@@ -1,0 +1,38 @@
+"""Ctrl-C answers at once: the first signal's line is in the log within a second, whatever the step is doing."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+from test_faults import wait_for
+
+
+def test_the_first_signal_is_in_the_log_at_once_during_a_long_step(tmp_path):
+    """The default model on one thread, batch 16: a step of several seconds, most of it inside single torch ops,
+    where Python's handler cannot run. Output goes to a file (block-buffered, as under nohup or tee). The line
+    must be there within a second of SIGINT; the save comes only after the step."""
+    out = tmp_path / "out.txt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "two_tier.py", "--frame_size", "2", "--batch_size", "16",
+                                 "--threads", "1", "--n_samples", "0", "--print_iters", "1000", "--runs_dir",
+                                 str(tmp_path / "runs")], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "chunks of 128 samples" in out.read_text() or proc.poll() is not None, timeout=120)
+        time.sleep(1.0)  # inside the first step
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: "stopping after the current step" in out.read_text() or proc.poll() is not None, 30)
+        said = time.monotonic() - sent
+        wait_for(lambda: "interrupted at iteration" in out.read_text() or proc.poll() is not None, timeout=300)
+        saved = time.monotonic() - sent
+        assert proc.wait(timeout=120) == 130, out.read_text()[-2000:]
+    finally:
+        proc.kill()
+    text = out.read_text()
+    assert "stopping after the current step" in text and "interrupted at iteration 1;" in text, text[-2000:]
+    assert saved > 2.0, f"the step ended {saved:.1f} s after the signal: too short to tell"
+    assert said < 1.0, f"the line came {said:.1f} s after the signal (the save {saved:.1f} s after it)"
