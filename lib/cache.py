@@ -2,14 +2,15 @@
 
 Each split is decoded once: all its clips end to end as one file of 16-bit PCM (2 bytes a sample, opened
 memory-mapped by lib/data.py) and a small index (clip offsets, each clip's mean, min and max, the rate, and a
-CRC-32 of the PCM file). Derived data is not trusted by its name:
+CRC-32 of the PCM file, and one of the index itself). Derived data is not trusted by its name:
 - the key in the file names changes whenever a file of the split may have changed: each file's path, size,
   modification time and change time (ctime moves at every write and cannot be set back: `cp -p`, `rsync -a`
   and `tar x` restore only the modification time);
 - one builder at a time (an exclusive lock on `.cache/lock`, released by the kernel if the builder is killed),
   writing to a unique temporary name that is renamed when complete, so a reader never maps a partial file;
-- what is mapped is checked against the index at every start (length and CRC-32, about 1.5 GB/s): a damaged
-  or partial cache is rebuilt with one warning line;
+- the index is checked against its own CRC-32, and what is mapped against the index, at every start (length and
+  CRC-32, about 1.5 GB/s): a damaged or partial cache, its clip offsets or statistics included, is rebuilt with one
+  warning line;
 - the caches a rebuild supersedes, and temporary files of killed builders, are removed.
 Where no cache can be written (a read-only dataset, a full disk), each split is decoded into an unnamed
 temporary file (removed by the kernel when the process ends, however it ends), or into memory if even that
@@ -28,7 +29,7 @@ import torch
 from lib import UserError
 from lib.audio import BadAudio, read_mono, warn
 
-VERSION = 2  # of the cache's format: a new one makes new keys (version 1 stored no checksum)
+VERSION = 3  # of the cache's format: a new one makes new keys (1 stored no checksum, 2 none of its index)
 BLOCK = 1 << 24  # bytes per read when checksumming
 
 
@@ -93,12 +94,15 @@ def read_cache(cache_dir, name):
     base = os.path.join(cache_dir, name)
     try:
         with np.load(base + ".index.npz") as index:
-            offsets, stats, rate, crc = (index[k] for k in ("offsets", "stats", "rate", "crc32"))
+            offsets, stats, rate, crc, index_crc = (index[k] for k in ("offsets", "stats", "rate", "crc32",
+                                                                       "index_crc32"))
             offsets, stats, rate, crc = offsets.astype(np.int64), stats.astype(np.float64), int(rate), int(crc)
     except FileNotFoundError:
         raise
     except Exception as e:  # numpy raises many types for a damaged archive
         raise Damaged(f"unreadable index: {str(e).splitlines()[0][:80] if str(e) else type(e).__name__}") from None
+    if index_checksum(offsets, stats, rate, crc) != int(index_crc):
+        raise Damaged(f"{name}.index.npz does not match its checksum (clip offsets or statistics changed)")
     with open(base + ".pcm", "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size != 2 * offsets[-1]:
@@ -107,6 +111,12 @@ def read_cache(cache_dir, name):
             raise Damaged(f"{name}.pcm does not match its checksum")
         pcm = np.memmap(f, dtype=np.int16, mode="r") if size else np.zeros(0, np.int16)
     return pcm, offsets, stats, rate, crc
+
+
+def index_checksum(offsets, stats, rate, crc):
+    """CRC-32 of everything in the index: a damaged index that still loads is caught as a damaged PCM file is."""
+    parts = [np.asarray(offsets, np.int64), np.asarray(stats, np.float64), np.array([rate, crc], np.int64)]
+    return zlib.crc32(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
 
 
 class Lock:
@@ -152,7 +162,8 @@ def build(folder, paths, cache_dir, name):
         fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp.npz", dir=cache_dir)
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, offsets=offsets, stats=stats, rate=rate, crc32=crc)
+            np.savez(f, offsets=offsets, stats=stats, rate=rate, crc32=crc,
+                     index_crc32=index_checksum(offsets, stats, rate, crc))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(cache_dir, name + ".index.npz"))

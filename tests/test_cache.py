@@ -173,6 +173,35 @@ def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, capsys):
         assert len(warnings) == 1 and "the cache of" in warnings[0] and "rebuilding" in warnings[0], err
 
 
+def shifted_offset(index, pcm):
+    """A valid archive whose clip boundaries moved by 5 samples (the total unchanged): the PCM still matches."""
+    with np.load(index) as f:
+        arrays = dict(f)
+    arrays["offsets"][1] += 5
+    np.savez(index, **arrays)
+
+
+def changed_stats(index, pcm):
+    """--norm minmax and --zero_dc read the per-clip statistics: a changed mean would move every level."""
+    with np.load(index) as f:
+        arrays = dict(f)
+    arrays["stats"][0, 0] += 0.01
+    np.savez(index, **arrays)
+
+
+def test_a_damaged_index_that_still_loads_is_rebuilt(tmp_path, capsys):
+    make_dataset(tmp_path / "ds", {"train": [1.0, 0.5], "valid": [1.0], "test": [1.0]})
+    dataset = str(tmp_path / "ds")
+    splits, _ = load_splits(dataset)
+    expected = {k: (s.offsets.tolist(), s.stats.tolist()) for k, s in splits.items()}
+    for damage in (shifted_offset, changed_stats):
+        damage_and_load(dataset, capsys, damage)  # warns and rebuilds
+        splits, _ = load_splits(dataset)
+        assert {k: (s.offsets.tolist(), s.stats.tolist()) for k, s in splits.items()} == expected, damage.__name__
+    got, err = damage_and_load(dataset, capsys, shifted_offset)
+    assert "does not match its checksum (clip offsets or statistics changed)); rebuilding it" in err
+
+
 def test_a_replaced_file_with_its_old_time_is_seen(tmp_path):
     make_dataset(tmp_path / "ds", {"train": [1.0, 1.0], "valid": [1.0], "test": [1.0]})
     dataset = str(tmp_path / "ds")
