@@ -210,7 +210,7 @@ def load_latest_checkpoint(run_dir, verb):
         then = f"{verb} {os.path.basename(paths[i + 1])}" if i + 1 < len(paths) else "no older checkpoint"
         ckpt, problem = read_checkpoint(run, path)
         if problem:
-            warn(f"{os.path.basename(path)} is {problem}; {then}")
+            warn(f"{os.path.basename(path)} is {problem}; {'' if problem.startswith('unreadable') else 'skipped: '}{then}")
             continue
         return path, ckpt
     return None

@@ -217,7 +217,8 @@ def test_resume_skips_a_damaged_checkpoint_and_repairs_the_folder(tmp_path, spee
 
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir, "--stop_iters", "30"]) == 0
     err = capsys.readouterr().err
-    assert "warning: it0000020.pt is unreadable (" in err and "); resuming from it0000010.pt" in err
+    # best.pt is a copy of it0000020.pt (the best so far) and intact: the run goes on from there
+    assert "warning: it0000020.pt is unreadable (" in err and "); resuming from best.pt" in err
     assert "is not a complete row" in err
     assert not any(os.path.exists(p) for p in leftovers)
     straight = train(tmp_path, speech_wav, *QUIET, "--stop_iters", "30", runs="straight")
@@ -230,9 +231,9 @@ def test_resume_skips_a_damaged_checkpoint_and_repairs_the_folder(tmp_path, spee
 
 def test_run_killed_before_its_first_checkpoint_starts_again_in_place(tmp_path, speech_wav):
     run_dir = train(tmp_path, speech_wav, *QUIET, runs="killed")
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
-    open(os.path.join(run_dir, "metrics.jsonl"), "w").write('{"iteration": 10, "train_bits": 1}\n')
-    assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # a kill before the first checkpoint: no rows either
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))  # (a row is written after its checkpoint; with rows and no
+    assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0  # checkpoint, resume refuses: test_history)
     assert "from iteration 0" in open(os.path.join(run_dir, "log.txt")).read()
     assert_same_run(run_dir, train(tmp_path, speech_wav, *QUIET, runs="straight"))
 

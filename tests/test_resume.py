@@ -72,7 +72,8 @@ def test_a_run_made_before_a_flag_existed_resumes_with_its_default(tmp_path, spe
         del made["settings"][key]
     with open(os.path.join(run_dir, "settings.json"), "w") as f:
         json.dump(made, f)
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # its settings are then the run's settings.json
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # its settings are then the run's settings.json (with no
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))  # history: else resume refuses to start over)
     assert run_main(SCRIPTS["baseline"], ["--resume", run_dir, "--stop_iters", "30"]) == 0, capsys.readouterr().err
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "it0000030.pt"), weights_only=False)
     assert ckpt["settings"]["precision"] == "tf32" and ckpt["settings"]["cuda_graph_step"] is False
