@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
+from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
 from lib.train import train_main
 
 MODEL_ID = "baseline"
@@ -62,9 +62,11 @@ class FlatGRU(nn.Module):
         device = self.rnn.h0.device
         x = torch.full((n, 1), q_zero(self.q_levels), dtype=torch.long, device=device)
         h = self.rnn.initial_state(n)
-        if prime is not None and len(prime):
-            x = torch.cat([x, prime.to(device).expand(n, -1)], dim=1)
-            _, h = self.rnn(self.step_inputs(x[:, :-1]), h)
+        if prime is not None and len(prime):  # on one row: the n rows are alike
+            x = torch.cat([x[:1], prime.to(device)[None]], dim=1)
+            with one_row_threads():
+                _, h = self.rnn(self.step_inputs(x[:, :-1]), h[:, :1])
+            h, x = h.expand(-1, n, -1).contiguous(), x[:, -1:].expand(n, -1).contiguous()
         return h, x[:, -1:]
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import gru_step, gru_weights, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
+from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
 from lib.train import train_main
 from two_tier import FrameLevelRNN, SampleLevelMLP, mlp_logits
 
@@ -49,15 +49,21 @@ class ThreeTier(nn.Module):
     def forward(self, x, h=None):
         """x (B, BFS + T) int levels, T a multiple of BFS; h (2 * n_rnn, B, dim) or None for the learned h0s.
         -> logits (B, T, q_levels) where logits[:, t] predicts x[:, BFS + t] from x[:, :BFS + t]; h; aux = 0."""
+        bfs, fs = self.big_frame_size, self.frame_size
+        cond, h = self.frame_tiers(x, h)
+        prev = x[:, bfs - fs:-1].unfold(1, fs, 1)  # (B, T, FS): prev[:, t] = x[:, BFS + t - FS : BFS + t]
+        logits = self.sample_mlp(prev, cond)
+        return logits, h, logits.new_zeros(())
+
+    def frame_tiers(self, x, h=None):
+        """The two GRU tiers over x as in forward -> (cond (B, T, dim) for the MLP, h)."""
         bfs, fs, n_rnn = self.big_frame_size, self.frame_size, self.n_rnn
         B, T = x.shape[0], x.shape[1] - bfs
         h_big, h_frame = (None, None) if h is None else (h[:n_rnn], h[n_rnn:])
         above, _, h_big = self.big_rnn(x[:, :-bfs].reshape(B, T // bfs, bfs), h_big)  # (B, T/FS, dim)
         frames = x[:, bfs - fs:bfs - fs + T].reshape(B, T // fs, fs)  # frame k: the one before target frame k
         cond, _, h_frame = self.frame_rnn(frames, h_frame, above)  # (B, T, dim)
-        prev = x[:, bfs - fs:-1].unfold(1, fs, 1)  # (B, T, FS): prev[:, t] = x[:, BFS + t - FS : BFS + t]
-        logits = self.sample_mlp(prev, cond)
-        return logits, torch.cat([h_big, h_frame]), logits.new_zeros(())
+        return cond, torch.cat([h_big, h_frame])
 
     def prime_state(self, n, prime=None):
         """State to sample from: (h, the last big frame read), for n sequences that start like a clip (BFS samples
@@ -67,10 +73,12 @@ class ThreeTier(nn.Module):
         h = torch.cat([self.big_rnn.rnn.initial_state(n), self.frame_rnn.rnn.initial_state(n)])
         if prime is None or len(prime) < bfs:
             return h, pad
-        prime = prime[len(prime) % bfs:].to(self.device).expand(n, -1)
-        x = torch.cat([pad, prime], dim=1)  # as a training chunk: the last big frame conditions nothing yet
-        _, h, _ = self(x, h)
-        return h, x[:, -bfs:]
+        # as a training chunk (the last big frame conditions nothing yet), on one row: the n rows are alike, and the
+        # MLP's output is not needed (at batch 64 and a 2 s prime it would take gigabytes)
+        x = torch.cat([pad[:1], prime[len(prime) % bfs:].to(self.device)[None]], dim=1)
+        with one_row_threads():
+            _, h = self.frame_tiers(x, h[:, :1])
+        return h.expand(-1, n, -1).contiguous(), x[:, -bfs:].expand(n, -1).contiguous()
 
     @torch.no_grad()
     def generate(self, n, length, noise, temperature=1.0, prime=None, keep_logits=False):

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
-from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw
+from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
 from lib.train import train_main
 
 MODEL_ID = "twotier"
@@ -127,10 +127,11 @@ class TwoTier(nn.Module):
         h = self.frame_rnn.rnn.initial_state(n)
         if prime is None or len(prime) < fs:
             return h, pad
-        prime = prime[len(prime) % fs:].to(self.device).expand(n, -1)
-        x = torch.cat([pad, prime], dim=1)  # as a training chunk: the frames before the last condition nothing
-        _, _, h = self.frame_rnn(x[:, :-fs].reshape(n, -1, fs), h)
-        return h, x[:, -fs:]
+        # as a training chunk (the frames before the last condition nothing), on one row: the n rows are alike
+        x = torch.cat([pad[:1], prime[len(prime) % fs:].to(self.device)[None]], dim=1)
+        with one_row_threads():
+            _, _, h = self.frame_rnn(x[:, :-fs].reshape(1, -1, fs), h[:, :1])
+        return h.expand(-1, n, -1).contiguous(), x[:, -fs:].expand(n, -1).contiguous()
 
     @torch.no_grad()
     def generate(self, n, length, noise, temperature=1.0, prime=None, keep_logits=False):

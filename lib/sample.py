@@ -21,6 +21,7 @@ dominate (README has the benchmark). The numpy step is the compiled one's readab
 --backend. The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -95,6 +96,18 @@ def as_arrays(tensors, xp):
 
 
 @torch.inference_mode()
+@contextmanager
+def one_row_threads():
+    """Torch on one CPU thread, for a computation on one row (a prime's state): its float32 result then does not
+    depend on how many threads a sampler runs on (a product over one row splits its sums by threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=True, record=False,
              progress=False, backend=None, stop=None):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].

@@ -298,3 +298,40 @@ def test_primed_sampling_at_temperature_0_6_is_as_recorded():
     prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3))
     out = generate(m, 2, 40, seed=11, temperature=0.6, prime=prime, fast=False)
     assert out[:, :12].tolist() == RECORDED_T06 and int(out.sum()) == RECORDED_T06_SUM
+
+
+def primed_on_every_row(m, n, prime):
+    """The state a prime leaves, computed as before on all n rows (the whole model for three tiers) -> h."""
+    with torch.no_grad():
+        if isinstance(m, FlatGRU):
+            x = torch.cat([torch.full((n, 1), Q // 2), prime.expand(n, -1)], dim=1)
+            return m.rnn(m.step_inputs(x[:, :-1]), m.rnn.initial_state(n))[1]
+        if isinstance(m, TwoTier):
+            fs = m.frame_size
+            x = torch.cat([torch.full((n, fs), Q // 2), prime[len(prime) % fs:].expand(n, -1)], dim=1)
+            return m.frame_rnn(x[:, :-fs].reshape(n, -1, fs), m.frame_rnn.rnn.initial_state(n))[2]
+        bfs = m.big_frame_size
+        x = torch.cat([torch.full((n, bfs), Q // 2), prime[len(prime) % bfs:].expand(n, -1)], dim=1)
+        return m(x, torch.cat([m.big_rnn.rnn.initial_state(n), m.frame_rnn.rnn.initial_state(n)]))[1]
+
+
+@pytest.mark.parametrize("kind", ["twotier_fs2", "baseline_reals", "baseline_embed", "threetier_bfs4_fs2"])
+def test_priming_runs_the_recurrent_tiers_on_one_row_and_never_the_output(kind):
+    """At --batch 64 with a 2 s prime, running the sample-level MLP over every row took gigabytes: the prime's
+    state is the recurrent tiers' on one row, expanded; it equals the state computed on every row (float64)."""
+    m, n = model(kind), 5
+    prime = torch.randint(Q, (37,), generator=torch.Generator().manual_seed(5))
+    rows, output = [], []
+    rnns = [mod for mod in m.modules() if type(mod).__name__ == "GRUStack"]
+    hooks = [r.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0])) for r in rnns]
+    head = m.out if isinstance(m, FlatGRU) else m.sample_mlp
+    hooks.append(head.register_forward_hook(lambda *a: output.append(1)))
+    with torch.no_grad():
+        h, last = m.prime_state(n, prime)
+    for hook in hooks:
+        hook.remove()
+    assert rows and set(rows) == {1} and not output
+    assert h.shape[1] == n and last.shape[0] == n and h.is_contiguous()
+    # the same numbers up to float64 rounding (a GEMM over 1 row and over n rows may sum in another order)
+    torch.testing.assert_close(h, primed_on_every_row(m, n, prime), rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(row, last[0]) for row in last)
