@@ -15,7 +15,9 @@ segment is the shortest clip's whole chunks, and each clip holds as many segment
 is prefixed with `overlap` samples of q_zero and walked in chunks of `overlap + seq_len` samples with stride
 `seq_len`, so a chunk's first `overlap` samples are the previous chunk's last ones. Inputs are
 chunk[:, :-overlap], targets chunk[:, overlap:]. The first chunk of each segment carries reset=True: the
-model starts it from its learned h0.
+model starts it from its learned h0. A segment that starts inside a clip (a clip holding several) is prefixed
+with q_zero too, not with the clip's samples before it: every chunk that starts from h0 then starts as sampling
+does (q_zero and h0), and as the clip's first segment did.
 """
 import os
 import zlib
@@ -173,7 +175,10 @@ class Segments:
     def levels(self, rows, start, length, q_levels):
         """int64 (len(rows), length): samples start .. start + length - 1 of the segments `rows`."""
         rows = np.asarray(rows)
-        return self.split.levels(self.clip[rows], self.start[rows] + start, length, q_levels)
+        out = self.split.levels(self.clip[rows], self.start[rows] + start, length, q_levels)
+        if start < 0:  # before the segment, q_zero: also where it starts inside a clip (module docstring: why)
+            out[:, :min(-start, length)] = q_zero(q_levels)
+        return out
 
 
 class ChunkBatches:

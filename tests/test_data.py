@@ -75,6 +75,13 @@ def test_clips_of_unequal_length_are_walked_whole(tmp_path, capsys):
     for row, (clip, start) in enumerate(zip(segments.clip, segments.start)):
         assert torch.equal(segments.levels([row], 0, 8000, 256)[0], files[clip][start:start + 8000])
     assert segments.levels([1], -2, 4, 256)[0, :2].tolist() == [128, 128]  # q_zero before a segment's start
+    # ... also before a segment that starts inside its clip: a chunk that starts from h0 starts as sampling does
+    assert (segments.clip[2], segments.start[2]) == (1, 8000)
+    assert segments.levels([2], -2, 4, 256)[0].tolist() == [128, 128] + files[1][8000:8002].tolist()
+    assert segments.levels([2], -5, 3, 256)[0].tolist() == [128] * 3
+    for chunk, reset in eval_chunks(train, 6, 400, 2, 256, 800):
+        if reset:
+            assert (chunk[:, :2] == 128).all()
 
 
 def in_memory_levels_of(path):
