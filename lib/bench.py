@@ -268,8 +268,8 @@ def bench_train(args):
         set_precision(precision)
         peak = matmul_flops(device, 4096 if device.type == "cuda" else 2048,
                             torch.bfloat16 if precision == "bf16" else torch.float32)
-        steps = {"plain": (plain_step, torch.optim.Adam(model.parameters(), lr=1e-4)),
-                 "sync-free": (train_step, make_optimizer(model, 1e-4))}
+        steps = {} if args.quick else {"plain": (plain_step, torch.optim.Adam(model.parameters(), lr=1e-4))}
+        steps["sync-free"] = (train_step, make_optimizer(model, 1e-4))
         if args.model == "twotier":  # the same step with the MLP's first layer as per-position tables
             steps["tables"] = (train_step, make_optimizer(model, 1e-4))
         if device.type == "cuda":  # the sync-free step captured as CUDA graphs (lib/cuda_graph.py)
@@ -301,10 +301,28 @@ def bench_train(args):
             print(f"{precision:4s} {kind:9s} step: {secs * 1e3:8.2f} ms, {rate:12,.0f} samples/s, "
                   f"{flop_rate(rate * flops)} = {rate * flops / peak:.3f} of the matmul rate here "
                   f"({flop_rate(peak)} at {precision})" +
-                  (f"; {best['plain'] / secs:.2f}x the plain step" if kind != "plain" else "") +
+                  (f"; {best['plain'] / secs:.2f}x the plain step" if kind != "plain" and "plain" in best else "") +
                   (f", {best['sync-free'] / secs:.2f}x sync-free" if kind == "tables" else ""), flush=True)
     for r in results:
         print(json.dumps(r))
+
+
+FULL = dict(batch_size=128, steps=20, warmup=5, repeats=3)
+QUICK_CPU = dict(batch_size=32, steps=2, warmup=1, repeats=1)  # the default model: about a minute on 2 cores
+
+
+def fill_defaults(args, device):
+    """train on the CPU answers in a minute or two unless --full (a step of the default model at batch 128 takes
+    about 26 s on one core): fewer, smaller steps, the plain step skipped; it says so."""
+    args.quick = args.what == "train" and device.type == "cpu" and not args.full
+    chosen = QUICK_CPU if args.quick else FULL
+    for name, value in chosen.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.quick:
+        print(f"quick CPU run: batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, best of "
+              f"{args.repeats}; the plain step skipped. --full for the whole sweep ("
+              + ", ".join(f"--{k} {v}" for k, v in FULL.items()) + ", every step kind)", flush=True)
 
 
 def build_parser():
@@ -319,14 +337,20 @@ def build_parser():
     p.add_argument("--input", default="reals", choices=["reals", "embed"], help="the baseline's input")
     p.add_argument("--q_levels", type=int, default=256, help="quantization levels")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="generate: batch sizes to measure")
-    p.add_argument("--batch_size", type=int, default=128, help="train: clips per batch")
+    p.add_argument("--batch_size", type=int, default=None, help="train: clips per batch (default: 128; 32 in the "
+                   "quick CPU run)")
     p.add_argument("--seq_len", type=int, default=None,
                    help="train: samples per chunk (default: 64 frames for the two-tier model, 128 for the baseline)")
     p.add_argument("--precision", nargs="+", default=["tf32"], choices=PRECISIONS, help="train: precisions to measure")
-    p.add_argument("--steps", type=int, default=20, help="train: timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=5, help="train: steps before timing")
+    p.add_argument("--steps", type=int, default=None, help="train: timed steps per measurement (default: 20; 2 in "
+                   "the quick CPU run)")
+    p.add_argument("--warmup", type=int, default=None, help="train: steps before timing (default: 5; 1 quick)")
     p.add_argument("--secs", type=float, default=0.5, help="audio generated per measurement (seconds)")
-    p.add_argument("--repeats", type=int, default=3, help="timings per measurement; the best one is reported")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timings per measurement; the best one is reported (default: 3; train's quick CPU run: 1)")
+    p.add_argument("--full", action="store_true",
+                   help="train on the CPU: the whole sweep (every step kind, the defaults above) instead of the quick "
+                        "run that answers in a minute or two")
     p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
     p.add_argument("--sample_rate", type=int, default=8000, help="for the real-time factor (Hz)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")
@@ -340,6 +364,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    fill_defaults(args, choose_device(args.device))
     with threadpool_limits(args.threads or None, user_api="blas"):
         (bench_generate if args.what == "generate" else bench_train)(args)
 

@@ -128,12 +128,22 @@ def test_bench_train_prints_both_steps_and_json(capsys):
     and a JSON line for each (bf16 is skipped without CUDA)."""
     assert run_main(lib.bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--batch_size", "4", "--steps", "2",
                                      "--warmup", "1", "--repeats", "1", "--precision", "fp32", "bf16",
-                                     "--threads", "1"]) == 0
+                                     "--threads", "1", "--full"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "MFLOP per trained sample" in out[0] and "bf16: skipped (CUDA only)" in out
     rows = [json.loads(line) for line in out if line.startswith("{")]
     assert [r["step"] for r in rows] == ["plain", "sync-free", "tables"]
     assert all(r["samples_per_sec"] > 0 and 0 < r["fraction_of_matmul"] < 1.5 for r in rows)
+
+
+def test_bench_train_on_the_cpu_is_quick_by_default_and_says_what_it_skipped(capsys):
+    """Its defaults are for a GPU: on a 2-core CPU they ran for more than 15 minutes at --dim 256."""
+    assert run_main(lib.bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("quick CPU run: batch 32, 1 warm-up + 2 timed steps, best of 1; the plain step skipped. --full "
+                      "for the whole sweep (--batch_size 128, --steps 20, --warmup 5, --repeats 3, every step kind)")
+    rows = [json.loads(line) for line in out if line.startswith("{")]
+    assert [(r["step"], r["batch_size"]) for r in rows] == [("sync-free", 32), ("tables", 32)]
 
 
 def test_a_speed_line_proven_wrong_is_said_again():
