@@ -118,6 +118,22 @@ def decide(sync, train_secs, interval_secs, signum, finite, device):
     return train_secs, interval_secs, int(signum) or None, not bad, True
 
 
+LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")  # gloo's words for a peer gone
+
+
+def lost_process(error):
+    """Under torchrun, when `error` (raised by a collective) says another process is gone: which, in words, and
+    gloo's reason (e.g. 'rank 1 of this run's 2 processes was lost (Connection closed by peer [127.0.0.1]:45787)');
+    else None."""
+    if world_size() == 1 or not (isinstance(error, dist.DistError) or any(w in str(error) for w in LOST)):
+        return None
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    why = first.split("] ", 1)[-1].split(". ", 1)[0]  # without the C++ file and line, and the advice after
+    who = f"rank {1 - rank()} of this run's 2 processes" if world_size() == 2 else \
+        f"another of this run's {world_size()} processes"
+    return f"{who} was lost ({why})"
+
+
 def cleanup():
     """End the process group now, while the interpreter is whole, whatever way the run ended (the entry point
     calls this last, once no exception holds the training's objects).

@@ -86,6 +86,15 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         print(f"error: {e}; " + (f"the last checkpoint is {os.path.basename(saved[-1])}" if saved else
                                  "no checkpoint had been written"), file=sys.stderr)
         return 1
+    except RuntimeError as e:  # under torchrun, a process killed or its node gone: one line, not gloo's traceback
+        lost = dist.lost_process(e)
+        if lost is None:
+            raise
+        saved = run.checkpoint_paths(s.run_dir)
+        print(f"error: {lost}; " + (f"the last checkpoint is {os.path.basename(saved[-1])}; continue with: "
+                                    f"{continue_command(s)}" if saved else "no checkpoint had been written"),
+              file=sys.stderr)
+        return 1
 
 
 def loop(s, state, h, interrupts):
@@ -308,11 +317,14 @@ def interrupted(s, state, interval, h, signum):
         if bad:
             raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
         save(s, dict(state, interval=interval), h, row=None)
-    world = dist.world_size()
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
-    s.log(f"interrupted at iteration {it}; saved {run.checkpoint_path(s.run_dir, it)}; continue with: {launcher} "
-          f"{SCRIPTS[s.model_id]} --resume {s.run_dir}")
+    s.log(f"interrupted at iteration {it}; saved {run.checkpoint_path(s.run_dir, it)}; continue with: "
+          f"{continue_command(s)}")
     return 128 + signum
+
+
+def continue_command(s):
+    world = dist.world_size()
+    return f"{'python' if world == 1 else f'torchrun --nproc_per_node {world}'} {SCRIPTS[s.model_id]} --resume {s.run_dir}"
 
 
 def best_model(s):

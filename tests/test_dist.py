@@ -116,3 +116,37 @@ def test_ctrl_c_under_torchrun_saves_every_rank_at_one_iteration(tmp_path):
     assert p.returncode == 0, failure(p)
     a, b = checkpoint(tmp_path, "straight", it + 4), checkpoint(tmp_path, "sig", it + 4)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and torch.equal(a["h"], b["h"])
+
+
+def rank_pids(launcher_pid):
+    """{RANK: pid} of torchrun's worker processes (its children, by the RANK in their environment)."""
+    pids = {}
+    for child in open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split():
+        env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        rank = [e[5:].decode() for e in env if e.startswith(b"RANK=")]
+        if rank:
+            pids[int(rank[0])] = int(child)
+    return pids
+
+
+def test_a_lost_rank_is_one_line_naming_it_and_how_to_resume(tmp_path):
+    """SIGKILL one of two ranks mid-interval: the other stops within seconds, and says in one line that rank 1 was
+    lost and how to continue, instead of gloo's traceback."""
+    argv = TINY["twotier"] + ["--batch_size", "4", "--stop_iters", "1000000", "--print_iters", "20", "--n_samples",
+                              "0", "--device", "cpu", "--runs_dir", str(tmp_path), "--name", "lost"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(command("twotier", 2, argv), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not glob.glob(str(tmp_path / "*_lost_*" / "checkpoints" / "it*.pt")):
+        time.sleep(0.2)
+    os.kill(rank_pids(p.pid)[1], signal.SIGKILL)
+    killed = time.time()
+    out, err = p.communicate(timeout=120)
+    assert time.time() - killed < 60
+    run_dir, = glob.glob(str(tmp_path / "*_lost_*"))
+    mine = [line for line in err.splitlines() if line.startswith("error: ")]
+    # one traceback, torchrun's own summary (ChildFailedError), as after Ctrl-C; none from rank 0
+    assert len(mine) == 1 and err.count("Traceback") == 1 and "ChildFailedError" in err, err[-3000:]
+    assert mine[0].startswith("error: rank 1 of this run's 2 processes was lost (Connection closed by peer"), mine
+    assert f"continue with: torchrun --nproc_per_node 2 two_tier.py --resume {run_dir}" in mine[0]
