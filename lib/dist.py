@@ -96,6 +96,14 @@ def gather_rows(h):
     return torch.cat(parts, dim=1)
 
 
+def gather_values(values, device):
+    """Every rank's list of floats, in rank order (one collective, float64: exact for float32 sums)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return [p.tolist() for p in parts]
+
+
 def mean(values, device):
     """A list of floats averaged over ranks (one collective)."""
     if world_size() == 1:

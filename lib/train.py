@@ -101,6 +101,8 @@ def loop(s, state, h, interrupts):
     """Draw a batch, step, account; at the named points (interval due, budget spent, stop requested) do the named
     thing. -> the exit status."""
     interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
+    if "ranks" in interval:  # under torchrun, each rank's own
+        interval["bits"], interval["grad_norm"] = interval.pop("ranks")[dist.rank()]
     due = state.pop("interval_due", False)  # ... and whether the interval's end was cut short
     if budget_spent(s.args, state) and not due:
         s.log(f"nothing to do: the run is at iteration {state['iteration']}, {state['train_secs'] / 3600:.3f} h "
@@ -208,11 +210,19 @@ def must_wait(s, state, interval, ahead, interrupts):
         state["train_secs"] + ahead >= args.stop_time * 3600))
 
 
+def settled(interval):
+    """The interval's sums as numbers (waiting for the device); each rank's own ("ranks") as they are."""
+    return {k: int(v) if k == "steps" else v if k == "ranks" else float(v) for k, v in interval.items()}
+
+
 def shared(s, interval, h):
     """The interval's sums as floats (waiting for the device) and h, for saving: under torchrun, the mean of the
     ranks' train NLL and grad norm (equal on every rank: DDP averages the gradients), and every rank's h."""
-    interval = {k: float(v) if k != "steps" else int(v) for k, v in interval.items()}
-    interval["bits"], interval["grad_norm"] = dist.mean([interval["bits"], interval["grad_norm"]], s.device)
+    interval = settled(interval)
+    own = [interval["bits"], interval["grad_norm"]]
+    interval["bits"], interval["grad_norm"] = dist.mean(own, s.device)
+    if dist.world_size() > 1:  # each rank's own sums, for a save mid-interval: resumed from their mean, the
+        interval["ranks"] = dist.gather_values(own, s.device)  # additions would come in another order
     return interval, dist.gather_rows(h)
 
 
@@ -311,7 +321,7 @@ def interrupted(s, state, interval, h, signum):
     """Save mid-interval (with the interval's running sums, and whether its end is still to do, so that resuming
     gives the uninterrupted run's metrics) and say how to continue."""
     it = state["iteration"]
-    interval = {k: float(v) if k != "steps" else int(v) for k, v in interval.items()}  # waits for the device
+    interval = settled(interval)
     if s.main and (interval["steps"] or state.get("interval_due")):  # else the interval's end saved it
         bad = non_finite(s.model, {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:

@@ -15,6 +15,7 @@ from conftest import REPO
 
 SCRIPT_FILES = {"twotier": "two_tier.py", "baseline": "baseline.py", "threetier": "three_tier.py"}
 TINY = {model: ["--preset", "tiny"] for model in SCRIPT_FILES}
+LOGGED = ("iteration", "train_bits", "grad_norm", "valid_bits", "test_bits", "best_test_bits", "epochs")
 
 
 def command(model, nproc, argv):
@@ -104,6 +105,8 @@ def test_ctrl_c_under_torchrun_saves_every_rank_at_one_iteration(tmp_path):
     assert out.count("interrupted at iteration") == 1
     ckpt = torch.load(saved[0], map_location="cpu", weights_only=False)
     assert ckpt["h"].shape[1] == 8  # both ranks' rows
+    saved_sums = ckpt["state"]["interval"]  # ... and both ranks' running sums of the interval, which resume restores
+    assert len(saved_sums["ranks"]) == 2 and saved_sums["bits"] == sum(r[0] for r in saved_sums["ranks"]) / 2
     assert "continue with: torchrun --nproc_per_node 2 two_tier.py --resume" in open(log).read()
     # resume as the line says, to 4 steps past the interrupt: bit for bit a straight run of as many steps
     it = ckpt["state"]["iteration"]
@@ -116,6 +119,9 @@ def test_ctrl_c_under_torchrun_saves_every_rank_at_one_iteration(tmp_path):
     assert p.returncode == 0, failure(p)
     a, b = checkpoint(tmp_path, "straight", it + 4), checkpoint(tmp_path, "sig", it + 4)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and torch.equal(a["h"], b["h"])
+    # the interval cut by the signal: its logged means too (each rank resumes its own running sums; from their
+    # mean, the last digit of train_bits moved with the order of the additions)
+    assert {k: a["row"][k] for k in LOGGED} == {k: b["row"][k] for k in LOGGED}
 
 
 def rank_pids(launcher_pid):
