@@ -95,7 +95,6 @@ def as_arrays(tensors, xp):
     return tensors.detach().numpy()
 
 
-@torch.inference_mode()
 @contextmanager
 def one_row_threads():
     """Torch on one CPU thread, for a computation on one row (a prime's state): its float32 result then does not
@@ -108,6 +107,7 @@ def one_row_threads():
         torch.set_num_threads(threads)
 
 
+@torch.inference_mode()
 def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, cuda_graph=True, record=False,
              progress=False, backend=None, stop=None):
     """(n, length) int levels [and the first sequence's (length, Q) logits if record].
