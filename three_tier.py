@@ -28,7 +28,7 @@ from lib.layers import gru_step, gru_weights, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
 from lib.train import train_main
-from two_tier import FrameLevelRNN, SampleLevelMLP, mlp_logits
+from two_tier import FrameLevelRNN, SampleLevelMLP, add_departure_args, departures, first_floor, mlp_logits
 
 MODEL_ID = "threetier"
 PRESETS = {  # each preset holds only the values it changes
@@ -38,13 +38,15 @@ PRESETS = {  # each preset holds only the values it changes
 
 
 class ThreeTier(nn.Module):
-    def __init__(self, big_frame_size=8, frame_size=2, seq_len=512, dim=1024, n_rnn=1, emb_size=256, q_levels=256):
+    def __init__(self, big_frame_size=8, frame_size=2, seq_len=512, dim=1024, n_rnn=1, emb_size=256, q_levels=256,
+                 first_relu=True, frame_init="lecun"):
         super().__init__()
         self.big_frame_size, self.frame_size, self.n_rnn, self.q_levels = big_frame_size, frame_size, n_rnn, q_levels
         self.overlap, self.seq_len = big_frame_size, seq_len  # the chunk geometry the data loop uses
-        self.big_rnn = FrameLevelRNN(big_frame_size, dim, n_rnn, q_levels, per_frame=big_frame_size // frame_size)
-        self.frame_rnn = FrameLevelRNN(frame_size, dim, n_rnn, q_levels, conditioned=True)
-        self.sample_mlp = SampleLevelMLP(frame_size, dim, emb_size, q_levels)
+        self.big_rnn = FrameLevelRNN(big_frame_size, dim, n_rnn, q_levels, per_frame=big_frame_size // frame_size,
+                                     init=frame_init)
+        self.frame_rnn = FrameLevelRNN(frame_size, dim, n_rnn, q_levels, conditioned=True, init=frame_init)
+        self.sample_mlp = SampleLevelMLP(frame_size, dim, emb_size, q_levels, first_relu)
 
     def forward(self, x, h=None):
         """x (B, BFS + T) int levels, T a multiple of BFS; h (2 * n_rnn, B, dim) or None for the learned h0s.
@@ -132,7 +134,8 @@ class FastThreeTierSampler:
             reals = to_reals(torch.arange(q, device=w.device), q).to(w.dtype)  # level -> GRU input
             self.weights = as_arrays((reals, gru_weights(big.rnn.gru), linear_t(big.to_cond), linear_t(frame.inp),
                                       gru_weights(frame.rnn.gru), linear_t(frame.to_cond), mlp.tables(), offsets,
-                                      [linear_t(layer) for layer in mlp.hidden], linear_t(mlp.out)), xp)
+                                      [linear_t(layer) for layer in mlp.hidden], linear_t(mlp.out)), xp) + \
+                (first_floor(mlp),)
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (2 * n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, bfs)], dim=1)  # last big frame read, then the new one
@@ -160,7 +163,7 @@ class FastThreeTierSampler:
         xp, bfs, fs, n_rnn = self.xp, self.bfs, self.fs, self.n_rnn
         h, win, _, recorded = self.arrays
         reals, big_gru, (above_w, above_b), (in_w, in_b), frame_gru, (cond_w, cond_b), table, offsets, hidden, \
-            out = self.weights
+            out, floor = self.weights
         x = gru_step(reals[win[:, :bfs]], h[:n_rnn], big_gru, xp)
         above = (x @ above_w + above_b).reshape(x.shape[0], bfs // fs, -1)  # (n, R, dim)
         for r in range(bfs // fs):
@@ -168,7 +171,7 @@ class FastThreeTierSampler:
             y = gru_step(reals[win[:, s - fs:s]] @ in_w + in_b + above[:, r], h[n_rnn:], frame_gru, xp)
             cond = (y @ cond_w + cond_b).reshape(y.shape[0], fs, -1)  # (n, FS, dim)
             for j in range(fs):
-                logits = mlp_logits(win[:, s + j - fs:s + j], cond[:, j], table, offsets, hidden, out)
+                logits = mlp_logits(win[:, s + j - fs:s + j], cond[:, j], table, offsets, hidden, out, floor)
                 if self.record:
                     recorded[t + r * fs + j] = logits[0]
                 win[:, s + j] = draw(logits, noise[:, r * fs + j], self.temperature)
@@ -190,6 +193,7 @@ def add_model_args(p):
     p.add_argument("--dim", type=int, default=1024, help="width of both GRU stacks and of the MLP")
     p.add_argument("--n_rnn", type=int, default=1, help="stacked GRUs in each of the two frame tiers")
     p.add_argument("--emb_size", type=int, default=256, help="embedding size of each previous sample in the MLP")
+    add_departure_args(p)
 
 
 def build_model(args):
@@ -203,7 +207,7 @@ def build_model(args):
     if args.seq_len % args.big_frame_size:
         raise UserError(f"--seq_len {args.seq_len} must be a multiple of --big_frame_size {args.big_frame_size}")
     return ThreeTier(args.big_frame_size, args.frame_size, args.seq_len, args.dim, args.n_rnn, args.emb_size,
-                     args.q_levels)
+                     args.q_levels, *departures(args))
 
 
 def default_tag(args):

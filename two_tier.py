@@ -13,6 +13,8 @@ if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load 
     from lib import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,12 +38,12 @@ class FrameLevelRNN(nn.Module):
     (three_tier.py uses it for two tiers: `per_frame` vectors per frame for the tier below, and `conditioned`,
     where the frames enter through a linear map to dim plus the conditioning of the tier above.)"""
 
-    def __init__(self, frame_size, dim, n_rnn, q_levels, per_frame=None, conditioned=False):
+    def __init__(self, frame_size, dim, n_rnn, q_levels, per_frame=None, conditioned=False, init="lecun"):
         super().__init__()
         self.frame_size, self.dim, self.q_levels = frame_size, dim, q_levels
-        self.inp = linear(frame_size, dim) if conditioned else None
+        self.inp = linear(frame_size, dim, init) if conditioned else None  # init: --frame_init
         self.rnn = GRUStack(dim if conditioned else frame_size, dim, n_rnn)
-        self.to_cond = linear(dim, (per_frame or frame_size) * dim)
+        self.to_cond = linear(dim, (per_frame or frame_size) * dim, init)
 
     def forward(self, frames, h, above=None):
         """frames (B, F, FS) int levels, h (n_rnn, B, dim) or None[, above (B, F, dim): the tier above's
@@ -64,9 +66,9 @@ class SampleLevelMLP(nn.Module):
     them. use_tables None (the default) means where `python -m lib.bench train` measured it faster: on the CPU
     (notes/performance.md); on CUDA not yet measured, so off there."""
 
-    def __init__(self, frame_size, dim, emb_size, q_levels):
+    def __init__(self, frame_size, dim, emb_size, q_levels, first_relu=True):
         super().__init__()
-        self.frame_size, self.q_levels = frame_size, q_levels
+        self.frame_size, self.q_levels, self.first_relu = frame_size, q_levels, first_relu  # --mlp_first_relu
         self.embed = nn.Embedding(q_levels, emb_size)
         self.inp = linear(frame_size * emb_size, dim, init="he", bias=False)
         self.hidden = nn.ModuleList([linear(dim, dim, init="he") for _ in range(2)])
@@ -88,19 +90,21 @@ class SampleLevelMLP(nn.Module):
 
     def forward(self, prev, cond):
         """prev (B, T, FS) int levels, cond (B, T, dim) -> logits (B, T, q_levels)."""
-        x = F.relu(self.first_layer(prev) + cond)
+        x = self.first_layer(prev) + cond
+        x = F.relu(x) if self.first_relu else x
         for layer in self.hidden:
             x = F.relu(layer(x))
         return self.out(x)
 
 
 class TwoTier(nn.Module):
-    def __init__(self, frame_size=4, n_frames=64, dim=1024, n_rnn=3, emb_size=256, q_levels=256, ipcost=0.0):
+    def __init__(self, frame_size=4, n_frames=64, dim=1024, n_rnn=3, emb_size=256, q_levels=256, ipcost=0.0,
+                 first_relu=True, frame_init="lecun"):
         super().__init__()
         self.frame_size, self.q_levels, self.ipcost = frame_size, q_levels, ipcost
         self.overlap, self.seq_len = frame_size, n_frames * frame_size  # the chunk geometry the data loop uses
-        self.frame_rnn = FrameLevelRNN(frame_size, dim, n_rnn, q_levels)
-        self.sample_mlp = SampleLevelMLP(frame_size, dim, emb_size, q_levels)
+        self.frame_rnn = FrameLevelRNN(frame_size, dim, n_rnn, q_levels, init=frame_init)
+        self.sample_mlp = SampleLevelMLP(frame_size, dim, emb_size, q_levels, first_relu)
         # auxiliary head (--ipcost): the frame-level output alone predicts each sample of the next frame
         self.ip_head = linear(dim, frame_size * q_levels) if ipcost > 0 else None
 
@@ -187,7 +191,8 @@ class FastTwoTierSampler:
             reals = to_reals(torch.arange(q, device=w.device), q).to(w.dtype)  # level -> frame-level input
             frame_rnn = model.frame_rnn
             self.weights = as_arrays((reals, gru_weights(frame_rnn.rnn.gru), linear_t(frame_rnn.to_cond), table,
-                                      offsets, [linear_t(layer) for layer in mlp.hidden], linear_t(mlp.out)), xp)
+                                      offsets, [linear_t(layer) for layer in mlp.hidden], linear_t(mlp.out)), xp) + \
+                (first_floor(mlp),)
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
@@ -214,11 +219,11 @@ class FastTwoTierSampler:
         """noise (n, FS, q_levels) -> the next frame (n, FS), whose logits are recorded from row t on."""
         xp, fs = self.xp, self.fs
         h, win, _, recorded = self.arrays
-        reals, gru, (cond_w, cond_b), table, offsets, hidden, out = self.weights
+        reals, gru, (cond_w, cond_b), table, offsets, hidden, out, floor = self.weights
         x = gru_step(reals[win[:, :fs]], h, gru, xp)
         cond = (x @ cond_w + cond_b).reshape(x.shape[0], fs, -1)  # (n, FS, dim)
         for j in range(fs):
-            logits = mlp_logits(win[:, j:j + fs], cond[:, j], table, offsets, hidden, out)
+            logits = mlp_logits(win[:, j:j + fs], cond[:, j], table, offsets, hidden, out, floor)
             if self.record:
                 recorded[t + j] = logits[0]
             win[:, fs + j] = draw(logits, noise[:, j], self.temperature)
@@ -233,12 +238,17 @@ class FastTwoTierSampler:
         self.window.copy_(state[1])
 
 
-def mlp_logits(prev, cond, table, offsets, hidden, out):
+def first_floor(mlp):
+    """What the fast paths clip the MLP's first layer at: 0 (its ReLU), or -inf without it (--mlp_first_relu off)."""
+    return 0.0 if mlp.first_relu else -math.inf
+
+
+def mlp_logits(prev, cond, table, offsets, hidden, out, floor):
     """The sample-level MLP of a fast sampler, on numpy arrays or torch tensors: prev (n, FS) levels, cond (n, dim)
-    -> logits (n, q_levels), the first layer as table lookups (SampleLevelMLP.tables)."""
+    -> logits (n, q_levels), the first layer as table lookups (SampleLevelMLP.tables), clipped at `floor`."""
     a = table[prev + offsets].sum(1)  # first layer, no bias
     a += cond
-    a = a.clip(0)
+    a = a.clip(floor)
     for w_t, b in hidden:
         a = a @ w_t
         a += b
@@ -258,6 +268,16 @@ def add_model_args(p):
     p.add_argument("--emb_size", type=int, default=256, help="embedding size of each previous sample in the MLP")
     p.add_argument("--ipcost", type=float, default=0.0,
                    help="weight of the auxiliary next-frame prediction cost (0 = off); reported NLL excludes it")
+    add_departure_args(p)
+
+
+def add_departure_args(p):
+    """Two places where the ICLR-2017 code differs (notes/two_tier.md), as flags to measure them."""
+    p.add_argument("--mlp_first_relu", default="on", choices=("on", "off"),
+                   help="a ReLU after the MLP's first layer (plus the conditioning); the ICLR-2017 release: off")
+    p.add_argument("--frame_init", default="lecun", choices=("lecun", "he"),
+                   help="initialization of the frame tiers' input and conditioning projections; the ICLR-2017 "
+                        "release: he")
 
 
 def build_model(args):
@@ -272,7 +292,13 @@ def build_model(args):
     args.seq_len = args.n_frames * args.frame_size
     if args.ipcost < 0:
         raise UserError(f"--ipcost must be >= 0 (got {args.ipcost})")
-    return TwoTier(args.frame_size, args.n_frames, args.dim, args.n_rnn, args.emb_size, args.q_levels, args.ipcost)
+    return TwoTier(args.frame_size, args.n_frames, args.dim, args.n_rnn, args.emb_size, args.q_levels, args.ipcost,
+                   *departures(args))
+
+
+def departures(args):
+    """(first_relu, frame_init) from the flags; runs made before the flags did what their defaults do."""
+    return getattr(args, "mlp_first_relu", "on") == "on", getattr(args, "frame_init", "lecun")
 
 
 def default_tag(args):

@@ -163,11 +163,12 @@ def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags):
 
 
 @njit(cache=True, nogil=True)
-def relu(x, y, out):
-    """out = max(x + y, 0) in x's dtype, with no temporary arrays (np.maximum(x + y, 0.0) made two, float64)."""
-    zero = x.dtype.type(0)
+def relu(x, y, out, floor=0.0):
+    """out = max(x + y, floor) in x's dtype (a ReLU; floor -inf: none), with no temporary arrays
+    (np.maximum(x + y, 0.0) made two, float64)."""
+    floor = x.dtype.type(floor)
     for j in range(x.shape[0]):
-        out[j] = max(x[j] + y[j], zero)
+        out[j] = max(x[j] + y[j], floor)
 
 
 @njit(cache=True, nogil=True)
@@ -183,11 +184,11 @@ def draw(logits, noise, temperature):
 
 @njit(cache=True, nogil=True)
 def mlp_frame(tid, threads, flags, win, first, t0, cond, table, hidden, hidden_w, hidden_b, logits, out_w, out_b, a,
-              zero, noise, temperature, recorded):
+              zero, noise, temperature, recorded, floor):
     """The sample-level MLP over one frame of FS samples (FS = cond's width / dim), this thread's columns of each
     product: sample j reads window positions first + j .. first + j + FS - 1 (the FS samples before it), is drawn
     with noise step t0 + j and written at first + FS + j; row 0's logits go to recorded[t0 + j] if it has rows.
-    a (B, dim) is scratch; zero (dim,) zeros."""
+    a (B, dim) is scratch; zero (dim,) zeros; floor: where the first layer is clipped (0, or -inf: no ReLU)."""
     n, q, d = win.shape[0], logits.shape[2], a.shape[1]
     fs = cond.shape[1] // d
     for j in range(fs):
@@ -196,7 +197,7 @@ def mlp_frame(tid, threads, flags, win, first, t0, cond, table, hidden, hidden_w
             a[r, :] = table[win[r, p0]]  # first layer: the table rows of the FS samples before, summed
             for p in range(1, fs):
                 a[r, :] += table[p * q + win[r, p0 + p]]
-            relu(a[r], cond[r, j * d:(j + 1) * d], a[r])
+            relu(a[r], cond[r, j * d:(j + 1) * d], a[r], floor)
         for layer in range(hidden_w.shape[0]):
             start, end = share(d, tid, threads)
             linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
@@ -216,7 +217,7 @@ def mlp_frame(tid, threads, flags, win, first, t0, cond, table, hidden, hidden_w
 
 @njit(cache=True, nogil=True)
 def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
-                 reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
+                 reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b, floor):
     """FastTwoTierSampler.step for thread tid of `threads`: frame_len / FS frames, one after the other; False
     once the team is told to stop (Team.close). windows (threads, B, 2 FS) levels, each thread's own copy (the
     last frame, then the new one); frames (B, frame_len) levels (thread 0 writes them); h (n_rnn, B, dim);
@@ -245,7 +246,7 @@ def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, re
         linear(h[h.shape[0] - 1], cond_w, cond_b, cond, start, end)
         sync(flags, tid, threads)
         mlp_frame(tid, threads, flags, win, 0, f * fs, cond, table, hidden, hidden_w, hidden_b, logits, out_w, out_b,
-                  a, zero, noise, temperature, recorded)
+                  a, zero, noise, temperature, recorded, floor)
         win[:, :fs] = win[:, fs:]
         if tid == 0:
             frames[:, f * fs:(f + 1) * fs] = win[:, :fs]
@@ -256,7 +257,7 @@ def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, re
 @njit(cache=True, nogil=True)
 def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, above, x_frame, cond, hidden,
                    logits, reals, bw_ih0, bw_ih, bw_hh, bb_ih, bb_hh, above_w, above_b, in_w, in_b, fw_ih0, fw_ih,
-                   fw_hh, fb_ih, fb_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b):
+                   fw_hh, fb_ih, fb_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b, floor):
     """FastThreeTierSampler.step for thread tid of `threads`, as twotier_step with a big tier above the frame tier:
     per big frame, the big GRU (h[:n_rnn]) steps once and its projection `above` (B, BFS / FS dim) gives each of
     the BFS / FS frames below the vector added to the frame GRU's input x_frame (B, dim); the frame GRU
@@ -302,7 +303,7 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
             linear(frame_h[n_rnn - 1], cond_w, cond_b, cond, start, end)
             sync(flags, tid, threads)
             mlp_frame(tid, threads, flags, win, s - fs, b * bfs + f * fs, cond, table, hidden, hidden_w, hidden_b,
-                      logits, out_w, out_b, a, zero, noise, temperature, recorded)
+                      logits, out_w, out_b, a, zero, noise, temperature, recorded, floor)
         win[:, :bfs] = win[:, bfs:]
         if tid == 0:
             frames[:, b * bfs:(b + 1) * bfs] = win[:, :bfs]

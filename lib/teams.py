@@ -27,7 +27,7 @@ def start_team(sampler, make_team, temperature):
 def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
     """The two-tier model's fast step (FastTwoTierSampler's weights and state, numpy views) compiled, on
     len(windows) threads, each with its own window and its share of every product's columns."""
-    reals, gru, cond, table, _, hidden, out = weights
+    reals, gru, cond, table, _, hidden, out, floor = weights
     threads, n, q, dim, fs, dtype = len(windows), len(frames), len(out[1]), table.shape[1], windows.shape[-1] // 2, \
         reals.dtype
     recorded = np.zeros((0, q), dtype) if recorded is None else recorded
@@ -36,7 +36,7 @@ def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
     split = [shares(m, threads) for m in (fs * dim, dim, q)]  # thread t's columns of each product
     weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
                by_thread(np.stack([w for w, _ in hidden]), split[1]),
-               by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out))
+               by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out), floor)
     return Team(twotier_step, twotier_worker, threads, (n, frame_len, q), dtype,
                 (windows, frames, h, temperature, recorded, *scratch, *weights))
 
@@ -44,7 +44,7 @@ def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
 def threetier_team(weights, windows, frames, h, temperature, recorded, frame_len):
     """The three-tier model's fast step (FastThreeTierSampler's weights and state, numpy views) compiled, on
     len(windows) threads."""
-    reals, big_gru, above, inp, frame_gru, cond, table, _, hidden, out = weights
+    reals, big_gru, above, inp, frame_gru, cond, table, _, hidden, out, floor = weights
     threads, n, q, dim, dtype = len(windows), len(frames), len(out[1]), table.shape[1], reals.dtype
     recorded = np.zeros((0, q), dtype) if recorded is None else recorded
     scratch = (np.zeros((n, len(above[1])), dtype), np.zeros((n, dim), dtype), np.zeros((n, len(cond[1])), dtype),
@@ -53,7 +53,7 @@ def threetier_team(weights, windows, frames, h, temperature, recorded, frame_len
     weights = (reals, *stacked_gru(big_gru, threads), *(by_thread(p, split[0]) for p in above),
                *(by_thread(p, split[1]) for p in inp), *stacked_gru(frame_gru, threads),
                *(by_thread(p, split[2]) for p in cond), table, by_thread(np.stack([w for w, _ in hidden]), split[1]),
-               by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[3]) for p in out))
+               by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[3]) for p in out), floor)
     return Team(threetier_step, threetier_worker, threads, (n, frame_len, q), dtype,
                 (windows, frames, h, temperature, recorded, *scratch, *weights))
 

@@ -335,3 +335,24 @@ def test_priming_runs_the_recurrent_tiers_on_one_row_and_never_the_output(kind):
     # the same numbers up to float64 rounding (a GEMM over 1 row and over n rows may sum in another order)
     torch.testing.assert_close(h, primed_on_every_row(m, n, prime), rtol=1e-12, atol=1e-12)
     assert all(torch.equal(row, last[0]) for row in last)
+
+
+@pytest.mark.parametrize("kind", ["twotier_fs2", "threetier_bfs4_fs2"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fast_path_equals_reference_without_the_first_relu(kind, backend):
+    """--mlp_first_relu off (as the ICLR-2017 release) and --frame_init he: every fast path follows the model."""
+    torch.manual_seed(0)
+    if kind.startswith("twotier"):
+        m = TwoTier(frame_size=2, n_frames=4, dim=32, n_rnn=2, emb_size=8, q_levels=Q, first_relu=False,
+                    frame_init="he")
+    else:
+        m = ThreeTier(big_frame_size=4, frame_size=2, seq_len=16, dim=32, n_rnn=2, emb_size=8, q_levels=Q,
+                      first_relu=False, frame_init="he")
+    m = m.double().eval()
+    prime = torch.randint(Q, (23,), generator=torch.Generator().manual_seed(3))
+    ref, ref_logits = generate(m, 3, 77, seed=11, temperature=0.6, prime=prime, fast=False, record=True)
+    fast, logits = generate(m, 3, 77, seed=11, temperature=0.6, prime=prime, backend=backend, record=True)
+    assert torch.equal(ref, fast)
+    torch.testing.assert_close(logits, ref_logits)
+    with_relu = m.sample_mlp.first_relu = True  # the flag matters: the same weights sample otherwise with it
+    assert with_relu and not torch.equal(generate(m, 3, 77, seed=11, temperature=0.6, prime=prime, fast=False), ref)
