@@ -125,8 +125,8 @@ def main(argv=None):
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
 
 
-def generate_files(args):
-    check_torch(torch.__version__)
+def check_flags(args):
+    """One line for each flag out of range, before anything is loaded."""
     if args.n < 1 or args.batch < 1:
         raise UserError(f"--n and --batch must be at least 1 (got --n {args.n}, --batch {args.batch})")
     if args.n > MAX_FILES:
@@ -140,23 +140,11 @@ def generate_files(args):
         raise UserError(f"--threads must be 0 (torch's default) to 1024 (got {args.threads})")
     if not 0 <= args.seed <= 2 ** 32 - 1 - args.n:
         raise UserError(f"--seed must be 0 to 2**32 - 1 - --n (seeds are 32-bit; got {args.seed})")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = choose_device(args.device)
-    if args.backend in ("numba", "numpy") and device.type != "cpu":
-        raise UserError(f"--backend {args.backend} runs on the CPU only; add --device cpu, or use --backend torch")
-    if args.best:
-        if not os.path.isdir(args.run):
-            raise UserError("--best takes a run folder (it uses RUN/checkpoints/best.pt)")
-        args.run = os.path.join(args.run, "checkpoints", "best.pt")
-        if not os.path.isfile(args.run):
-            raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
-    model, settings, rate, run_dir, iteration, checkpoint = load_run(args.run, device)
-    set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
-    prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
-    length = max(1, round(args.secs * rate))
-    out_dir = args.out or os.path.join(run_dir, "generated")
-    # files are named after the prime (if any), the seed and the temperature: one never replaces another silently
+
+
+def output_paths(args, out_dir):
+    """(WAV paths, plot paths) in out_dir, named after the prime (if any), the seed and the temperature, checked:
+    one never replaces another file without --overwrite, nor a run's page; out_dir is made."""
     base = os.path.join(out_dir, (f"{os.path.splitext(os.path.basename(args.prime))[0]}_" if args.prime else "") +
                         f"seed{args.seed}_temp{args.temperature:g}")
     paths = [f"{base}_{k:03d}.wav" for k in range(args.n)]
@@ -173,6 +161,29 @@ def generate_files(args):
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise WriteError(out_dir, e) from None
+    return paths, plots
+
+
+def generate_files(args):
+    check_torch(torch.__version__)
+    check_flags(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = choose_device(args.device)
+    if args.backend in ("numba", "numpy") and device.type != "cpu":
+        raise UserError(f"--backend {args.backend} runs on the CPU only; add --device cpu, or use --backend torch")
+    if args.best:
+        if not os.path.isdir(args.run):
+            raise UserError("--best takes a run folder (it uses RUN/checkpoints/best.pt)")
+        args.run = os.path.join(args.run, "checkpoints", "best.pt")
+        if not os.path.isfile(args.run):
+            raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
+    model, settings, rate, run_dir, iteration, checkpoint = load_run(args.run, device)
+    set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
+    prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
+    length = max(1, round(args.secs * rate))
+    out_dir = args.out or os.path.join(run_dir, "generated")
+    paths, plots = output_paths(args, out_dir)
 
     written, gen_secs = [], 0.0
     for first in range(0, args.n, args.batch):

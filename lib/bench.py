@@ -234,6 +234,41 @@ def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
     return nll.item() / math.log(2), grad_norm.item(), h.detach().float()
 
 
+def step_kinds(args, model, device, precision):
+    """{name: (step function, its optimizer)}: the kinds of training step to time side by side."""
+    steps = {} if args.quick else {"plain": (plain_step, torch.optim.Adam(model.parameters(), lr=1e-4))}
+    steps["sync-free"] = (train_step, make_optimizer(model, 1e-4))
+    if args.model == "twotier":  # the same step with the MLP's first layer as per-position tables
+        steps["tables"] = (train_step, make_optimizer(model, 1e-4))
+    if device.type == "cuda":  # the sync-free step captured as CUDA graphs (lib/cuda_graph.py)
+        from lib.cuda_graph import captured_at_first_call
+        opt = make_optimizer(model, 1e-4, capturable=True)
+        graphed = captured_at_first_call(model, opt, 1.0, precision)
+        steps["graphed"] = (lambda model, opt, chunk, reset, h, *_: graphed(chunk, reset, h), opt)
+    return steps
+
+
+def time_steps(args, model, steps, batches, device, precision):
+    """{kind: seconds per step}, the best of --repeats rounds of --steps, the kinds in turns; the first round
+    warms up (allocations, kernel choices). batches: {'plain': the plain step's, 'other': the others'}."""
+    best, it = {k: float("inf") for k in steps}, 0
+    for repeat in range(args.repeats + 1):
+        for kind, (step, opt) in steps.items():
+            if args.model == "twotier":
+                model.sample_mlp.use_tables = kind == "tables"
+            h = None
+            start = time.perf_counter()
+            for _ in range(args.warmup if repeat == 0 else args.steps):
+                chunk, reset = batches["plain" if kind == "plain" else "other"](it)
+                it += 1
+                _, _, h = step(model, opt, chunk.to(device, non_blocking=True), reset, h, 1.0, precision)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if repeat:
+                best[kind] = min(best[kind], (time.perf_counter() - start) / args.steps)
+    return best
+
+
 def bench_train(args):
     device = choose_device(args.device)
     torch.manual_seed(0)
@@ -268,30 +303,8 @@ def bench_train(args):
         set_precision(precision)
         peak = matmul_flops(device, 4096 if device.type == "cuda" else 2048,
                             torch.bfloat16 if precision == "bf16" else torch.float32)
-        steps = {} if args.quick else {"plain": (plain_step, torch.optim.Adam(model.parameters(), lr=1e-4))}
-        steps["sync-free"] = (train_step, make_optimizer(model, 1e-4))
-        if args.model == "twotier":  # the same step with the MLP's first layer as per-position tables
-            steps["tables"] = (train_step, make_optimizer(model, 1e-4))
-        if device.type == "cuda":  # the sync-free step captured as CUDA graphs (lib/cuda_graph.py)
-            from lib.cuda_graph import captured_at_first_call
-            opt = make_optimizer(model, 1e-4, capturable=True)
-            graphed = captured_at_first_call(model, opt, 1.0, precision)
-            steps["graphed"] = (lambda model, opt, chunk, reset, h, *_: graphed(chunk, reset, h), opt)
-        best, it = {k: float("inf") for k in steps}, 0
-        for repeat in range(args.repeats + 1):  # the first round warms up (allocations, kernel choices)
-            for kind, (step, opt) in steps.items():
-                if args.model == "twotier":
-                    model.sample_mlp.use_tables = kind == "tables"
-                h = None
-                start = time.perf_counter()
-                for _ in range(args.warmup if repeat == 0 else args.steps):
-                    chunk, reset = (host_batches if kind == "plain" else batches)(it)
-                    it += 1
-                    _, _, h = step(model, opt, chunk.to(device, non_blocking=True), reset, h, 1.0, precision)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if repeat:
-                    best[kind] = min(best[kind], (time.perf_counter() - start) / args.steps)
+        steps = step_kinds(args, model, device, precision)
+        best = time_steps(args, model, steps, {"plain": host_batches, "other": batches}, device, precision)
         for kind, secs in best.items():
             rate = per_step / secs
             results.append(dict(model=args.model, config=config, device=name, precision=precision, step=kind,
