@@ -94,6 +94,30 @@ MUTATIONS = {
     "bad_wav_breaks_the_page": ("lib/page.py", "except (BadAudio, WriteError, OSError) as e:",
                                 "except (WriteError, OSError) as e:",
                                 "tests/test_page.py::test_a_damaged_or_unfinished_run_still_gets_its_page_with_one_warning_per_missing_piece"),
+    # the run folder's history and its outputs (issue 36)
+    "resume_starts_over_with_history": ("lib/settings.py", "    if found is None:\n        refuse_to_start_over(",
+                                        "    if False:\n        refuse_to_start_over(",
+                                        "tests/test_history.py::test_a_finished_run_without_checkpoints_is_refused_never_started_over"),
+    "pruning_counts_other_runs": ("lib/run.py", "own = [p for p in checkpoint_paths(run_dir) if read_checkpoint(run, p, "
+                                  "mmap=True)[0] is not None]", "own = checkpoint_paths(run_dir)",
+                                  "tests/test_history.py::test_keep_checkpoints_counts_only_the_runs_own"),
+    "run_id_unchecked": ("lib/run.py", '    if ckpt.get("run_id") != run.get("run_id"):', "    if False:",
+                         "tests/test_history.py::test_generate_best_refuses_a_best_pt_of_another_run"),
+    "page_replaces_any_file": ("lib/page.py", "    if os.path.lexists(path) and not overwrite and not is_page(path, kind):",
+                               "    if False:", "tests/test_outputs.py::test_report_never_replaces_a_file_it_did_not_write"),
+    "index_unchecked": ("lib/cache.py", "    if index_checksum(offsets, stats, rate, crc) != int(index_crc):",
+                        "    if False:", "tests/test_cache.py::test_a_damaged_index_that_still_loads_is_rebuilt"),
+    "segment_reads_before_itself": ("lib/data.py", "        if start < 0:  # before the segment",
+                                    "        if False:  # before the segment",
+                                    "tests/test_data.py::test_clips_of_unequal_length_are_walked_whole"),
+    "signal_line_after_the_step": ("lib/stopping.py", "                if self.seen == 1:\n                    self.arrived(signum)",
+                                   "                pass",
+                                   "tests/test_ctrl_c.py::test_the_first_signal_is_in_the_log_at_once_during_a_long_step"),
+    "prime_on_every_row": ("two_tier.py", "            _, _, h = self.frame_rnn(x[:, :-fs].reshape(1, -1, fs), h[:, :1])\n"
+                           "        return h.expand(-1, n, -1).contiguous(), x[:, -fs:].expand(n, -1).contiguous()",
+                           "            x = x.expand(n, -1)\n            _, _, h = self.frame_rnn(x[:, :-fs].reshape(n, -1, "
+                           "fs), h.expand(-1, n, -1).contiguous())\n        return h, x[:, -fs:]",
+                           "tests/test_sample.py::test_priming_runs_the_recurrent_tiers_on_one_row_and_never_the_output"),
 }
 
 
