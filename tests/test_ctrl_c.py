@@ -3,10 +3,38 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import torch
+
 from conftest import REPO
+from lib.stopping import Interrupts
 from test_faults import wait_for
+
+
+def test_the_watcher_answers_while_one_torch_op_holds_the_main_thread():
+    """One matrix product of about 3 s on one thread: Python's own handler can run only after it. The first
+    signal's line must come from the watcher thread, within half a second of the signal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(4096, 4096)
+        start = time.perf_counter()
+        a[:1024, :1024] @ a[:1024, :1024]
+        n = min(4096, int(1024 * (3.0 / (time.perf_counter() - start)) ** (1 / 3)))  # about 3 s of product
+        said = []
+        with Interrupts(say=lambda line: said.append(time.monotonic())):
+            timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+            begun = time.monotonic()
+            timer.start()
+            a[:n, :n] @ a[:n, :n]
+            ended = time.monotonic()
+        timer.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert ended - begun > 1.5, f"the product took {ended - begun:.1f} s: too short to tell"
+    assert said and said[0] - (begun + 0.5) < 0.5 and ended - said[0] > 0.5, (said, begun, ended)
 
 
 def test_the_first_signal_is_in_the_log_at_once_during_a_long_step(tmp_path):
