@@ -27,7 +27,7 @@ import two_tier
 from lib import ArgumentParser, UserError, WriteError, check_torch, page, run_script
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
-from lib.report import animate_softmax, plot_softmax
+from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
 from lib.run import load_checkpoint, load_latest_checkpoint, own_checkpoint, read_run_settings
 from lib.settings import choose_device

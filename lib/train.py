@@ -23,7 +23,8 @@ import torch
 from lib import Interrupted, UserError, WriteError, check_torch, dist, page, run
 from lib.cuda_graph import captured_at_first_call
 from lib.progress import Progress, rss_mb, warn_of_many_passes
-from lib.report import plot_curves, report
+from lib.plots import plot_curves
+from lib.report import report
 from lib.sample import write_samples
 from lib.session import begin, setup
 from lib.settings import SCRIPTS, build_parser, check_settings, choose_device, parse_settings

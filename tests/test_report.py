@@ -157,7 +157,7 @@ def test_the_curves_legend_fits_in_the_figure(tmp_path):
     the legend's column ends above the image's bottom edge instead of being cut off there."""
     import numpy as np
     from PIL import Image
-    from lib.report import plot_curves
+    from lib.plots import plot_curves
     runs = {f"threetier big_frame_size=8\ndata=/work/clone{k}/data/asterisk_en\ndim=256 seed={k}": ROWS
             for k in range(6)}
     plot_curves(runs, str(tmp_path / "curves.png"))
