@@ -24,7 +24,6 @@ from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
-from lib.train import train_main
 
 MODEL_ID = "baseline"
 INPUTS = ("reals", "embed")
@@ -89,11 +88,11 @@ class FlatGRU(nn.Module):
 
 
 class FastFlatSampler:
-    """The fast path of FlatGRU.generate: `frame_len` samples per step() call, weight norm folded once, the
+    """The fast path of FlatGRU.generate: `step_len` samples per step() call, weight norm folded once, the
     input a table lookup, state preallocated and updated in place, no host-device sync (CUDA-graph
     capturable); one step() for numpy and torch (xp is the module it calls), and the same step compiled for
     the CPU (backend "numba", lib/kernels.py)."""
-    frame_len = STEP_SAMPLES
+    step_len = STEP_SAMPLES
 
     def __init__(self, model, n, temperature, prime, record, backend):
         xp = array_module(backend)
@@ -104,28 +103,28 @@ class FastFlatSampler:
             self.weights = as_arrays((inputs, gru_weights(model.rnn.gru), linear_t(model.out)), xp)
             h, last = model.prime_state(n, prime)
         self.h, self.last = h.clone(), last.clone()  # (n_rnn, n, dim), (n, 1)
-        self.frame = last.new_zeros(n, self.frame_len)
+        self.frame = last.new_zeros(n, self.step_len)
         q, dtype = model.q_levels, model.rnn.h0.dtype
-        self.recorded = torch.zeros(self.frame_len, q, device=last.device, dtype=dtype) if record else None
+        self.recorded = torch.zeros(self.step_len, q, device=last.device, dtype=dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
             from lib.teams import flat_team
             lasts = self.last.expand(torch.get_num_threads(), -1, -1).clone()  # one per thread; 0's is the state
             self.last = lasts[0]
             self.team = flat_team(self.weights, lasts.numpy(), self.frame.numpy(), as_arrays(self.h, np), temperature,
-                                  as_arrays(self.recorded, np), self.frame_len)
+                                  as_arrays(self.recorded, np), self.step_len)
             self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.last, self.frame, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
-        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len), an xp array (a view
+        """noise (n, step_len, q_levels) -> the next step_len samples (n, step_len), an xp array (a view
         of the state); advances the state."""
         h, last, frame, recorded = self.arrays
         if self.backend == "numba":
             self.team.step(noise)
             return frame
         inputs, gru, (out_w, out_b) = self.weights
-        for t in range(self.frame_len):
+        for t in range(self.step_len):
             x = gru_step(inputs[last[:, 0]], h, gru, self.xp)
             logits = x @ out_w
             logits += out_b
@@ -164,6 +163,7 @@ def default_tag(args):
 
 
 def main(argv=None):
+    from lib.train import train_main  # here, not above: importing the model loads no training code
     train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
 
 

@@ -9,6 +9,7 @@ quantization. The same checkpoint, seed, flags and device give bit-identical fil
 path of lib/sample.py (the one the training loop uses too); --reference uses the plain reference loop.
 """
 import argparse
+import importlib
 import math
 import os
 import time
@@ -21,19 +22,15 @@ import numpy as np
 import soxr
 import torch
 
-import baseline
-import three_tier
-import two_tier
-from lib import ArgumentParser, UserError, WriteError, check_torch, page, run_script
+from lib import MODELS, ArgumentParser, UserError, WriteError, check_torch, checkpoint, page, run_script
 from lib.audio import read_mono, write_wav
 from lib.quantize import dequantize, normalize, quantize
 from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.run import load_checkpoint, load_latest_checkpoint, own_checkpoint, read_run_settings
-from lib.settings import choose_device
+from lib.run import read_settings
+from lib.settings import choose_device, upgraded
 from lib.step import set_precision
 
-SCRIPTS = {m.MODEL_ID: m for m in (two_tier, three_tier, baseline)}
 MAX_FILES = 100_000  # per call: every path is named before the first is written
 MAX_SECS = 24 * 3600.0  # per sequence: a day of audio (16 kHz: 1.4 G samples, 11 GB of levels per sequence)
 
@@ -42,8 +39,8 @@ def load_run(path, device):
     """(model in eval mode, settings namespace, sample_rate, run folder, iteration, checkpoint path) from a run
     folder (its newest checkpoint that loads) or a checkpoint."""
     if os.path.isdir(path):
-        read_run_settings(path)  # a folder that is no run at all gets its own message
-        found = load_latest_checkpoint(path, "generating from")
+        run = read_settings(path)  # a folder that is no run at all gets its own message
+        found = checkpoint.newest(path, "generating from", run)
         if found is None:
             raise UserError(f"{path} has no readable checkpoint (checkpoints/it*.pt): pass a run folder that has "
                             f"trained for at least one interval, or a checkpoint file")
@@ -51,25 +48,30 @@ def load_run(path, device):
     elif not os.path.isfile(path):
         raise UserError(f"{path} is neither a run folder nor a checkpoint file")
     elif os.path.isfile(os.path.join(run_of(path), "settings.json")):
-        ckpt = own_checkpoint(run_of(path), path)  # a checkpoint in a run folder must be the run's own
+        ckpt = checkpoint.own(run_of(path), path)  # a checkpoint in a run folder must be the run's own
     else:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = checkpoint.load(path)
         except Exception as e:  # torch raises many types for files that are not checkpoints
             raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
     model_id = ckpt.get("model_id") if isinstance(ckpt, dict) else None
-    if model_id not in SCRIPTS:
-        raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(SCRIPTS)}")
-    settings = argparse.Namespace(**ckpt["settings"])
-    model = SCRIPTS[model_id].build_model(settings)
+    if model_id not in MODELS:
+        raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(MODELS)}")
+    settings = argparse.Namespace(**upgraded(ckpt["settings"]))
+    model = model_file(model_id).build_model(settings)
     model.load_state_dict(ckpt["model"])
     return (model.to(device).eval(), settings, ckpt["sample_rate"], run_of(path), ckpt.get("state", {}).get("iteration"),
             path)
 
 
-def run_of(checkpoint):
+def model_file(model_id):
+    """The model's own file (two_tier.py ...), imported when a checkpoint asks for it: lib.MODELS names them."""
+    return importlib.import_module(MODELS[model_id])
+
+
+def run_of(path):
     """The run folder a checkpoint file lies in (RUN/checkpoints/it0000300.pt -> RUN)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    return os.path.dirname(os.path.dirname(os.path.abspath(path)))
 
 
 def load_prime(path, settings, sample_rate, min_len):
@@ -178,7 +180,7 @@ def generate_files(args):
         args.run = os.path.join(args.run, "checkpoints", "best.pt")
         if not os.path.isfile(args.run):
             raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
-    model, settings, rate, run_dir, iteration, checkpoint = load_run(args.run, device)
+    model, settings, rate, run_dir, iteration, ckpt_path = load_run(args.run, device)
     set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
@@ -215,7 +217,7 @@ def generate_files(args):
                 animate_softmax(probs[:200], levels[0, :200].cpu().numpy(), plots[1])
     index = page.write_folder_page(out_dir, f"{os.path.basename(run_dir)}: generated from iteration {iteration}")
     secs, total = gen_secs, args.n * length
-    print(f"sampled from {checkpoint} (iteration {iteration}); wrote {len(written)} WAV files" +
+    print(f"sampled from {ckpt_path} (iteration {iteration}); wrote {len(written)} WAV files" +
           (f" and {', '.join(os.path.basename(p) for p in plots)}" if plots else "") + f" to {out_dir} (to listen: "
           f"{index})")
     print(f"generated {args.n} x {length} samples in {secs:.2f} s on {device}: {total / secs:,.0f} samples/s, "

@@ -27,7 +27,6 @@ from lib import UserError
 from lib.layers import gru_step, gru_weights, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
-from lib.train import train_main
 from two_tier import FrameLevelRNN, SampleLevelMLP, add_departure_args, departures, first_floor, mlp_logits
 
 MODEL_ID = "threetier"
@@ -124,7 +123,7 @@ class FastThreeTierSampler:
     def __init__(self, model, n, temperature, prime, record, backend):
         bfs, fs, q = model.big_frame_size, model.frame_size, model.q_levels
         xp = array_module(backend)
-        self.frame_len = bfs * -(-STEP_SAMPLES // bfs)
+        self.step_len = bfs * -(-STEP_SAMPLES // bfs)
         self.bfs, self.fs, self.n_rnn, self.temperature, self.record = bfs, fs, model.n_rnn, temperature, record
         self.xp, self.backend = xp, backend
         with torch.no_grad(), parametrize.cached():
@@ -139,8 +138,8 @@ class FastThreeTierSampler:
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (2 * n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, bfs)], dim=1)  # last big frame read, then the new one
-        self.frames = last.new_zeros(n, self.frame_len)  # what step() returns
-        self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
+        self.frames = last.new_zeros(n, self.step_len)  # what step() returns
+        self.recorded = torch.zeros(self.step_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
             from lib.teams import start_team, threetier_team
@@ -148,13 +147,13 @@ class FastThreeTierSampler:
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
-        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len) of levels (an xp array,
+        """noise (n, step_len, q_levels) -> the next step_len samples (n, step_len) of levels (an xp array,
         a view of the state); advances h and the window in place."""
         bfs, frames = self.bfs, self.arrays[2]
         if self.backend == "numba":
             self.team.step(noise)
             return frames
-        for b in range(self.frame_len // bfs):
+        for b in range(self.step_len // bfs):
             frames[:, b * bfs:(b + 1) * bfs] = self.big_frame_step(noise[:, b * bfs:(b + 1) * bfs], b * bfs)
         return frames
 
@@ -215,6 +214,7 @@ def default_tag(args):
 
 
 def main(argv=None):
+    from lib.train import train_main  # here, not above: importing the model loads no training code
     train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
 
 

@@ -24,7 +24,6 @@ from lib import UserError
 from lib.layers import GRUStack, gru_step, gru_weights, linear, linear_t
 from lib.quantize import q_zero, to_reals
 from lib.sample import STEP_SAMPLES, array_module, as_arrays, draw, one_row_threads
-from lib.train import train_main
 
 MODEL_ID = "twotier"
 PRESETS = {  # each preset holds only the values it changes
@@ -63,7 +62,7 @@ class SampleLevelMLP(nn.Module):
     Its first layer, Embedding then Linear(FS*emb -> dim), is for window position j a (q_levels, dim) table
     E @ W_j^T: each sample's first layer is then FS lookups and a sum. With `use_tables`, training computes the
     tables once per step, differentiably, instead of the product for every sample; the fast sampler always uses
-    them. use_tables None (the default) means where `python -m lib.bench train` measured it faster: on the CPU
+    them. use_tables None (the default) means where `python bench.py train` measured it faster: on the CPU
     (notes/performance.md); on CUDA not yet measured, so off there."""
 
     def __init__(self, frame_size, dim, emb_size, q_levels, first_relu=True):
@@ -168,7 +167,7 @@ class TwoTier(nn.Module):
 
 
 class FastTwoTierSampler:
-    """The fast path of TwoTier.generate, frame_len samples (whole frames, about STEP_SAMPLES) per step() call,
+    """The fast path of TwoTier.generate, step_len samples (whole frames, about STEP_SAMPLES) per step() call,
     with
     - the MLP's first layer as a table: Embedding then Linear(FS*emb -> dim) is, per window position j, a
       (q_levels, dim) table E @ W_j^T, so each sample's first layer is a lookup and a sum;
@@ -180,7 +179,7 @@ class FastTwoTierSampler:
     def __init__(self, model, n, temperature, prime, record, backend):
         fs, q = model.frame_size, model.q_levels
         xp = array_module(backend)
-        self.frame_len = fs * -(-STEP_SAMPLES // fs)
+        self.step_len = fs * -(-STEP_SAMPLES // fs)
         self.fs, self.temperature, self.record = fs, temperature, record
         self.xp, self.backend = xp, backend
         with torch.no_grad(), parametrize.cached():
@@ -196,8 +195,8 @@ class FastTwoTierSampler:
             h, last = model.prime_state(n, prime)
         self.h = h.clone()  # (n_rnn, n, dim)
         self.window = torch.cat([last, last.new_zeros(n, fs)], dim=1)  # last frame read, then the new one
-        self.frames = last.new_zeros(n, self.frame_len)  # what step() returns
-        self.recorded = torch.zeros(self.frame_len, q, device=w.device, dtype=w.dtype) if record else None
+        self.frames = last.new_zeros(n, self.step_len)  # what step() returns
+        self.recorded = torch.zeros(self.step_len, q, device=w.device, dtype=w.dtype) if record else None
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
             from lib.teams import start_team, twotier_team
@@ -205,13 +204,13 @@ class FastTwoTierSampler:
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):
-        """noise (n, frame_len, q_levels) -> the next frame_len samples (n, frame_len) of levels (an xp array,
+        """noise (n, step_len, q_levels) -> the next step_len samples (n, step_len) of levels (an xp array,
         a view of the state); advances h and the window in place."""
         fs, frames = self.fs, self.arrays[2]
         if self.backend == "numba":
             self.team.step(noise)
             return frames
-        for f in range(self.frame_len // fs):
+        for f in range(self.step_len // fs):
             frames[:, f * fs:(f + 1) * fs] = self.frame_step(noise[:, f * fs:(f + 1) * fs], f * fs)
         return frames
 
@@ -306,6 +305,7 @@ def default_tag(args):
 
 
 def main(argv=None):
+    from lib.train import train_main  # here, not above: importing the model loads no training code
     train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
 
 

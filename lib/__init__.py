@@ -1,5 +1,15 @@
-"""Shared pieces of the two models: data, quantization, layers, the training loop; and the few helpers
-every script uses: one-line errors, atomic writes, a quiet Ctrl-C."""
+"""What the scripts share, one concern a module:
+
+  models       layers.py (GRUs, weight norm), quantize.py, sample.py (the reference sampler; kernels.py and
+               teams.py its compiled fast step)
+  data         audio.py (reading, writing), prepare.py and download.py (datasets), cache.py, data.py (batches)
+  training     train.py (the entry and the loop), settings.py (flags), session.py (one session set up),
+               step.py (the step, evaluation), checkpoint.py (save, read, resume), run.py (the run folder),
+               stopping.py (signals, non-finite values), progress.py, dist.py (torchrun), cuda_graph.py
+  reading      report.py (python -m lib.report), page.py (pages to listen with), plots.py
+
+and here the few helpers every script uses: the model registry, one-line errors, atomic writes, a quiet Ctrl-C.
+Nothing in lib imports a script; a model script imports only the models' modules."""
 import argparse
 import difflib
 import os
@@ -8,7 +18,14 @@ import signal
 import sys
 
 
+MODELS = {"twotier": "two_tier", "threetier": "three_tier", "baseline": "baseline"}  # model id -> its script
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "asterisk_en")
 MIN_TORCH = (2, 6)  # torch.nn.utils.get_total_norm came in 2.6, fused Adam on the CPU in 2.4
+
+
+def script_of(model_id):
+    """The script that trains a model id's runs (two_tier.py ...), for messages that say what to run."""
+    return f"{MODELS[model_id]}.py" if model_id in MODELS else "the script that made it"
 
 
 def check_torch(version):

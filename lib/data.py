@@ -32,7 +32,6 @@ from lib.cache import clip_stats
 from lib.prepare import SPLITS, cut_clips
 from lib.quantize import quantize, q_zero, stretch
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "asterisk_en")
 PCM_SCALE = 1 / 32768  # 16-bit PCM -> float in [-1, 1)
 
 
@@ -44,7 +43,7 @@ class Split:
     def __init__(self, pcm, offsets, stats, rate, scale=PCM_SCALE):
         self.pcm, self.offsets, self.stats, self.rate, self.scale = pcm, np.asarray(offsets), stats, rate, scale
         self.lengths = np.diff(self.offsets)
-        self.quantizer = None  # (q_levels, qtype, zero_dc, norm), set by quantized()
+        self.quantizer = None  # (q_levels, qtype, zero_dc, norm), set by set_quantization()
         self.crc32 = None  # of the samples (lib.cache.fingerprint), where known
 
     @classmethod
@@ -57,9 +56,9 @@ class Split:
     def n_clips(self):
         return len(self.lengths)
 
-    def quantized(self, q_levels, qtype, zero_dc=False, norm="none"):
+    def set_quantization(self, q_levels, qtype, zero_dc=False, norm="none"):
+        """How levels() quantizes this split's clips from now on."""
         self.quantizer = (q_levels, qtype, zero_dc, norm)
-        return self
 
     def is_silent(self):
         return not np.any(self.stats[:, 1:]) if self.stats is not None else not np.any(self.pcm)

@@ -31,7 +31,7 @@ def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def setup(device):
+def join(device):
     """Under torchrun with more than one process: the process group (NCCL on CUDA, gloo on the CPU) -> this
     process's device (its local GPU). In a single process: `device` as it is."""
     if world_size() == 1:
@@ -71,7 +71,7 @@ def average_initial_state_grads(model):
             p.grad /= dist.get_world_size()
 
 
-def share(obj):
+def from_rank0(obj):
     """rank 0's `obj` on every rank (any picklable object)."""
     if world_size() == 1:
         return obj

@@ -106,7 +106,7 @@ def _gate_tanh(x):
 
 
 @njit(cache=True, nogil=True)
-def share(m, tid, threads):
+def thread_range(m, tid, threads):
     """Thread tid's columns [start, end) of m."""
     return m * tid // threads, m * (tid + 1) // threads
 
@@ -142,7 +142,7 @@ def gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags):
     This thread computes its c units of each layer; the next layer reads the whole layer below. The weights
     are this thread's (stacked_gru): columns [0, c) are its r gates, [c, 2 c) z and [2 c, 3 c) n."""
     n_rnn, n, d = h.shape
-    start, end = share(d, tid, threads)
+    start, end = thread_range(d, tid, threads)
     c = end - start
     gi = np.empty((n, 3 * c), h.dtype)
     gh = np.empty((n_rnn, n, 3 * c), h.dtype)
@@ -199,12 +199,12 @@ def mlp_frame(tid, threads, flags, win, first, t0, cond, table, hidden, hidden_w
                 a[r, :] += table[p * q + win[r, p0 + p]]
             relu(a[r], cond[r, j * d:(j + 1) * d], a[r], floor)
         for layer in range(hidden_w.shape[0]):
-            start, end = share(d, tid, threads)
+            start, end = thread_range(d, tid, threads)
             linear(a, hidden_w[layer], hidden_b[layer], hidden[layer], start, end)
             sync(flags, tid, threads)
             for r in range(n):
                 relu(hidden[layer, r], zero, a[r])
-        start, end = share(q, tid, threads)
+        start, end = thread_range(q, tid, threads)
         out = logits[j % 2]  # two buffers: a thread may write the next sample's while another draws this one
         linear(a, out_w, out_b, out, start, end)
         sync(flags, tid, threads)
@@ -218,10 +218,10 @@ def mlp_frame(tid, threads, flags, win, first, t0, cond, table, hidden, hidden_w
 @njit(cache=True, nogil=True)
 def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, recorded, cond, hidden, logits,
                  reals, w_ih0, w_ih, w_hh, b_ih, b_hh, cond_w, cond_b, table, hidden_w, hidden_b, out_w, out_b, floor):
-    """FastTwoTierSampler.step for thread tid of `threads`: frame_len / FS frames, one after the other; False
+    """FastTwoTierSampler.step for thread tid of `threads`: step_len / FS frames, one after the other; False
     once the team is told to stop (Team.close). windows (threads, B, 2 FS) levels, each thread's own copy (the
-    last frame, then the new one); frames (B, frame_len) levels (thread 0 writes them); h (n_rnn, B, dim);
-    noise (B, frame_len, Q); recorded (frame_len, Q) gets row 0's logits if it has rows. Shared by the
+    last frame, then the new one); frames (B, step_len) levels (thread 0 writes them); h (n_rnn, B, dim);
+    noise (B, step_len, Q); recorded (step_len, Q) gets row 0's logits if it has rows. Shared by the
     threads: cond (B, FS dim), hidden (n_hidden, B, dim) and logits (2, B, Q). Weights with a leading thread
     axis (module docstring): cond_w (threads, dim, FS dim / threads), hidden_w (threads, n_hidden, dim,
     dim / threads), out_w (threads, dim, Q / threads), rounded up."""
@@ -242,7 +242,7 @@ def twotier_step(tid, threads, flags, noise, windows, frames, h, temperature, re
             for j in range(fs):
                 x[r, j] = reals[win[r, j]]
         gru_stack(x, h, w_ih0, w_ih, w_hh, b_ih, b_hh, tid, threads, flags)  # its first barrier: all are past
-        start, end = share(fs * d, tid, threads)                             # the last frame's MLP
+        start, end = thread_range(fs * d, tid, threads)                             # the last frame's MLP
         linear(h[h.shape[0] - 1], cond_w, cond_b, cond, start, end)
         sync(flags, tid, threads)
         mlp_frame(tid, threads, flags, win, 0, f * fs, cond, table, hidden, hidden_w, hidden_b, logits, out_w, out_b,
@@ -285,7 +285,7 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
             for j in range(bfs):
                 x_big[r, j] = reals[win[r, j]]
         gru_stack(x_big, big_h, bw_ih0, bw_ih, bw_hh, bb_ih, bb_hh, tid, threads, flags)
-        start, end = share(above.shape[1], tid, threads)
+        start, end = thread_range(above.shape[1], tid, threads)
         linear(big_h[n_rnn - 1], above_w, above_b, above, start, end)
         sync(flags, tid, threads)
         for f in range(bfs // fs):
@@ -293,13 +293,13 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
             for r in range(n):
                 for j in range(fs):
                     x_in[r, j] = reals[win[r, s - fs + j]]
-            start, end = share(d, tid, threads)
+            start, end = thread_range(d, tid, threads)
             linear(x_in, in_w, in_b, x_frame, start, end)
             for r in range(n):
                 x_frame[r, start:end] += above[r, f * d + start:f * d + end]
             # gru_stack reads x_frame after its first barrier: every thread's columns are written by then
             gru_stack(x_frame, frame_h, fw_ih0, fw_ih, fw_hh, fb_ih, fb_hh, tid, threads, flags)
-            start, end = share(fs * d, tid, threads)
+            start, end = thread_range(fs * d, tid, threads)
             linear(frame_h[n_rnn - 1], cond_w, cond_b, cond, start, end)
             sync(flags, tid, threads)
             mlp_frame(tid, threads, flags, win, s - fs, b * bfs + f * fs, cond, table, hidden, hidden_w, hidden_b,
@@ -315,8 +315,8 @@ def threetier_step(tid, threads, flags, noise, windows, frames, h, temperature, 
 def flat_step(tid, threads, flags, noise, lasts, frame, h, temperature, recorded, logits, inputs, w_ih0, w_ih,
                w_hh, b_ih, b_hh, out_w, out_b):
     """FastFlatSampler.step for thread tid of `threads`; False once the team is told to stop (Team.close).
-    lasts (threads, B, 1) levels, each thread's own copy; frame (B, frame_len) levels (thread 0 writes it);
-    h (n_rnn, B, dim); noise (B, frame_len, Q); recorded (frame_len, Q) gets row 0's logits if it has rows;
+    lasts (threads, B, 1) levels, each thread's own copy; frame (B, step_len) levels (thread 0 writes it);
+    h (n_rnn, B, dim); noise (B, step_len, Q); recorded (step_len, Q) gets row 0's logits if it has rows;
     logits (2, B, Q) shared by the threads."""
     sync(flags, tid, threads)
     if flags[threads * LINE]:
@@ -327,7 +327,7 @@ def flat_step(tid, threads, flags, noise, lasts, frame, h, temperature, recorded
     n, q = last.shape[0], logits.shape[2]
     w_ih0, w_ih, w_hh, b_ih, b_hh, out_w, out_b = w_ih0[tid], w_ih[tid], w_hh[tid], b_ih[tid], b_hh[tid], \
         out_w[tid], out_b[tid]
-    start, end = share(q, tid, threads)
+    start, end = thread_range(q, tid, threads)
     x = np.empty((n, inputs.shape[1]), h.dtype)
     for t in range(frame.shape[1]):
         for r in range(n):

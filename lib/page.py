@@ -11,7 +11,6 @@ is left out of the page with one warning line, never a traceback.
 """
 import glob
 import html
-import json
 import os
 import re
 from urllib.parse import quote
@@ -20,7 +19,7 @@ import numpy as np
 
 from lib import UserError, WriteError, atomic_write
 from lib.audio import BadAudio, find_audio, read_mono, warn, write_wav
-from lib.run import read_metrics
+from lib.run import read_metrics, read_settings
 
 SPECTROGRAM_COLUMNS = 400  # at most this many time steps per image: a long sample gets a coarser hop
 SPECTROGRAM_ROWS = 128  # frequency bins shown, 0 Hz to Nyquist
@@ -166,12 +165,10 @@ def write_page(path, title, body, kind):
 
 # ---- one run
 
-def read_settings(run_dir):
+def settings_or_none(run_dir):
     try:
-        with open(os.path.join(run_dir, "settings.json")) as f:
-            saved = json.load(f)
-        return saved if isinstance(saved, dict) and isinstance(saved.get("settings"), dict) else None
-    except (OSError, ValueError):
+        return read_settings(run_dir)
+    except UserError:
         return None
 
 
@@ -206,7 +203,7 @@ def write_run_page(run_dir, quiet=False):
     """RUN/index.html from what the run folder holds now; missing spectrograms are made first. Each missing piece
     is one warning line (unless quiet: the training loop, which writes the page at each interval's end)."""
     say = (lambda m: None) if quiet else warn
-    saved = read_settings(run_dir) or {}
+    saved = settings_or_none(run_dir) or {}
     flags = saved.get("settings", {})
     rows = complete_rows(run_dir, quiet)
     samples = run_samples(run_dir)
@@ -293,7 +290,7 @@ def write_folder_page(folder, title):
 def reference_clip(flags, out_wav):
     """The first seconds of the first valid clip of the runs' data, as a WAV -> its path, or None with a warning
     when the data is not on this machine."""
-    from lib.data import DEFAULT_DATA
+    from lib import DEFAULT_DATA
     data = flags.get("data", DEFAULT_DATA)
     if not os.path.exists(data) and os.path.basename(data) == os.path.basename(DEFAULT_DATA):
         data = DEFAULT_DATA  # the shipped data, recorded by a checkout elsewhere

@@ -24,7 +24,7 @@ import numpy as np
 from lib import ArgumentParser, UserError, WriteError, page, run_script
 from lib.audio import warn
 from lib.plots import plot_curves
-from lib.run import read_metrics
+from lib.run import read_metrics, read_settings
 from lib.settings import add_training_args
 
 
@@ -98,13 +98,11 @@ def summarize(run_dir, time_windows, iter_windows):
     """One run's row as a dict (values, or None where not reached or not measured); None, with one warning, if
     it has no metrics or its folder cannot be read as a run (the other runs are still reported)."""
     try:
-        with open(os.path.join(run_dir, "settings.json")) as f:
-            settings = json.load(f)
-        if not (isinstance(settings, dict) and {"model_id", "parameters"} <= set(settings) and
-                isinstance(settings.get("settings"), dict)):
-            raise ValueError("no model_id, parameters or settings in it")
-    except (OSError, ValueError) as e:
-        warn(f"{run_dir}/settings.json is not a run's settings ({str(e)[:80]}); the run is left out")
+        settings = read_settings(run_dir)
+        if "parameters" not in settings:
+            raise UserError(f"{run_dir}/settings.json has no parameter count")
+    except UserError as e:
+        warn(f"{e}; the run is left out")
         return None
     rows = read_metrics(run_dir)
     complete = [r for r in rows if all(is_number(r.get(k)) for k in ROW_KEYS)]
@@ -154,7 +152,8 @@ def differing(summaries):
 def test_bits_16(summary):
     """The run's test NLL at best in bits per 16-bit sample (lib.quantize.code_bits averaged over the test split's
     predicted samples, added); None where not measured, or for --norm minmax (it rescales each clip)."""
-    from lib.data import DEFAULT_DATA, Segments, load_splits  # only this column needs the data
+    from lib import DEFAULT_DATA
+    from lib.data import Segments, load_splits  # only this column needs the data
     from lib.quantize import code_bits
     s = summary["settings"]
     if summary["test_at_best"] is None or s.get("norm", "none") != "none":
@@ -167,7 +166,7 @@ def test_bits_16(summary):
     except UserError as e:  # the run's data is not on this machine: no number, and the table still prints
         warn(f"{summary['run']}: no bits per 16-bit sample ({e})")
         return None
-    split.quantized(s["q_levels"], s["qtype"], s.get("zero_dc", False), s.get("norm", "none"))
+    split.set_quantization(s["q_levels"], s["qtype"], s.get("zero_dc", False), s.get("norm", "none"))
     segments = Segments(split, s["seq_len"], "test clips")
     targets = segments.levels(np.arange(len(segments)), 0, segments.length, s["q_levels"])  # what evaluate predicts
     return summary["test_at_best"] + float(code_bits(s["q_levels"], s["qtype"])[targets.numpy()].mean())

@@ -8,7 +8,7 @@ with the same seed, the fast and reference paths give the same samples (tests/te
 A model offers two samplers:
   model.generate(n, length, noise, temperature, prime, keep_logits)  the plain, obviously correct reference
   model.fast_sampler(n, temperature, prime, record, backend)          the fast path: an object whose
-      step(noise (n, frame_len, Q)) -> (n, frame_len) levels generates frame_len samples (whole frames, about
+      step(noise (n, step_len, Q)) -> (n, step_len) levels generates step_len samples (whole frames, about
       STEP_SAMPLES), updating its state in place (so that a call's steps can be captured in a CUDA graph);
       record=True keeps the first sequence's logits of the call in .recorded for the softmax picture.
 
@@ -126,7 +126,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     backend = backend or default_backend(model, n)
     noise = GumbelNoise(n, model.q_levels, seed, device, dtype, array_module(backend))
     sampler = model.fast_sampler(n, temperature, prime, record, backend)
-    fl = sampler.frame_len  # samples per step() call
+    fl = sampler.step_len  # samples per step() call
     calls = -(-length // fl)
     out = torch.empty(n, calls * fl, dtype=torch.long, device=device)
     recorded = torch.empty(calls * fl, model.q_levels, device=device, dtype=dtype) if record else None

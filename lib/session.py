@@ -9,10 +9,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lib import UserError, cache, dist, page, run
+from lib import UserError, cache, checkpoint, dist, page, run
+from lib.audio import warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import write_samples
-from lib.step import load_optimizer, make_optimizer, set_precision
+from lib.step import make_optimizer, set_precision
 
 
 @dataclass
@@ -38,16 +39,18 @@ class Session:
     warned: bool = False
 
 
-def setup(model_id, args, model, device, tag, resuming):
-    """The data (checked against the run's on resume), the model and optimizer on the device, the run folder."""
+def open_session(model_id, args, model, device, tag, resumed):
+    """The data (checked against the run's on resume), the model and optimizer on the device, the run folder (new,
+    or the resumed one: lib.checkpoint.Resumed)."""
+    resuming = resumed is not None
     if resuming and not os.path.exists(args.data):
         raise UserError(f"the run's data {args.data} is not there: if it moved, resume with --data NEW_PLACE "
                         f"(the data there is checked against the run's)")
     splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
     if resuming:
-        run.check_data(args.resume, splits, args.data, args.accept_changed_data)
+        check_data(resumed, splits, args.data, args.accept_changed_data)
     for split in splits.values():
-        split.quantized(args.q_levels, args.qtype, args.zero_dc, args.norm)
+        split.set_quantization(args.q_levels, args.qtype, args.zero_dc, args.norm)
     world, main = dist.world_size(), dist.rank() == 0
     batches = ChunkBatches(splits["train"], args.batch_size, model.seq_len, model.overlap, args.q_levels, args.seed,
                            dist.rank(), world)
@@ -61,10 +64,10 @@ def setup(model_id, args, model, device, tag, resuming):
     set_precision(args.precision)
     model.to(device)
     run_dir = args.resume or (run.new_run_dir(args.runs_dir, f"{model_id}_{tag}") if main else None)
-    run_dir = dist.share(run_dir)
+    run_dir = dist.from_rank0(run_dir)
     if main and not resuming:
         run.hold_run(run_dir)
-    run_id = run.read_run_settings(args.resume).get("run_id") if resuming else dist.share(run.new_run_id())
+    run_id = resumed.run.get("run_id") if resuming else dist.from_rank0(run.new_run_id())
     return Session(args=args, model_id=model_id, model=model, net=dist.wrap(model, device),
                    optimizer=make_optimizer(model, args.lr, capturable=args.cuda_graph_step), splits=splits,
                    sample_rate=sample_rate, batches=batches, device=device, run_dir=run_dir, run_id=run_id,
@@ -73,50 +76,90 @@ def setup(model_id, args, model, device, tag, resuming):
                    chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)
 
 
-def begin(s, n_params, resumed):
+def check_data(resumed, splits, data, accept_changed):
+    """On resume: the data must be what the run trained on (by content, wherever it lies now), unless
+    accept_changed (--accept_changed_data); then the run's fingerprint becomes the new data's, and the change
+    is logged in settings.json."""
+    saved, run_dir = resumed.run, resumed.run_dir
+    old, new = saved.get("data_fingerprint"), cache.fingerprint(splits)
+    if old is None:
+        warn(f"{run_dir} was made before runs recorded their data's fingerprint: the data is not checked")
+        return
+    change = cache.describe_change(old, new)
+    if not change:
+        return
+    if not accept_changed:
+        raise UserError(f"the data in {data} differs from what {run_dir} was trained on ({change}): "
+                        f"resume with its own data, or add --accept_changed_data to train on this")
+    warn(f"training on changed data ({change}), as --accept_changed_data asks")
+    saved["data_fingerprint"] = new
+    saved.setdefault("data_changes", []).append(change)
+    run.write_settings(run_dir, saved)
+
+
+def begin(session, n_params, resumed):
     """A new run's settings.json, or a resumed run's checkpoint restored and what a kill left repaired; the
     opening lines of the log. -> (state, h)."""
-    args, splits = s.args, s.splits
-    ckpt_path, ckpt = resumed or (None, None)
     state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "best_iteration": None,
              "since_best": 0, "interval": None}
-    h = None
-    if resumed and s.main:
-        run.remove_temporary_files(s.run_dir)
-    elif s.main:
-        run.write_settings(s.run_dir, {
-            "model_id": s.model_id, "run_id": s.run_id, "settings": vars(args), "parameters": n_params,
-            "world_size": dist.world_size(),            "sample_rate": s.sample_rate, "clips": {k: [v.n_clips, int(v.lengths.sum())] for k, v in splits.items()},
-            "data_fingerprint": cache.fingerprint(splits), "device": str(s.device), "command": " ".join(sys.argv),
-            "git": run.git_info(), "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                                "numpy": np.__version__}})
-    if ckpt is not None:
-        s.model.load_state_dict(ckpt["model"])
-        load_optimizer(s.optimizer, ckpt["optimizer"], args.cuda_graph_step)
-        state.update(ckpt["state"])
-        h = None if ckpt["h"] is None else ckpt["h"][:, s.batches.rows].to(s.device)  # this rank's rows
-    s.log(f"{'resuming' if resumed else 'run'} {s.run_dir} from iteration {state['iteration']}" +
-          (f" ({os.path.basename(ckpt_path)})" if ckpt_path else ""))
-    if resumed and s.main:
-        row = ckpt.get("row") if ckpt else None
-        run.repair(s.run_dir, state["iteration"], row, ckpt_path)
-        if row is not None and not all(map(os.path.exists, run.sample_paths(s.run_dir, state["iteration"],
-                                                                           args.n_samples))):
-            s.log(f"writing the samples of iteration {state['iteration']}, which a stop had cut off")
-            write_samples(s.model, run.sample_paths(s.run_dir, state["iteration"], args.n_samples),
-                          args.sample_secs, s.sample_rate, args)
-        page.write_run_page(s.run_dir, quiet=True)  # a stop may have come before it was rewritten
-    world, segments = dist.world_size(), s.batches.segments
-    s.log(f"{s.model_id}: {n_params:,} parameters | device {s.device} float32 | torch {torch.__version__}" +
-          (f" | {torch.get_num_threads()} CPU threads" if s.device.type == "cpu" else "") +
-          (f" | {world} processes (torchrun), global batch {s.batches.batch_size}" if world > 1 else ""))
-    s.log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
-    s.log(f"data {args.data}: {s.sample_rate} Hz, clips train/valid/test {splits['train'].n_clips}/"
-          f"{splits['valid'].n_clips}/{splits['test'].n_clips} ({splits['train'].lengths.sum() / s.sample_rate / 3600:.2f}"
-          f" h of training audio, {'on the GPU as levels' if torch.is_tensor(splits['train'].pcm) else 'memory-mapped'});"
-          f" {len(segments)} train segments of {segments.length} samples, chunks of {s.model.seq_len} samples "
-          f"(+{s.model.overlap} overlap), {s.batches.chunks_per_clip} per segment")
-    if s.batches.with_replacement:
-        s.log(f"note: {len(segments)} train segments < the batch of {s.batches.batch_size}: "
-              f"each batch draws segments with replacement")
+    if resumed is None:
+        write_settings(session, n_params)
+        h = None
+    else:
+        saved, h = checkpoint.restore(resumed, session.model, session.optimizer, session.batches.rows, session.device,
+                                      session.args.cuda_graph_step)
+        state.update(saved)
+    session.log(f"{'resuming' if resumed else 'run'} {session.run_dir} from iteration {state['iteration']}" +
+                (f" ({os.path.basename(resumed.path)})" if resumed and resumed.path else ""))
+    if resumed and session.main:
+        repair(session, resumed, state["iteration"])
+    log_opening(session, n_params)
     return state, h
+
+
+def write_settings(session, n_params):
+    """A new run's settings.json: every flag, and what the run was made with."""
+    if not session.main:
+        return
+    splits = session.splits
+    run.write_settings(session.run_dir, {
+        "model_id": session.model_id, "run_id": session.run_id, "settings": vars(session.args), "parameters": n_params,
+        "world_size": dist.world_size(), "sample_rate": session.sample_rate,
+        "clips": {k: [v.n_clips, int(v.lengths.sum())] for k, v in splits.items()},
+        "data_fingerprint": cache.fingerprint(splits), "device": str(session.device), "command": " ".join(sys.argv),
+        "git": run.git_info(), "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                            "numpy": np.__version__}})
+
+
+def repair(session, resumed, iteration):
+    """What a kill left: temporary files, metrics rows after the checkpoint, a missing row, best.pt, the
+    checkpoint's samples, the page."""
+    args, run_dir = session.args, session.run_dir
+    run.remove_temporary_files(run_dir)
+    row = resumed.ckpt.get("row") if resumed.ckpt else None
+    checkpoint.repair(run_dir, iteration, row, resumed.path)
+    paths = run.sample_paths(run_dir, iteration, args.n_samples)
+    if row is not None and not all(map(os.path.exists, paths)):
+        session.log(f"writing the samples of iteration {iteration}, which a stop had cut off")
+        write_samples(session.model, paths, args.sample_secs, session.sample_rate, args)
+    page.write_run_page(run_dir, quiet=True)  # a stop may have come before it was rewritten
+
+
+def log_opening(session, n_params):
+    """The log's opening lines: the model, the device, every flag, the data."""
+    args, splits, batches = session.args, session.splits, session.batches
+    world, segments = dist.world_size(), batches.segments
+    session.log(f"{session.model_id}: {n_params:,} parameters | device {session.device} float32 | torch "
+                f"{torch.__version__}" +
+                (f" | {torch.get_num_threads()} CPU threads" if session.device.type == "cpu" else "") +
+                (f" | {world} processes (torchrun), global batch {batches.batch_size}" if world > 1 else ""))
+    session.log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
+    train = splits["train"]
+    session.log(f"data {args.data}: {session.sample_rate} Hz, clips train/valid/test {train.n_clips}/"
+                f"{splits['valid'].n_clips}/{splits['test'].n_clips} ({train.lengths.sum() / session.sample_rate / 3600:.2f}"
+                f" h of training audio, {'on the GPU as levels' if torch.is_tensor(train.pcm) else 'memory-mapped'});"
+                f" {len(segments)} train segments of {segments.length} samples, chunks of {session.model.seq_len} "
+                f"samples (+{session.model.overlap} overlap), {batches.chunks_per_clip} per segment")
+    if batches.with_replacement:
+        session.log(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
+                    f"each batch draws segments with replacement")

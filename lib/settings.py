@@ -1,4 +1,4 @@
-"""The training flags: their defaults and help, presets, what a resumed run takes from its folder and what a
+"""The training flags: their defaults and help, presets, what a resumed run takes from its checkpoint and what a
 session may change, the checks that refuse bad values with one line, and the device, chosen once."""
 import argparse
 import math
@@ -7,14 +7,16 @@ import re
 
 import torch
 
-from lib import ArgumentParser, UserError, dist
-from lib.data import DEFAULT_DATA
+from lib import DEFAULT_DATA, ArgumentParser, UserError, dist
 from lib.quantize import NORMS, QTYPES, check_q_levels
-from lib.run import RESUMABLE, best_path, checkpoint_paths, load_latest_checkpoint, read_metrics, read_run_settings, \
-    upgraded
-from lib.step import PRECISIONS
 
-SCRIPTS = {"twotier": "two_tier.py", "threetier": "three_tier.py", "baseline": "baseline.py"}  # model_id -> the script that trains it
+PRECISIONS = ("fp32", "tf32", "bf16")
+# settings a session may change when it resumes a run; every other one belongs to the run
+RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph_step",
+             "valid_clips", "n_samples", "sample_secs", "patience", "dry_run", "data", "keep_checkpoints",
+             "accept_changed_data"}  # --data: when the data there is the run's own (its fingerprint)
+RENAMED = {"cuda_graph": "cuda_graph_step"}  # flags renamed since older runs were made: old name -> new
+DROPPED = {"test_on_best"}  # flags older runs may have saved that no longer exist
 
 
 BOUNDS = {"seed": 2 ** 32 - 1, "threads": 1024, "sample_secs": 3600.0, "n_samples": 1000}
@@ -81,29 +83,24 @@ def build_parser(script, doc, add_model_args, presets):
     return parser
 
 
-def parse_settings(model_id, parser, presets, argv):
-    """Resolved flags: defaults < preset < command line; on --resume, the run's settings < command line.
-    -> (args, resumed): resumed is None for a new run, else (checkpoint path, checkpoint), both None for a run
-    killed before its first checkpoint (it starts again from iteration 0 in its own folder). A run with a history
-    (metrics rows, checkpoint files) but no readable checkpoint of its own is refused: it never starts over."""
+def resume_flag(parser, argv):
+    """The run folder --resume names, or None: read first, since a resumed run's flags come from it."""
+    return parser.parse_known_args(argv)[0].resume
+
+
+def parse_settings(parser, presets, argv, resumed):
+    """Resolved flags: defaults < preset < command line; with --resume (resumed: lib.checkpoint.Resumed), the
+    run's flags < command line, and only the RESUMABLE ones may change."""
     first, _ = parser.parse_known_args(argv)
-    if first.resume is None:
+    if resumed is None:
         if first.preset:
             parser.set_defaults(**presets[first.preset])
         args = parser.parse_args(argv)
         args.data = os.path.abspath(args.data)  # recorded so: the report and --resume find it from any folder
-        return args, None
-    run = read_run_settings(first.resume)
-    found = load_latest_checkpoint(first.resume, "resuming from")
-    if found is None:
-        refuse_to_start_over(first.resume, run)
-    ckpt_path, ckpt = found or (None, None)
-    saved_id, saved = (ckpt["model_id"], ckpt["settings"]) if ckpt else (run["model_id"], run["settings"])
-    if saved_id != model_id:
-        raise UserError(f"{first.resume} is a {saved_id} run, not {model_id}: resume it with "
-                        f"{SCRIPTS.get(saved_id, 'the script that made it')}")
+        return args
+    saved = resumed.settings
     # a flag added after the run was made takes its default (what the run did without it)
-    saved = {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **upgraded(saved)}
+    saved = {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **saved}
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
     changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]
     if changed:
@@ -111,26 +108,17 @@ def parse_settings(model_id, parser, presets, argv):
                         f"only {', '.join('--' + k for k in sorted(RESUMABLE - {'resume'}))} can")
     args.data = os.path.abspath(args.data)
     args.accept_changed_data = first.accept_changed_data  # this session's word only: never carried to the next
-    return args, (ckpt_path, ckpt)
+    return args
 
 
-def refuse_to_start_over(run_dir, run):
-    """A UserError when the run folder holds a history that starting from iteration 0 there would replace."""
-    rows = read_metrics(run_dir, quiet=True)
-    files = checkpoint_paths(run_dir) + [p for p in [best_path(run_dir)] if os.path.exists(p)]
-    if not rows and not files:
-        return  # killed before its first checkpoint: nothing to lose
-    history = (f"metrics up to iteration {rows[-1]['iteration']}" if rows else "no metrics") + \
-        (f" and {len(files)} checkpoint file(s), none of them its own and readable" if files else
-         " and no checkpoint (checkpoints/it*.pt, best.pt)")
-    command = run.get("command", "").split()
-    again = f"python {' '.join(command)}" if command and "--resume" not in command else \
-        f"python {SCRIPTS.get(run.get('model_id'), 'SCRIPT')} with the flags in {run_dir}/settings.json"
-    raise UserError(f"{run_dir} cannot be resumed: it has {history}, and starting again at iteration 0 would "
-                    f"replace its history; to train these settings anew in a new run folder: {again}")
+def upgraded(settings):
+    """A run's saved flags under today's names: renamed flags take their new name, dropped ones go."""
+    settings = {RENAMED.get(k, k): v for k, v in settings.items()}
+    return {k: v for k, v in settings.items() if k not in DROPPED}
 
 
-def check_settings(args):
+def check_settings(args, device):
+    """One line (UserError) for the first flag that is out of its range, or that this device cannot do."""
     check_q_levels(args.q_levels, args.qtype)
     for name, value in sorted(vars(args).items()):
         if isinstance(value, float) and not math.isfinite(value):
@@ -150,7 +138,7 @@ def check_settings(args):
     if args.name is not None and not re.fullmatch(r"[\w.+=-]+", args.name) or args.name in (".", ".."):
         raise UserError(f"--name {args.name!r}: use letters, digits and . _ + = - only (it becomes part of one folder's "
                         f"name under --runs_dir; no / or spaces)")
-    no_cuda = choose_device(args.device).type != "cuda"
+    no_cuda = device.type != "cuda"
     if args.precision == "bf16" and no_cuda:
         raise UserError("this run trains in bf16 (--precision), which is for CUDA: resume it where there is a GPU"
                         if args.resume else
@@ -164,7 +152,7 @@ def check_settings(args):
 
 def choose_device(flag):
     """--device auto|cpu|cuda -> the torch device (auto: cuda when available); cuda where there is none is one
-    line. Under torchrun, lib.dist.setup picks this process's GPU."""
+    line. Under torchrun, lib.dist.join picks this process's GPU."""
     if flag == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
     return torch.device("cuda" if flag != "cpu" and torch.cuda.is_available() else "cpu")

@@ -13,7 +13,6 @@ from lib.data import eval_chunks
 
 LN2 = math.log(2)
 EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chunks)
-PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def set_precision(precision):
@@ -26,22 +25,19 @@ def make_optimizer(model, lr, capturable=False):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True, capturable=capturable)
 
 
-def load_optimizer(optimizer, state, capturable):
-    """The saved Adam state, capturable or not as this session asks (--cuda_graph_step): load_state_dict restores
-    the saved param groups' flag, with which a run made without graphs could not be captured (and one made with
-    them would keep its step counts' capturable path when eager)."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["capturable"] = capturable
-
-
 def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32", net=None):
     """One truncated-BPTT step on a chunk -> (train NLL in bits per sample, grad norm before clipping, h), the
     first two as float64 tensors on the device: reading them would wait for it, so the loop reads their sums
     only now and then. At the first chunk of a clip (reset) the model starts from its learned h0, whatever h was.
     bf16 autocasts the forward pass; the loss, gradients and Adam stay fp32. net: what computes the forward pass,
     when not the model itself (its DistributedDataParallel wrapper under torchrun)."""
-    nll, h = backward(model, optimizer, chunk, reset, h, precision, net)
+    if reset:
+        h = None
+    # no cast cache: each weight is used once per forward, and a CUDA graph's capture needs it off
+    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
+        nll, aux, h = chunk_loss(model, chunk, h, net)
+    optimizer.zero_grad(set_to_none=True)
+    (nll + aux).backward()
     if reset and net is not None and net is not model:  # under torchrun: DDP leaves h0 to us
         dist.average_initial_state_grads(model)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -50,18 +46,6 @@ def train_step(model, optimizer, chunk, reset, h, grad_clip, precision="tf32", n
         torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip, foreach=True)
     optimizer.step()
     return nll.detach().double() / LN2, grad_norm.detach().double(), h.detach().float()
-
-
-def backward(model, optimizer, chunk, reset, h, precision, net=None):
-    """The loss of a chunk and its gradients -> (mean NLL in nats, h). bf16 autocasts the forward pass."""
-    if reset:
-        h = None
-    # no cast cache: each weight is used once per forward, and a CUDA graph's capture needs it off
-    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
-        nll, aux, h = chunk_loss(model, chunk, h, net)
-    optimizer.zero_grad(set_to_none=True)
-    (nll + aux).backward()
-    return nll, h
 
 
 def chunk_loss(model, chunk, h, net=None):

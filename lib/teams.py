@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import torch
 
-from lib.kernels import (LINE, flat_step, flat_worker, share, sync, threetier_step, threetier_worker, twotier_step,
+from lib.kernels import (LINE, flat_step, flat_worker, thread_range, sync, threetier_step, threetier_worker, twotier_step,
                          twotier_worker)
 
 
@@ -20,11 +20,11 @@ def start_team(sampler, make_team, temperature):
     sampler.window = windows[0]
     recorded = None if sampler.recorded is None else sampler.recorded.numpy()
     sampler.team = make_team(sampler.weights, windows.numpy(), sampler.frames.numpy(), sampler.h.numpy(), temperature,
-                             recorded, sampler.frame_len)
+                             recorded, sampler.step_len)
     sampler.close = weakref.finalize(sampler, sampler.team.close)
 
 
-def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
+def twotier_team(weights, windows, frames, h, temperature, recorded, step_len):
     """The two-tier model's fast step (FastTwoTierSampler's weights and state, numpy views) compiled, on
     len(windows) threads, each with its own window and its share of every product's columns."""
     reals, gru, cond, table, _, hidden, out, floor = weights
@@ -33,15 +33,15 @@ def twotier_team(weights, windows, frames, h, temperature, recorded, frame_len):
     recorded = np.zeros((0, q), dtype) if recorded is None else recorded
     scratch = (np.zeros((n, fs * dim), dtype), np.zeros((len(hidden), n, dim), dtype),
                np.zeros((2, n, q), dtype))  # conditioning, hidden layers, logits: shared by the threads
-    split = [shares(m, threads) for m in (fs * dim, dim, q)]  # thread t's columns of each product
+    split = [thread_ranges(m, threads) for m in (fs * dim, dim, q)]  # thread t's columns of each product
     weights = (reals, *stacked_gru(gru, threads), *(by_thread(p, split[0]) for p in cond), table,
                by_thread(np.stack([w for w, _ in hidden]), split[1]),
                by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[2]) for p in out), floor)
-    return Team(twotier_step, twotier_worker, threads, (n, frame_len, q), dtype,
+    return Team(twotier_step, twotier_worker, threads, (n, step_len, q), dtype,
                 (windows, frames, h, temperature, recorded, *scratch, *weights))
 
 
-def threetier_team(weights, windows, frames, h, temperature, recorded, frame_len):
+def threetier_team(weights, windows, frames, h, temperature, recorded, step_len):
     """The three-tier model's fast step (FastThreeTierSampler's weights and state, numpy views) compiled, on
     len(windows) threads."""
     reals, big_gru, above, inp, frame_gru, cond, table, _, hidden, out, floor = weights
@@ -49,25 +49,25 @@ def threetier_team(weights, windows, frames, h, temperature, recorded, frame_len
     recorded = np.zeros((0, q), dtype) if recorded is None else recorded
     scratch = (np.zeros((n, len(above[1])), dtype), np.zeros((n, dim), dtype), np.zeros((n, len(cond[1])), dtype),
                np.zeros((len(hidden), n, dim), dtype), np.zeros((2, n, q), dtype))  # shared by the threads
-    split = [shares(m, threads) for m in (len(above[1]), dim, len(cond[1]), q)]  # thread t's columns of each
+    split = [thread_ranges(m, threads) for m in (len(above[1]), dim, len(cond[1]), q)]  # thread t's columns of each
     weights = (reals, *stacked_gru(big_gru, threads), *(by_thread(p, split[0]) for p in above),
                *(by_thread(p, split[1]) for p in inp), *stacked_gru(frame_gru, threads),
                *(by_thread(p, split[2]) for p in cond), table, by_thread(np.stack([w for w, _ in hidden]), split[1]),
                by_thread(np.stack([b for _, b in hidden]), split[1]), *(by_thread(p, split[3]) for p in out), floor)
-    return Team(threetier_step, threetier_worker, threads, (n, frame_len, q), dtype,
+    return Team(threetier_step, threetier_worker, threads, (n, step_len, q), dtype,
                 (windows, frames, h, temperature, recorded, *scratch, *weights))
 
 
-def flat_team(weights, lasts, frame, h, temperature, recorded, frame_len):
+def flat_team(weights, lasts, frame, h, temperature, recorded, step_len):
     """The baseline's fast step (FastFlatSampler's weights and state, numpy views) compiled, on len(lasts)
     threads."""
     inputs, gru, out = weights
     threads, n, q = len(lasts), len(frame), len(out[1])
     recorded = np.zeros((0, q), inputs.dtype) if recorded is None else recorded
     logits = np.zeros((2, n, q), inputs.dtype)  # shared by the threads
-    return Team(flat_step, flat_worker, threads, (n, frame_len, q), inputs.dtype,
+    return Team(flat_step, flat_worker, threads, (n, step_len, q), inputs.dtype,
                 (lasts, frame, h, temperature, recorded, logits, inputs, *stacked_gru(gru, threads),
-                 *(by_thread(p, shares(q, threads)) for p in out)))
+                 *(by_thread(p, thread_ranges(q, threads)) for p in out)))
 
 
 class Team:
@@ -109,17 +109,17 @@ def by_thread(w, bounds):
     return out
 
 
-def shares(m, threads):
-    return [share(m, t, threads) for t in range(threads)]
+def thread_ranges(m, threads):
+    return [thread_range(m, t, threads) for t in range(threads)]
 
 
 def stacked_gru(gru, threads):
     """lib.layers.gru_weights as numpy arrays -> (w_ih0, w_ih, w_hh, b_ih, b_hh) as gru_stack takes them, with
     a leading thread axis: thread t gets the r, z and n columns of its units, one block after the other."""
     d = gru[0][1].shape[0]
-    order = np.concatenate([np.arange(g * d + start, g * d + end) for start, end in shares(d, threads)
+    order = np.concatenate([np.arange(g * d + start, g * d + end) for start, end in thread_ranges(d, threads)
                             for g in range(3)])
-    bounds = [(3 * start, 3 * end) for start, end in shares(d, threads)]
+    bounds = [(3 * start, 3 * end) for start, end in thread_ranges(d, threads)]
     layers = [[by_thread(p[..., order], bounds) for p in layer] for layer in gru]
     w_hh = np.stack([layer[1] for layer in layers], 1)  # (threads, n_rnn, dim, 3 c)
     w_ih = np.stack([layer[0] for layer in layers[1:]], 1) if len(gru) > 1 else w_hh[:, :0]  # layers 1..

@@ -1,9 +1,10 @@
 """The training loop every model shares: two_tier.py, three_tier.py and baseline.py call train_main with theirs.
 
-One session: read the settings (lib/settings.py), build the model, set up the data, the device and the run folder
-(lib/run.py), then loop: draw a batch, step (lib/step.py), account; at an interval's end evaluate, save a
-checkpoint, write samples; stop when the budget is spent or a signal asks (lib/stopping.py). Under torchrun every
-rank runs this loop; lib/dist.py makes the ranks agree, and does nothing in one process.
+One session: the run to continue, if any (lib/checkpoint.py), the flags (lib/settings.py), the model, the data,
+the device and the run folder (lib/session.py), then the loop: draw a batch, step (lib/step.py), account; at an
+interval's end measure (evaluate) and write (checkpoint, metrics, samples, page); stop when the budget is spent or a
+signal asks (lib/stopping.py). Under torchrun every rank runs this loop; lib/dist.py makes the ranks agree, and
+does nothing in one process.
 
 Faults cost at most one step: Ctrl-C or SIGTERM saves a checkpoint mid-interval and exits 130 / 143; a
 checkpoint is written only from finite values; --resume skips a damaged newest checkpoint and repairs what a
@@ -20,14 +21,14 @@ import traceback
 
 import torch
 
-from lib import Interrupted, UserError, WriteError, check_torch, dist, page, run
+from lib import Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, run, script_of
 from lib.cuda_graph import captured_at_first_call
-from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.plots import plot_curves
+from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.report import report
 from lib.sample import write_samples
-from lib.session import begin, setup
-from lib.settings import SCRIPTS, build_parser, check_settings, choose_device, parse_settings
+from lib.session import begin, open_session
+from lib.settings import build_parser, check_settings, choose_device, parse_settings, resume_flag
 from lib.step import evaluate, to_device, train_step
 from lib.stopping import Interrupts, NonFinite, non_finite
 
@@ -36,7 +37,7 @@ SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many step
 
 def train_main(model_id, doc, add_model_args, build_model, default_tag, presets, argv=None):
     """Entry point of a model script: bad input is one line on stderr and exit status 2."""
-    parser = build_parser(SCRIPTS[model_id], doc, add_model_args, presets)
+    parser = build_parser(script_of(model_id), doc, add_model_args, presets)
     threads = torch.get_num_threads()
     try:
         code = train(model_id, parser, build_model, default_tag, presets, argv)
@@ -57,9 +58,14 @@ def train_main(model_id, doc, add_model_args, build_model, default_tag, presets,
 
 
 def train(model_id, parser, build_model, default_tag, presets, argv):
+    """The run to continue (checked: its model, its processes, its history), the flags, the model; then the
+    session on its device and run folder, and the loop -> the exit status."""
     check_torch(torch.__version__)
-    args, resumed = parse_settings(model_id, parser, presets, argv)
-    check_settings(args)
+    resume_dir = resume_flag(parser, argv)
+    resumed = checkpoint.resume(resume_dir, model_id, dist.world_size()) if resume_dir else None
+    args = parse_settings(parser, presets, argv, resumed)
+    device = choose_device(args.device)
+    check_settings(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -69,75 +75,80 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         print(json.dumps(vars(args), indent=1))
         print(f"{model_id}: {n_params:,} parameters")
         return 0
-    world, saved_world = dist.world_size(), resumed and run.read_run_settings(args.resume).get("world_size", 1)
-    if resumed and saved_world != world:
-        raise UserError(f"{args.resume} was trained on {saved_world} process(es), this is {world}: resume it with "
-                        f"the same torchrun --nproc_per_node")
-    device = dist.setup(choose_device(args.device))
+    device = dist.join(device)
     if resumed and dist.rank() == 0:
-        run.hold_run(args.resume)  # before anything is read or repaired: one process trains a run at a time
-    s = setup(model_id, args, model, device, args.name or default_tag(args), resumed is not None)
+        run.hold_run(resumed.run_dir)  # before anything is repaired: one process trains a run at a time
+    session = open_session(model_id, args, model, device, args.name or default_tag(args), resumed)
     try:
-        state, h = begin(s, n_params, resumed)
-        with Interrupts(second_aborts=dist.world_size() == 1, say=s.log) as interrupts:
-            s.stop = interrupts.requested
-            return loop(s, state, h, interrupts)
+        state, h = begin(session, n_params, resumed)
+        with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:
+            session.stop = interrupts.requested
+            return loop(session, state, h, interrupts)
     except WriteError as e:
-        saved = run.checkpoint_paths(s.run_dir)
-        print(f"error: {e}; " + (f"the last checkpoint is {os.path.basename(saved[-1])}" if saved else
-                                 "no checkpoint had been written"), file=sys.stderr)
+        print(f"error: {e}; {last_checkpoint(session.run_dir)}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # under torchrun, a process killed or its node gone: one line, not gloo's traceback
         lost = dist.lost_process(e)
         if lost is None:
             raise
-        saved = run.checkpoint_paths(s.run_dir)
-        print(f"error: {lost}; " + (f"the last checkpoint is {os.path.basename(saved[-1])}; continue with: "
-                                    f"{continue_command(s)}" if saved else "no checkpoint had been written"),
-              file=sys.stderr)
+        saved = checkpoint.paths(session.run_dir)
+        print(f"error: {lost}; {last_checkpoint(session.run_dir)}" +
+              (f"; continue with: {continue_command(session)}" if saved else ""), file=sys.stderr)
         return 1
 
 
-def loop(s, state, h, interrupts):
+def last_checkpoint(run_dir):
+    saved = checkpoint.paths(run_dir)
+    return f"the last checkpoint is {os.path.basename(saved[-1])}" if saved else "no checkpoint had been written"
+
+
+def loop(session, state, h, interrupts):
     """Draw a batch, step, account; at the named points (interval due, budget spent, stop requested) do the named
     thing. -> the exit status."""
-    interval = state.pop("interval", None) or new_interval()  # a checkpoint saved by Ctrl-C holds its sums
-    if "ranks" in interval:  # under torchrun, each rank's own
-        interval["bits"], interval["grad_norm"] = interval.pop("ranks")[dist.rank()]
-    due = state.pop("interval_due", False)  # ... and whether the interval's end was cut short
-    if budget_spent(s.args, state) and not due:
-        s.log(f"nothing to do: the run is at iteration {state['iteration']}, {state['train_secs'] / 3600:.3f} h "
-              f"(--stop_iters {s.args.stop_iters}, --stop_time {s.args.stop_time})")
+    args = session.args
+    interval, due = interval_to_continue(state)
+    if budget_spent(args, state) and not due:
+        session.log(f"nothing to do: the run is at iteration {state['iteration']}, {state['train_secs'] / 3600:.3f} h "
+                    f"(--stop_iters {args.stop_iters}, --stop_time {args.stop_time})")
         return 0
     wall_start = time.time() - state["wall_secs"]
-    progress = Progress(s.args, state, s.log, s.device, s.samples_per_step, shown=s.main)
-    step = make_step(s)
-    s.model.train()
+    progress = Progress(args, state, session.log, session.device, session.samples_per_step, shown=session.main)
+    graphed = captured_at_first_call(session.model, session.optimizer, args.grad_clip, args.precision) \
+        if args.cuda_graph_step else None  # the same step, replayed as CUDA graphs (lib/cuda_graph.py)
+    session.model.train()
     try:
         while True:
             signum, agreed = None, True
             if not due:
-                h, signum, agreed = take_step(s, step, state, interval, h, interrupts, progress)
-                due = interval_due(s.args, state, interval, agreed)
-            final = budget_spent(s.args, state, by_time=agreed)
+                started = time.perf_counter()
+                chunk, reset = session.batches(state["iteration"])  # the batch: a function of the iteration alone
+                chunk = to_device(chunk, session.device)
+                if graphed is None:  # forward, loss, backward, clip, Adam (lib/step.py)
+                    bits, grad_norm, h = train_step(session.model, session.optimizer, chunk, reset, h,
+                                                    args.grad_clip, args.precision, session.net)
+                else:
+                    bits, grad_norm, h = graphed(chunk, reset, h)
+                signum, agreed = account(session, state, interval, bits, grad_norm, started, interrupts, progress)
+                due = interval_due(args, state, interval, agreed)
+            final = budget_spent(args, state, by_time=agreed)
             state["wall_secs"] = time.time() - wall_start
             if due or final:
-                final, code = close_interval(s, state, interval, h, final, interrupts)
+                final, code = close_interval(session, state, interval, h, final, interrupts)
                 if code is not None:
                     return code
                 interval, due = new_interval(), False
-                s.model.train()
+                session.model.train()
             if final:
-                if s.main:
-                    s.log("the run's row for experiments.md (python -m lib.report compares several):\n" +
-                          report([s.run_dir]))
+                if session.main:
+                    session.log("the run's row for experiments.md (python -m lib.report compares several):\n" +
+                                report([session.run_dir]))
                 return 0
             if signum is not None:
-                return interrupted(s, state, *shared(s, interval, h), signum)
+                return interrupted(session, state, *gathered(session, interval, h), signum)
     except NonFinite as e:
-        saved = run.checkpoint_paths(s.run_dir)
-        s.log(f"error: {e}; stopped without saving it. " + (f"The last good checkpoint is {saved[-1]}" if saved
-                                                              else "No checkpoint had been saved yet."))
+        saved = checkpoint.paths(session.run_dir)
+        session.log(f"error: {e}; stopped without saving it. " +
+                    (f"The last good checkpoint is {saved[-1]}" if saved else "No checkpoint had been saved yet."))
         return 1
     finally:
         progress.close()
@@ -145,6 +156,15 @@ def loop(s, state, h, interrupts):
 
 def new_interval():
     return {"bits": 0.0, "grad_norm": 0.0, "steps": 0, "secs": 0.0}
+
+
+def interval_to_continue(state):
+    """(the interval's running sums, whether its end is still to do): from a checkpoint saved mid-interval (Ctrl-C),
+    under torchrun each rank's own sums; else a new interval."""
+    interval = state.pop("interval", None) or new_interval()
+    if "ranks" in interval:
+        interval["bits"], interval["grad_norm"] = interval.pop("ranks")[dist.rank()]
+    return interval, state.pop("interval_due", False)
 
 
 def budget_spent(args, state, by_time=True):
@@ -163,48 +183,35 @@ def interval_due(args, state, interval, agreed):
     return agreed and interval["secs"] >= args.print_time
 
 
-def make_step(s):
-    """step(chunk, reset, h) -> (bits, grad_norm, h): train_step, or with --cuda_graph_step its CUDA graphs
-    (captured at the first call, lib/cuda_graph.py)."""
-    args = s.args
-    if args.cuda_graph_step:
-        return captured_at_first_call(s.model, s.optimizer, args.grad_clip, args.precision)
-    return lambda chunk, reset, h: train_step(s.model, s.optimizer, chunk, reset, h, args.grad_clip,
-                                              args.precision, s.net)
-
-
-def take_step(s, step, state, interval, h, interrupts, progress):
-    """One training step, timed, with its sums kept on the device -> (h, signum, agreed): the signal that stops
-    the run, and whether the clocks were agreed at this step (always, in one process)."""
-    t0 = time.perf_counter()
-    chunk, reset = s.batches(state["iteration"])
-    bits, grad_norm, h = step(to_device(chunk, s.device), reset, h)
+def account(session, state, interval, bits, grad_norm, started, interrupts, progress):
+    """The step's sums kept on the device, its time counted -> (the signal that stops the run, whether the clocks
+    were agreed at this step: always, in one process)."""
     interval["bits"] += bits  # device tensors: read once per SYNC_STEPS, not per step
     interval["grad_norm"] += grad_norm
     interval["steps"] += 1
     state["iteration"] += 1
     # wait for the device every SYNC_STEPS steps, and before anything that ends the interval, so that the steps'
     # times add up to the real training time (the time waited counts to this step)
-    sync = must_wait(s, state, interval, time.perf_counter() - t0, interrupts)
+    sync = must_wait(session, state, interval, time.perf_counter() - started, interrupts)
     finite = not sync or math.isfinite(float(interval["bits"]))
-    step_secs = time.perf_counter() - t0
+    step_secs = time.perf_counter() - started
     state["train_secs"] += step_secs
     interval["secs"] += step_secs
     state["train_secs"], interval["secs"], signum, finite, agreed = dist.decide(
-        sync, state["train_secs"], interval["secs"], interrupts.signum, finite, s.device)
+        sync, state["train_secs"], interval["secs"], interrupts.signum, finite, session.device)
     if not finite:
         raise NonFinite(f"non-finite train NLL by iteration {state['iteration']}")
     progress.step(state, interval, step_secs, synced=sync)
     interrupts.step_secs = progress.secs_per_it()
-    return h, signum, agreed
+    return signum, agreed
 
 
-def must_wait(s, state, interval, ahead, interrupts):
+def must_wait(session, state, interval, ahead, interrupts):
     """Whether to wait for the device after this step: always on the CPU, every SYNC_STEPS steps, at an interval's
     end or the budget's by iterations; in one process also when its own clock or a signal may end something
     (under torchrun the ranks' clocks differ, so they agree only at the fixed points)."""
-    args, it = s.args, state["iteration"]
-    fixed = s.device.type == "cpu" or interval["steps"] % SYNC_STEPS == 0 or \
+    args, it = session.args, state["iteration"]
+    fixed = session.device.type == "cpu" or interval["steps"] % SYNC_STEPS == 0 or \
         bool(args.print_iters and it % args.print_iters == 0) or bool(args.stop_iters and it >= args.stop_iters)
     return fixed or (dist.world_size() == 1 and (
         interrupts.signum is not None or interval["secs"] + ahead >= args.print_time or
@@ -216,132 +223,144 @@ def settled(interval):
     return {k: int(v) if k == "steps" else v if k == "ranks" else float(v) for k, v in interval.items()}
 
 
-def shared(s, interval, h):
-    """The interval's sums as floats (waiting for the device) and h, for saving: under torchrun, the mean of the
-    ranks' train NLL and grad norm (equal on every rank: DDP averages the gradients), and every rank's h."""
+def gathered(session, interval, h):
+    """The interval's sums as floats (waiting for the device) and h, gathered for saving: under torchrun, the mean
+    of the ranks' train NLL and grad norm (equal on every rank: DDP averages the gradients), and every rank's h."""
     interval = settled(interval)
     own = [interval["bits"], interval["grad_norm"]]
-    interval["bits"], interval["grad_norm"] = dist.mean(own, s.device)
+    interval["bits"], interval["grad_norm"] = dist.mean(own, session.device)
     if dist.world_size() > 1:  # each rank's own sums, for a save mid-interval: resumed from their mean, the
-        interval["ranks"] = dist.gather_values(own, s.device)  # additions would come in another order
+        interval["ranks"] = dist.gather_values(own, session.device)  # additions would come in another order
     return interval, dist.gather_rows(h)
 
 
-def close_interval(s, state, interval, h, final, interrupts):
+def close_interval(session, state, interval, h, final, interrupts):
     """Rank 0 ends the interval (end_interval); every rank goes on from its outcome -> (final, exit status or
     None to go on). A signal during the evaluation or the samples saves what resuming needs to redo the rest."""
-    interval, h_all = shared(s, interval, h)
+    interval, h_all = gathered(session, interval, h)
     outcome, error = None, None
-    if s.main:
+    if session.main:
         try:
-            final = end_interval(s, state, interval, h_all, final)
+            final = end_interval(session, state, interval, h_all, final)
         except Interrupted as e:
             outcome = ("saved" if e.saved else "unsaved", interrupts.signum)
         except (NonFinite, WriteError) as e:
             outcome, error = ("error", None), e
-    outcome, final, state_now = dist.share((outcome, final, state))
+    outcome, final, state_now = dist.from_rank0((outcome, final, state))
     state.update(state_now)
     if outcome and outcome[0] == "error":
-        if s.main:
+        if session.main:
             raise error
         return final, 1
     if outcome and outcome[0] == "saved":  # the checkpoint is saved; resuming writes the samples
-        return final, interrupted(s, state, new_interval(), h_all, outcome[1])
+        return final, interrupted(session, state, new_interval(), h_all, outcome[1])
     if outcome:  # resuming does the whole interval's end again
-        return final, interrupted(s, dict(state, interval_due=True), interval, h_all, outcome[1])
+        return final, interrupted(session, dict(state, interval_due=True), interval, h_all, outcome[1])
     return final, None
 
 
-def end_interval(s, state, interval, h, final):
-    """Log the interval, evaluate, checkpoint (and best.pt when valid NLL improved), write samples -> whether the
-    run ends here (its budget, or --patience). None of this counts as training time.
-    Nothing is saved from non-finite values (NonFinite). The checkpoint holds the interval's metrics row and is
-    written first: a failed write leaves no row without its checkpoint, and resume puts back a row, best.pt or
-    samples that a kill cut off. A signal stops the evaluation or the samples (Interrupted, saying whether the
-    checkpoint was written). At the end, test NLL is measured on the last weights and on best.pt's. Last, the
-    curves and the run's page to listen with (index.html, lib/page.py) are rewritten."""
-    args, it = s.args, state["iteration"]
-    nll = lambda model, split, clips=0: evaluate(model, s.splits[split], args.batch_size, s.device, clips, s.stop)  # noqa: E731
-    row = {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
-           "epochs": round(it * s.clips_per_step / s.chunks_per_epoch, 4),
-           "train_bits": interval["bits"] / interval["steps"], "valid_bits": nll(s.model, "valid", args.valid_clips),
-           "grad_norm": interval["grad_norm"] / interval["steps"],
-           "samples_per_sec": round(s.samples_per_step * interval["steps"] / interval["secs"], 1), "rss_mb": rss_mb()}
-    bad = non_finite(s.model, {"train NLL": row["train_bits"], "grad norm": row["grad_norm"],
-                               "valid NLL": row["valid_bits"]})
+def end_interval(session, state, interval, h, final):
+    """Measure the interval (its metrics row, and at the run's end test NLL), log it, then write what it leaves
+    (write_interval) -> whether the run ends here (its budget, or --patience). None of this counts as training
+    time. Nothing is saved from non-finite values (NonFinite)."""
+    args, it = session.args, state["iteration"]
+    row = measure(session, state, interval)
     improved = row["valid_bits"] < state["best_valid"]
     since_best = 0 if improved else state["since_best"] + 1
     final = final or patience_reached(args, since_best)
     row["best_iteration"] = it if improved else state["best_iteration"]
-    if not bad and final:
-        row["test_bits"] = nll(s.model, "test")
-        row["best_test_bits"] = row["test_bits"] if improved else nll(best_model(s), "test")
-    test = f" | test {row['test_bits']:.4f}" if "test_bits" in row else ""
-    s.log(f"iter {it:7d} | epoch {row['epochs']:.2f} | train {row['train_bits']:.4f} | valid {row['valid_bits']:.4f}"
-          f"{' *' if improved else ''}{test} bits/sample | grad norm {row['grad_norm']:.3f} | "
-          f"{row['samples_per_sec']:,.0f} samples/s | train {state['train_secs'] / 3600:.3f} h, "
-          f"wall {state['wall_secs'] / 3600:.3f} h")
+    bad = non_finite(session.model, {"train NLL": row["train_bits"], "grad norm": row["grad_norm"],
+                                     "valid NLL": row["valid_bits"]})
+    if not bad and final:  # test NLL on the last weights and on best.pt's
+        row["test_bits"] = nll(session, session.model, "test")
+        row["best_test_bits"] = row["test_bits"] if improved else nll(session, best_model(session), "test")
+    log_row(session, state, row, improved)
     if bad:
         raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
     if final:
-        s.log(f"best valid NLL {min(state['best_valid'], row['valid_bits']):.4f} at iteration {row['best_iteration']} "
-              f"(checkpoints/best.pt): test {row['best_test_bits']:.4f} bits/sample" +
-              (f"; stopped early: no improvement in {since_best} intervals (--patience {args.patience})"
-               if patience_reached(args, since_best) else ""))
+        session.log(f"best valid NLL {min(state['best_valid'], row['valid_bits']):.4f} at iteration "
+                    f"{row['best_iteration']} (checkpoints/best.pt): test {row['best_test_bits']:.4f} bits/sample" +
+                    (f"; stopped early: no improvement in {since_best} intervals (--patience {args.patience})"
+                     if patience_reached(args, since_best) else ""))
     state.update(best_valid=min(state["best_valid"], row["valid_bits"]), best_iteration=row["best_iteration"],
                  since_best=since_best)
-    path = save(s, state, h, row)
-    if improved:
-        run.write_best(s.run_dir, path)
-    if args.keep_checkpoints:
-        run.keep_newest(s.run_dir, args.keep_checkpoints)
-    run.append_metrics(s.run_dir, row)
-    if not s.warned:
-        s.warned = True
-        warn_of_many_passes(args, state, interval, s.clips_per_step, s.chunks_per_epoch, s.log)
-    try:
-        write_samples(s.model, run.sample_paths(s.run_dir, it, args.n_samples), args.sample_secs, s.sample_rate,
-                      args, s.stop)
-    except Interrupted:
-        raise Interrupted(saved=True) from None
-    plot_curves({os.path.basename(s.run_dir): run.read_metrics(s.run_dir)}, os.path.join(s.run_dir, "curves.png"))
-    page.write_run_page(s.run_dir, quiet=True)  # index.html, with the new samples' spectrograms
-    gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
+    write_interval(session, state, interval, h, row, improved)
     return final
 
 
-def save(s, state, h, row):
-    """Everything needed to continue exactly, and the interval's metrics row (None when saved mid-interval)."""
-    return run.save_checkpoint(s.run_dir, {
-        "model_id": s.model_id, "run_id": s.run_id, "settings": vars(s.args), "sample_rate": s.sample_rate,
-        "model": s.model.state_dict(), "optimizer": s.optimizer.state_dict(), "state": dict(state), "row": row,
-        "h": None if h is None else h.cpu()})  # no global RNG state: nothing draws from it
+def nll(session, model, split, clips=0):
+    """Mean NLL in bits per sample over the split's first `clips` clips (0: all); a signal stops it."""
+    return evaluate(model, session.splits[split], session.args.batch_size, session.device, clips, session.stop)
 
 
-def interrupted(s, state, interval, h, signum):
+def measure(session, state, interval):
+    """The interval's metrics row: progress, clocks, train NLL and grad norm (the interval's means), valid NLL,
+    throughput, memory."""
+    it, steps = state["iteration"], interval["steps"]
+    return {"iteration": it, "train_secs": round(state["train_secs"], 3), "wall_secs": round(state["wall_secs"], 3),
+            "epochs": round(it * session.clips_per_step / session.chunks_per_epoch, 4),
+            "train_bits": interval["bits"] / steps,
+            "valid_bits": nll(session, session.model, "valid", session.args.valid_clips),
+            "grad_norm": interval["grad_norm"] / steps,
+            "samples_per_sec": round(session.samples_per_step * steps / interval["secs"], 1), "rss_mb": rss_mb()}
+
+
+def log_row(session, state, row, improved):
+    test = f" | test {row['test_bits']:.4f}" if "test_bits" in row else ""
+    session.log(f"iter {row['iteration']:7d} | epoch {row['epochs']:.2f} | train {row['train_bits']:.4f} | valid "
+                f"{row['valid_bits']:.4f}{' *' if improved else ''}{test} bits/sample | grad norm "
+                f"{row['grad_norm']:.3f} | {row['samples_per_sec']:,.0f} samples/s | train "
+                f"{state['train_secs'] / 3600:.3f} h, wall {state['wall_secs'] / 3600:.3f} h")
+
+
+def write_interval(session, state, interval, h, row, improved):
+    """The checkpoint first (it holds the interval's metrics row: a failed write leaves no row without its
+    checkpoint, and resume puts back a row, best.pt or samples that a kill cut off), best.pt when valid NLL
+    improved, the metrics row, the samples, the curves and the run's page to listen with (lib/page.py). A signal
+    stops the samples (Interrupted, saying that the checkpoint was written)."""
+    args, run_dir, it = session.args, session.run_dir, state["iteration"]
+    path = checkpoint.save(run_dir, checkpoint.build(session, state, h, row))
+    if improved:
+        checkpoint.write_best(run_dir, path)
+    if args.keep_checkpoints:
+        checkpoint.keep_newest(run_dir, args.keep_checkpoints)
+    run.append_metrics(run_dir, row)
+    if not session.warned:
+        session.warned = True
+        warn_of_many_passes(args, state, interval, session.clips_per_step, session.chunks_per_epoch, session.log)
+    try:
+        write_samples(session.model, run.sample_paths(run_dir, it, args.n_samples), args.sample_secs,
+                      session.sample_rate, args, session.stop)
+    except Interrupted:
+        raise Interrupted(saved=True) from None
+    plot_curves({os.path.basename(run_dir): run.read_metrics(run_dir)}, os.path.join(run_dir, "curves.png"))
+    page.write_run_page(run_dir, quiet=True)  # index.html, with the new samples' spectrograms
+    gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
+
+
+def interrupted(session, state, interval, h, signum):
     """Save mid-interval (with the interval's running sums, and whether its end is still to do, so that resuming
     gives the uninterrupted run's metrics) and say how to continue."""
     it = state["iteration"]
     interval = settled(interval)
-    if s.main and (interval["steps"] or state.get("interval_due")):  # else the interval's end saved it
-        bad = non_finite(s.model, {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
+    if session.main and (interval["steps"] or state.get("interval_due")):  # else the interval's end saved it
+        bad = non_finite(session.model, {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:
             raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
-        save(s, dict(state, interval=interval), h, row=None)
-    s.log(f"interrupted at iteration {it}; saved {run.checkpoint_path(s.run_dir, it)}; continue with: "
-          f"{continue_command(s)}")
+        checkpoint.save(session.run_dir, checkpoint.build(session, dict(state, interval=interval), h, row=None))
+    session.log(f"interrupted at iteration {it}; saved {checkpoint.path_at(session.run_dir, it)}; continue with: "
+                f"{continue_command(session)}")
     return 128 + signum
 
 
-def continue_command(s):
+def continue_command(session):
     world = dist.world_size()
-    return f"{'python' if world == 1 else f'torchrun --nproc_per_node {world}'} {SCRIPTS[s.model_id]} --resume {s.run_dir}"
+    return (f"{'python' if world == 1 else f'torchrun --nproc_per_node {world}'} {script_of(session.model_id)} "
+            f"--resume {session.run_dir}")
 
 
-def best_model(s):
+def best_model(session):
     """A copy of the model with best.pt's weights (for the end-of-run test NLL)."""
-    best = copy.deepcopy(s.model)
-    best.load_state_dict(run.own_checkpoint(s.run_dir, run.best_path(s.run_dir))["model"])
+    best = copy.deepcopy(session.model)
+    best.load_state_dict(checkpoint.own(session.run_dir, checkpoint.best_path(session.run_dir))["model"])
     return best
-
-

@@ -12,7 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 torch.set_num_threads(1)  # on 2 cores, one thread per process made small loops several times faster
 
-from lib.data import DEFAULT_DATA  # noqa: E402
+from lib import DEFAULT_DATA  # noqa: E402
 
 RATE = 8000
 

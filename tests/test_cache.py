@@ -16,7 +16,8 @@ import soundfile as sf
 
 from conftest import RATE, REPO
 from lib.audio import find_audio
-from lib.data import DEFAULT_DATA, load_splits
+from lib import DEFAULT_DATA
+from lib.data import load_splits
 from test_data import make_dataset
 
 SPLIT_NAMES = ("train", "valid", "test")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import baseline
+import bench
 import generate
-import lib.bench
 import lib.download
 import lib.prepare
 import lib.report
@@ -23,14 +23,14 @@ from conftest import REPO, run_main
 from test_train import train
 
 MAINS = {"two_tier.py": two_tier.main, "three_tier.py": three_tier.main, "baseline.py": baseline.main, "generate.py": generate.main,
-         "lib.prepare": lib.prepare.main, "lib.bench": lib.bench.main, "lib.download": lib.download.main,
+         "lib.prepare": lib.prepare.main, "bench.py": bench.main, "lib.download": lib.download.main,
          "lib.report": lib.report.main}
 PARSERS = {
     "two_tier.py": lambda: lib.settings.build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS),
     "baseline.py": lambda: lib.settings.build_parser("baseline.py", "", baseline.add_model_args, baseline.PRESETS),
     "three_tier.py": lambda: lib.settings.build_parser("three_tier.py", "", three_tier.add_model_args,
                                                        three_tier.PRESETS),
-    "generate.py": generate.build_parser, "lib.prepare": lib.prepare.build_parser, "lib.bench": lib.bench.build_parser,
+    "generate.py": generate.build_parser, "lib.prepare": lib.prepare.build_parser, "bench.py": bench.build_parser,
     "lib.download": lib.download.build_parser, "lib.report": lib.report.build_parser,
 }
 
@@ -124,9 +124,9 @@ def test_speed_line_on_a_device_that_runs_ahead_times_whole_waits():
 
 
 def test_bench_train_prints_both_steps_and_json(capsys):
-    """python -m lib.bench train on the CPU (tiny model): both steps timed, their rates against the matmul rate,
+    """python bench.py train on the CPU (tiny model): both steps timed, their rates against the matmul rate,
     and a JSON line for each (bf16 is skipped without CUDA)."""
-    assert run_main(lib.bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--batch_size", "4", "--steps", "2",
+    assert run_main(bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--batch_size", "4", "--steps", "2",
                                      "--warmup", "1", "--repeats", "1", "--precision", "fp32", "bf16",
                                      "--threads", "1", "--full"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -138,7 +138,7 @@ def test_bench_train_prints_both_steps_and_json(capsys):
 
 def test_bench_train_on_the_cpu_is_quick_by_default_and_says_what_it_skipped(capsys):
     """Its defaults are for a GPU: on a 2-core CPU they ran for more than 15 minutes at --dim 256."""
-    assert run_main(lib.bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--threads", "1"]) == 0
+    assert run_main(bench.main, ["train", "--dim", "16", "--n_rnn", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("quick CPU run: batch 32, 1 warm-up + 2 timed steps, best of 1; the plain step skipped. --full "
                       "for the whole sweep (--batch_size 128, --steps 20, --warmup 5, --repeats 3, every step kind)")

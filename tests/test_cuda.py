@@ -108,7 +108,8 @@ def test_training_steps_never_wait_for_the_gpu(kind):
     embeddings' backward takes its sorting path (over 3,072 indices)."""
     import math
     from lib.cuda_graph import captured_at_first_call
-    from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
+    from lib import DEFAULT_DATA
+    from lib.data import ChunkBatches, load_splits
     from lib.step import make_optimizer, train_step
     from test_models import flat, small
     m = (flat("embed", seq_len=128) if kind.startswith("baseline") else small(fs=2, n_frames=64)).cuda()
@@ -118,7 +119,8 @@ def test_training_steps_never_wait_for_the_gpu(kind):
     step = (captured_at_first_call(m, opt, 1.0, "tf32") if kind.endswith("graphed") else
             lambda chunk, reset, h: train_step(m, opt, chunk, reset, h, 1.0))
     splits, _ = load_splits(DEFAULT_DATA)
-    train = splits["train"].quantized(Q, "linear").on_device(torch.device("cuda"), Q)
+    splits["train"].set_quantization(Q, "linear")
+    train = splits["train"].on_device(torch.device("cuda"), Q)
     batches = ChunkBatches(train, 32, m.seq_len, m.overlap, Q, seed=0)
     batches.chunks_per_clip = 4  # a clip's first chunk (reset) among the timed steps
     state = {"h": None, "bits": 0.0}
@@ -146,7 +148,8 @@ def test_graphed_step_equals_the_eager_step(precision, tf32_restored):
     tolerance; the warm-up before the capture leaves no trace."""
     import copy
     from lib.cuda_graph import GraphedStep
-    from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
+    from lib import DEFAULT_DATA
+    from lib.data import ChunkBatches, load_splits
     from lib.step import make_optimizer, set_precision, train_step
     from test_models import small
     set_precision(precision)
@@ -154,7 +157,8 @@ def test_graphed_step_equals_the_eager_step(precision, tf32_restored):
     graphed = copy.deepcopy(eager)
     opt_e, opt_g = make_optimizer(eager, 1e-3, capturable=True), make_optimizer(graphed, 1e-3, capturable=True)
     splits, _ = load_splits(DEFAULT_DATA)
-    batches = ChunkBatches(splits["train"].quantized(Q, "linear"), 8, eager.seq_len, eager.overlap, Q, seed=0)
+    splits["train"].set_quantization(Q, "linear")
+    batches = ChunkBatches(splits["train"], 8, eager.seq_len, eager.overlap, Q, seed=0)
     batches.chunks_per_clip = 10  # a reset every 10 steps
     step, h_e, h_g = None, None, None
     for it in range(100):
@@ -255,15 +259,18 @@ def test_a_ddp_training_step_never_waits_for_the_gpu(tmp_path):
 
 def test_batches_gathered_on_the_gpu_equal_the_memory_mapped_ones():
     """The splits held on the GPU as uint8 levels give, batch for batch, the memory-mapped path's chunks."""
-    from lib.data import DEFAULT_DATA, ChunkBatches, eval_chunks, load_splits
+    from lib import DEFAULT_DATA
+    from lib.data import ChunkBatches, eval_chunks, load_splits
     splits, _ = load_splits(DEFAULT_DATA)
-    train = splits["train"].quantized(Q, "linear")
+    train = splits["train"]
+    train.set_quantization(Q, "linear")
     mapped = ChunkBatches(train, 32, 128, 2, Q, seed=123)
     held = ChunkBatches(train.on_device(torch.device("cuda"), Q), 32, 128, 2, Q, seed=123)
     for it in (0, 1, 499, 500, 2501):
         (a, ra), (b, rb) = mapped(it), held(it)
         assert b.is_cuda and ra == rb and torch.equal(a, b.cpu()), it
-    valid = splits["valid"].quantized(Q, "linear")
+    valid = splits["valid"]
+    valid.set_quantization(Q, "linear")
     for (a, _), (b, _) in zip(eval_chunks(valid, 4, 128, 2, Q, 2048),
                               eval_chunks(valid.on_device(torch.device("cuda"), Q), 4, 128, 2, Q, 2048)):
         assert torch.equal(a, b.cpu())

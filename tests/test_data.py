@@ -11,7 +11,8 @@ import torch
 
 from conftest import RATE, REPO, speech
 from lib.audio import find_audio
-from lib.data import DEFAULT_DATA, ChunkBatches, Segments, eval_chunks, load_splits
+from lib import DEFAULT_DATA
+from lib.data import ChunkBatches, Segments, eval_chunks, load_splits
 from lib.quantize import normalize, quantize
 
 
@@ -24,7 +25,8 @@ def in_memory_levels(folder, q_levels=256, qtype="linear", zero_dc=False, norm="
 def test_memory_mapped_batches_equal_the_in_memory_ones_on_the_shipped_data():
     splits, rate = load_splits(DEFAULT_DATA)
     assert rate == RATE and isinstance(splits["train"].pcm, np.memmap)
-    train = splits["train"].quantized(256, "linear")
+    train = splits["train"]
+    train.set_quantization(256, "linear")
     old = ChunkBatches(in_memory_levels(os.path.join(DEFAULT_DATA, "train")), 32, 128, 2, 256, seed=123)
     new = ChunkBatches(train, 32, 128, 2, 256, seed=123)
     assert new.chunks_per_clip == old.chunks_per_clip == 500
@@ -35,7 +37,8 @@ def test_memory_mapped_batches_equal_the_in_memory_ones_on_the_shipped_data():
     assert held.segments.split.pcm.dtype == torch.uint8
     for it in (0, 499, 2501):
         assert torch.equal(held(it)[0], new(it)[0])
-    valid = splits["valid"].quantized(256, "linear")
+    valid = splits["valid"]
+    valid.set_quantization(256, "linear")
     old_eval = list(eval_chunks(in_memory_levels(os.path.join(DEFAULT_DATA, "valid")), 4, 128, 2, 256, 2048))
     new_eval = list(eval_chunks(valid, 4, 128, 2, 256, 2048))
     assert len(old_eval) == len(new_eval) and all(torch.equal(a, b) and ra == rb
@@ -47,7 +50,8 @@ def test_memory_mapped_batches_equal_the_in_memory_ones_on_the_shipped_data():
 def test_per_clip_options_match_lib_quantize(tmp_path, zero_dc, norm, qtype):
     make_dataset(tmp_path / "ds", {"train": [1.0, 1.0], "valid": [1.0], "test": [1.0]})
     splits, _ = load_splits(str(tmp_path / "ds"))
-    new = Segments(splits["train"].quantized(256, qtype, zero_dc, norm), 100).levels([0, 1], 0, RATE, 256)
+    splits["train"].set_quantization(256, qtype, zero_dc, norm)
+    new = Segments(splits["train"], 100).levels([0, 1], 0, RATE, 256)
     old = in_memory_levels(tmp_path / "ds" / "train", 256, qtype, zero_dc, norm)
     assert (new != old).float().mean() < 1e-4  # the clip's mean may round differently at a level's edge
 
@@ -66,7 +70,8 @@ def make_dataset(folder, seconds, noise=False):
 def test_clips_of_unequal_length_are_walked_whole(tmp_path, capsys):
     make_dataset(tmp_path / "ds", {"train": [1.0, 2.5, 3.2], "valid": [1.0], "test": [1.0]})
     splits, _ = load_splits(str(tmp_path / "ds"))
-    train = splits["train"].quantized(256, "linear")
+    train = splits["train"]
+    train.set_quantization(256, "linear")
     batches = ChunkBatches(train, 2, 400, 2, 256, seed=0)
     assert "train clips differ in length" in capsys.readouterr().err
     segments = batches.segments

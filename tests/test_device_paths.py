@@ -6,7 +6,8 @@ import torch
 from lib import UserError, check_torch
 from lib.data import load_splits
 from lib.layers import GRUStack
-from lib.step import load_optimizer, make_optimizer
+from lib.checkpoint import load_optimizer
+from lib.step import make_optimizer
 from lib.data import hold_on_device
 from test_models import small
 
@@ -33,7 +34,7 @@ def test_resume_sets_adams_capturable_flag_from_this_sessions_cuda_graph(saved, 
 def test_one_files_data_is_held_on_the_device_once(speech_wav):
     splits, _ = load_splits(speech_wav)
     for s in splits.values():
-        s.quantized(256, "linear")
+        s.set_quantization(256, "linear")
     held = hold_on_device(splits, torch.device("cpu"), 256)
     assert held["train"] is held["valid"] is held["test"]
     assert held["train"].pcm.dtype == torch.uint8

@@ -25,8 +25,8 @@ from generate import main as generate_main
 from lib import WriteError, atomic_write
 from lib.prepare import main as prepare_main
 from lib.quantize import QTYPES, quantize
+from lib.checkpoint import paths as checkpoint_paths
 from lib.run import read_metrics
-from lib.run import checkpoint_paths
 from lib.stopping import Interrupts
 from test_train import SCRIPTS, final_params, losses, train
 

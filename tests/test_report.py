@@ -96,7 +96,7 @@ def test_code_bits_count_every_16bit_value_once():
 def test_runs_of_different_quantizations_get_test_nll_per_16bit_sample(tmp_path):
     """A level's NLL is not comparable across quantizations: the table adds test NLL in bits per 16-bit sample,
     the test NLL plus the mean log2 of the 16-bit values in each target's level (8 for linear 256 levels)."""
-    from lib.data import DEFAULT_DATA
+    from lib import DEFAULT_DATA
     common = dict(data="/elsewhere/data/asterisk_en", q_levels=256, seq_len=128, norm="none", zero_dc=False,
                   clip_secs=8.0)  # a checkout elsewhere: the shipped data is found in this one
     lin = make_run(tmp_path, "twotier_lin_1", qtype="linear", **common)

@@ -115,7 +115,7 @@ def test_compiled_step_threads_stop(torch_threads):
     before = threading.active_count()
     sampler = model("twotier_fs2").fast_sampler(2, backend="numba")
     assert threading.active_count() == before + 1
-    sampler.step(np.zeros((2, sampler.frame_len, Q)))
+    sampler.step(np.zeros((2, sampler.step_len, Q)))
     sampler.close()
     assert threading.active_count() == before
     sampler = model("baseline_reals").fast_sampler(2, backend="numba")
@@ -263,7 +263,7 @@ def test_generate_bad_input(tmp_path, runs, capsys, flags, message):
 
 @pytest.mark.parametrize("model_flags", [["--model", "twotier", "--frame_size", "2"], ["--model", "baseline"]])
 def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
-    from lib.bench import main as bench_main
+    from bench import main as bench_main
     bench_main(["generate", *model_flags, "--dim", "16", "--n_rnn", "1", "--batch", "1", "16", "--secs", "0.01",
                 "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()

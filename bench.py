@@ -1,10 +1,10 @@
-"""Benchmarks, measured side by side in one process: python -m lib.bench generate|train [flags]
+"""Benchmarks, measured side by side in one process: python bench.py generate|train [flags]
 
-    python -m lib.bench generate --model twotier --dim 256 --frame_size 2 --n_rnn 3 --batch 1 64
-    python -m lib.bench generate --model twotier --dim 1024 --frame_size 2 --batch 64
-    python -m lib.bench train --model twotier --frame_size 2 --precision tf32 bf16    # the default model
+    python bench.py generate --model twotier --dim 256 --frame_size 2 --n_rnn 3 --batch 1 64
+    python bench.py generate --model twotier --dim 1024 --frame_size 2 --batch 64
+    python bench.py train --model twotier --frame_size 2 --precision tf32 bf16    # the default model
 
-train: real training steps (lib.train.train_step, on the default data, after --warmup steps) of the model the
+train: real training steps (lib.step.train_step, on the default data, after --warmup steps) of the model the
 flags describe, at each --precision: trained samples/s, MFLOP per trained sample (forward plus backward, from
 the layer shapes), the FLOP/s achieved, the matmul rate of this machine at that precision measured here, and
 their ratio; also the plain step it replaced (a host round-trip for the loss and the grad norm every step,
@@ -22,6 +22,7 @@ Each figure is the best of --repeats timings, the paths timed in turns (this is 
 here is asserted; the numbers go in notes/performance.md, dated.
 """
 import argparse
+import importlib
 import json
 import math
 import threading
@@ -31,16 +32,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
-import baseline
 import three_tier
 import two_tier
-from lib import ArgumentParser
-from lib.data import DEFAULT_DATA, ChunkBatches, load_splits
+from lib import DEFAULT_DATA, MODELS, ArgumentParser
+from lib.data import ChunkBatches, load_splits
 from lib.sample import BACKENDS, default_backend, generate
-from lib.settings import choose_device
-
-SCRIPTS = {m.MODEL_ID: m for m in (two_tier, three_tier, baseline)}
-from lib.step import PRECISIONS, backward, make_optimizer, set_precision, train_step
+from lib.settings import PRECISIONS, choose_device
+from lib.step import chunk_loss, make_optimizer, set_precision, train_step
 
 
 def flops_per_sample(model):
@@ -139,7 +137,7 @@ def read_bandwidth(nbytes, threads):
 
 def build(args, seq_len):
     """The model as its script builds it (its build_model, its defaults), with this benchmark's flags over them."""
-    script = SCRIPTS[args.model]
+    script = importlib.import_module(MODELS[args.model])
     parser = argparse.ArgumentParser()
     script.add_model_args(parser)
     flags = vars(parser.parse_args([]))
@@ -225,7 +223,10 @@ def flop_rate(x):
 def plain_step(model, optimizer, chunk, reset, h, grad_clip, precision):
     """The training step before the sync-free one, kept here to measure against: it reads the loss and the grad
     norm every step (a host round-trip) and takes one norm per parameter; its optimizer is plain Adam."""
-    nll, h = backward(model, optimizer, chunk, reset, h, precision)
+    with torch.autocast(chunk.device.type, dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
+        nll, aux, h = chunk_loss(model, chunk, None if reset else h)
+    optimizer.zero_grad(set_to_none=True)
+    (nll + aux).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     if grad_clip > 0:
@@ -284,7 +285,8 @@ def bench_train(args):
         config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}, seq_len {model.seq_len}"
     model.to(device).train()
     splits, _ = load_splits(DEFAULT_DATA)
-    train = splits["train"].quantized(args.q_levels, "linear")
+    train = splits["train"]
+    train.set_quantization(args.q_levels, "linear")
     host_batches = ChunkBatches(train, args.batch_size, model.seq_len, model.overlap, args.q_levels, seed=0)
     batches = host_batches  # the plain step's: gathered on the CPU and copied; the others' as training's, on CUDA
     if device.type == "cuda":  # gathered from the levels held on the GPU
@@ -339,9 +341,9 @@ def fill_defaults(args, device):
 
 
 def build_parser():
-    p = ArgumentParser(prog="python -m lib.bench", description=__doc__)
+    p = ArgumentParser(prog="python bench.py", description=__doc__)
     p.add_argument("what", choices=["generate", "train"], help="what to measure")
-    p.add_argument("--model", default="twotier", choices=sorted(SCRIPTS), help="which model")
+    p.add_argument("--model", default="twotier", choices=sorted(MODELS), help="which model")
     p.add_argument("--dim", type=int, default=1024, help="width of the GRUs (and of the two-tier's MLP)")
     p.add_argument("--frame_size", type=int, default=2, help="frame size of the two- and three-tier models (samples)")
     p.add_argument("--big_frame_size", type=int, default=8, help="the three-tier model's big frame size (samples)")

@@ -1,0 +1,269 @@
+"""A run's checkpoints: what one holds, how it is written and read, and which one a run continues from.
+
+  RUN/checkpoints/it0000300.pt   everything needed to continue exactly (build): the model's id, the run's id,
+                                 every flag, the sample rate, the weights, Adam's state, the training state
+                                 (iteration, clocks, best valid NLL; the interval's running sums when saved
+                                 mid-interval), the interval's metrics row (None mid-interval) and h
+  RUN/checkpoints/best.pt        a copy of the one with the best valid NLL so far
+
+Written to a temporary file and renamed: a kill or a full disk never leaves a partial one. Read only when it is
+the run's own (its run id; the iteration its name says), so a file copied in from another run is never continued
+from, pruned or measured. `resume` gathers everything a session continues from; `restore` puts it back.
+"""
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lib import UserError, WriteError, atomic_write, script_of
+from lib.audio import warn
+from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_settings, write_text
+from lib.settings import RESUMABLE, upgraded
+
+
+def build(session, state, h, row):
+    """The checkpoint of a session at `state` (row: the interval's metrics row, None when saved mid-interval).
+    No global RNG state: nothing draws from it."""
+    return {"model_id": session.model_id, "run_id": session.run_id, "settings": vars(session.args),
+            "sample_rate": session.sample_rate, "model": session.model.state_dict(),
+            "optimizer": session.optimizer.state_dict(), "state": dict(state), "row": row,
+            "h": None if h is None else h.cpu()}
+
+
+def paths(run_dir):
+    """The run folder's interval checkpoints it0000300.pt ..., oldest first (names are zero-padded iteration
+    numbers). What they hold is not checked here: read checks it."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [os.path.join(folder, n) for n in sorted(names) if re.fullmatch(r"it\d+\.pt", n)]
+
+
+def path_at(run_dir, iteration):
+    return os.path.join(run_dir, "checkpoints", f"it{iteration:07d}.pt")
+
+
+def best_path(run_dir):
+    return os.path.join(run_dir, "checkpoints", "best.pt")
+
+
+def save(run_dir, ckpt):
+    """Written to a temporary file and renamed (lib.atomic_write) -> its path. A short write (full disk, quota,
+    file size limit) is a WriteError, and no partial file is left."""
+    path = path_at(run_dir, ckpt["state"]["iteration"])
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise WriteError(os.path.dirname(path), e) from None
+
+    def write(tmp):
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as e:  # torch's writer reports a short write as "[enforce fail ...] unexpected pos"
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            raise WriteError(path, OSError(f"the write stopped partway ({free / 2 ** 20:,.0f} MB free there: a full "
+                                           f"disk, a quota or a file size limit?)")) from e
+    atomic_write(path, write)
+    return path
+
+
+def write_best(run_dir, checkpoint):
+    """checkpoints/best.pt: a copy of the checkpoint with the best valid NLL so far, written atomically."""
+    atomic_write(best_path(run_dir), lambda tmp: shutil.copyfile(checkpoint, tmp))
+
+
+def keep_newest(run_dir, keep):
+    """Only the run's newest `keep` interval checkpoints stay; files of other runs (or damaged ones) are not
+    counted and never removed (best.pt is a copy: what it came from may go)."""
+    run = settings_or_none(run_dir)
+    own = [p for p in paths(run_dir) if read(run, p, mmap=True)[0] is not None]
+    for old in own[:-keep]:
+        os.remove(old)
+
+
+def load(path, mmap=False):
+    """A checkpoint's dict, on the CPU (mmap: tensors mapped, not read: to look at its state cheaply). Checkpoints
+    hold plain Python state beside tensors (settings, the metrics row), so they are not loaded weights-only: load
+    only checkpoints you trust, as with any pickle."""
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+
+
+def read(run, path, mmap=False):
+    """(checkpoint, '') when the file at `path` loads and is the run's own (`run`: its settings.json, or None when
+    there is none to compare with), else (None, why not)."""
+    try:
+        ckpt = load(path, mmap)
+        if not isinstance(ckpt, dict) or not {"model_id", "settings", "model", "state"} <= set(ckpt):
+            raise ValueError("not a checkpoint of this repository")
+    except Exception as e:  # torch raises many types for damaged files
+        return None, f"unreadable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})"
+    foreign = not_of_run(run, ckpt, os.path.basename(path)) if run is not None else ""
+    return (None, f"not this run's ({foreign})") if foreign else (ckpt, "")
+
+
+def not_of_run(run, ckpt, name):
+    """'' if the checkpoint file `name` was saved by the run whose settings.json is `run`, else how it differs:
+    another run's id (runs made before ids: another model or other flags), or an iteration other than its name's."""
+    if ckpt["model_id"] != run.get("model_id"):
+        return f"a {ckpt['model_id']} checkpoint in a {run.get('model_id')} run"
+    if ckpt.get("run_id") != run.get("run_id"):
+        return f"saved by run {ckpt.get('run_id') or '(made before run ids)'}, this run is {run.get('run_id')}"
+    named = re.fullmatch(r"it(\d+)\.pt", name)
+    held = ckpt["state"].get("iteration") if isinstance(ckpt["state"], dict) else None
+    if named and held != int(named.group(1)):
+        return f"it holds iteration {held}, not {int(named.group(1))}"
+    theirs, ours = upgraded(ckpt["settings"]), upgraded(run.get("settings", {}))
+    differ = sorted(k for k in theirs.keys() & ours.keys() if k not in RESUMABLE and theirs[k] != ours[k])
+    return f"--{differ[0]} {theirs[differ[0]]!r}, the run has {ours[differ[0]]!r}" if differ else ""
+
+
+def settings_or_none(run_dir):
+    try:
+        return read_settings(run_dir)
+    except UserError:
+        return None  # nothing to compare with
+
+
+def newest(run_dir, verb, run=None):
+    """(path, checkpoint) of the run's newest own checkpoint that loads, newest first, best.pt among them by the
+    iteration it holds: a damaged one (truncated, empty) or another run's is skipped with a warning. None if the
+    run has no such checkpoint. run: its settings.json, when already read."""
+    run = run if run is not None else settings_or_none(run_dir)
+    candidates = paths(run_dir)[::-1]
+    best, _ = read(run, best_path(run_dir), mmap=True) if os.path.exists(best_path(run_dir)) else (None, "")
+    if best is not None:  # a copy of an interval checkpoint, which may be gone or damaged
+        at = next((i for i, p in enumerate(candidates)
+                   if int(os.path.basename(p)[2:-3]) < best["state"]["iteration"]), len(candidates))
+        candidates.insert(at, best_path(run_dir))
+    for i, path in enumerate(candidates):
+        then = f"{verb} {os.path.basename(candidates[i + 1])}" if i + 1 < len(candidates) else "no older checkpoint"
+        ckpt, problem = read(run, path)
+        if problem:
+            warn(f"{os.path.basename(path)} is {problem}; {'' if problem.startswith('unreadable') else 'skipped: '}{then}")
+            continue
+        return path, ckpt
+    return None
+
+
+def own(run_dir, path):
+    """The checkpoint at `path`, checked to be the run's own and to load; a one-line UserError if not."""
+    ckpt, problem = read(settings_or_none(run_dir), path)
+    if problem:
+        raise UserError(f"{path} is {problem}")
+    return ckpt
+
+
+def saved_state(run, path):
+    """The training state ({'iteration': ...}) in the run's own checkpoint at `path`; {} if it is missing, damaged
+    or not the run's."""
+    ckpt, _ = read(run, path, mmap=True) if os.path.exists(path) else (None, "")
+    return ckpt["state"] if ckpt is not None else {}
+
+
+# ---- resuming a run
+
+@dataclass
+class Resumed:
+    """What a session continues from: the run folder, its settings.json, and the newest own readable checkpoint
+    with its path (both None for a run killed before its first checkpoint: it starts again in its own folder)."""
+    run_dir: str
+    run: dict  # settings.json
+    path: str = None
+    ckpt: dict = None
+
+    @property
+    def model_id(self):
+        return self.ckpt["model_id"] if self.ckpt else self.run["model_id"]
+
+    @property
+    def settings(self):
+        """The run's flags under today's names (from the checkpoint: what the run last trained with)."""
+        return upgraded(self.ckpt["settings"] if self.ckpt else self.run["settings"])
+
+
+def resume(run_dir, model_id, world_size):
+    """Everything a session continues the run in `run_dir` from, checked: the run's model, its number of
+    processes, and a history it would not replace (a run with metrics rows or checkpoint files but no own
+    readable checkpoint is refused: it never starts over)."""
+    run = read_settings(run_dir)
+    found = newest(run_dir, "resuming from", run)
+    if found is None:
+        refuse_to_start_over(run_dir, run)
+    resumed = Resumed(run_dir, run, *(found or (None, None)))
+    if resumed.model_id != model_id:
+        raise UserError(f"{run_dir} is a {resumed.model_id} run, not {model_id}: resume it with "
+                        f"{script_of(resumed.model_id)}")
+    saved_world = run.get("world_size", 1)
+    if saved_world != world_size:
+        raise UserError(f"{run_dir} was trained on {saved_world} process(es), this is {world_size}: resume it with "
+                        f"the same torchrun --nproc_per_node")
+    return resumed
+
+
+def refuse_to_start_over(run_dir, run):
+    """A UserError when the run folder holds a history that starting from iteration 0 there would replace."""
+    rows = read_metrics(run_dir, quiet=True)
+    files = paths(run_dir) + [p for p in [best_path(run_dir)] if os.path.exists(p)]
+    if not rows and not files:
+        return  # killed before its first checkpoint: nothing to lose
+    history = (f"metrics up to iteration {rows[-1]['iteration']}" if rows else "no metrics") + \
+        (f" and {len(files)} checkpoint file(s), none of them its own and readable" if files else
+         " and no checkpoint (checkpoints/it*.pt, best.pt)")
+    command = run.get("command", "").split()
+    again = f"python {' '.join(command)}" if command and "--resume" not in command else \
+        f"python {script_of(run.get('model_id'))} with the flags in {run_dir}/settings.json"
+    raise UserError(f"{run_dir} cannot be resumed: it has {history}, and starting again at iteration 0 would "
+                    f"replace its history; to train these settings anew in a new run folder: {again}")
+
+
+def restore(resumed, model, optimizer, rows, device, capturable):
+    """The checkpoint's weights and Adam state put back, and what a kill left in the folder repaired -> (state, h):
+    the training state ({} from a run killed before its first checkpoint) and this rank's rows of h."""
+    if resumed.ckpt is None:
+        return {}, None
+    ckpt = resumed.ckpt
+    model.load_state_dict(ckpt["model"])
+    load_optimizer(optimizer, ckpt["optimizer"], capturable)
+    h = None if ckpt["h"] is None else ckpt["h"][:, rows].to(device)
+    return dict(ckpt["state"]), h
+
+
+def load_optimizer(optimizer, state, capturable):
+    """The saved Adam state, capturable or not as this session asks (--cuda_graph_step): load_state_dict restores
+    the saved param groups' flag, with which a run made without graphs could not be captured (and one made with
+    them would keep its step counts' capturable path when eager)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+
+
+def repair(run_dir, iteration, row, source):
+    """On resume from the checkpoint `source` of `iteration`: metrics rows logged after it (and lines that are no
+    metrics rows) move to RUN/metrics_set_aside.jsonl, each with why; if the checkpoint ends an interval (it holds
+    the interval's row), put back that row and best.pt where a kill came before they were written."""
+    rows, others = metrics_lines(run_dir)
+    keep = [r for r in rows if r["iteration"] <= iteration]
+    why = f"set aside on {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+    aside = [dict(r, set_aside=why + f"after {os.path.basename(source)} (iteration {iteration}), which the run "
+                                      f"resumed from") for r in rows if r["iteration"] > iteration]
+    aside += [{"line": text.rstrip("\n"), "set_aside": why + f"line {n} {reason}"} for n, text, reason in others]
+    for a in aside:
+        warn(f"metrics.jsonl: {a['set_aside'][len(why):]}" + (f": the row of iteration {a['iteration']}"
+                                                                 if "iteration" in a else "") + f"; kept in {SET_ASIDE}")
+    if aside:
+        path = os.path.join(run_dir, SET_ASIDE)
+        try:
+            with open(path, "a") as f:
+                f.write("".join(json.dumps(a) + "\n" for a in aside))
+        except OSError as e:
+            raise WriteError(path, e) from None
+    if row is not None and (not keep or keep[-1]["iteration"] != iteration):
+        keep.append(row)
+    if keep != rows or aside:
+        write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
+    if row is not None and row.get("best_iteration") == iteration and \
+            saved_state(settings_or_none(run_dir), best_path(run_dir)).get("iteration") != iteration:
+        write_best(run_dir, source)
