@@ -19,6 +19,8 @@ if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load 
     from lib import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
+import weakref
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -143,7 +145,9 @@ class FastThreeTierSampler:
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
             from lib.teams import start_team, threetier_team
-            start_team(self, threetier_team, temperature)
+            self.team, self.window = start_team(threetier_team, self.weights, self.window, self.frames, self.h,
+                                                temperature, self.recorded, self.step_len)
+            self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):

@@ -14,6 +14,7 @@ if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load 
     quiet_interrupts("interrupted while starting; nothing was saved")
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +201,9 @@ class FastTwoTierSampler:
         self.close = lambda: None  # stops the compiled step's threads (generate() calls it)
         if backend == "numba":  # the same step compiled, on torch's threads (lib/kernels.py)
             from lib.teams import start_team, twotier_team
-            start_team(self, twotier_team, temperature)
+            self.team, self.window = start_team(twotier_team, self.weights, self.window, self.frames, self.h,
+                                                temperature, self.recorded, self.step_len)
+            self.close = weakref.finalize(self, self.team.close)  # also when the sampler is dropped unclosed
         self.arrays = as_arrays((self.h, self.window, self.frames, self.recorded), xp)  # numpy views on the CPU
 
     def step(self, noise):

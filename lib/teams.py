@@ -3,7 +3,6 @@ thread (`by_thread`, `stacked_gru`), and the `Team` of threads that steps a kern
 docstring says how the threads share the work).
 """
 import threading
-import weakref
 
 import numpy as np
 import torch
@@ -12,16 +11,13 @@ from lib.kernels import (LINE, flat_step, flat_worker, thread_range, sync, three
                          twotier_worker)
 
 
-def start_team(sampler, make_team, temperature):
-    """Give a fast sampler (two_tier.py's or three_tier.py's) the compiled step on torch's thread count: one window
-    per thread (thread 0's is the sampler's state); sampler.close stops the threads, also when the sampler is
-    dropped unclosed."""
-    windows = sampler.window.expand(torch.get_num_threads(), -1, -1).clone()
-    sampler.window = windows[0]
-    recorded = None if sampler.recorded is None else sampler.recorded.numpy()
-    sampler.team = make_team(sampler.weights, windows.numpy(), sampler.frames.numpy(), sampler.h.numpy(), temperature,
-                             recorded, sampler.step_len)
-    sampler.close = weakref.finalize(sampler, sampler.team.close)
+def start_team(make_team, weights, window, frames, h, temperature, recorded, step_len):
+    """A fast sampler's compiled step (make_team: twotier_team ...) on torch's thread count, one window per thread
+    -> (the team, thread 0's window: the sampler's window from now on). team.close() stops the threads."""
+    windows = window.expand(torch.get_num_threads(), -1, -1).clone()
+    recorded = None if recorded is None else recorded.numpy()
+    team = make_team(weights, windows.numpy(), frames.numpy(), h.numpy(), temperature, recorded, step_len)
+    return team, windows[0]
 
 
 def twotier_team(weights, windows, frames, h, temperature, recorded, step_len):

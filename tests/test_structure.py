@@ -107,7 +107,7 @@ def test_one_module_writes_and_reads_checkpoints_and_one_function_reads_settings
         if module != "lib.checkpoint" and not module.startswith("test"):
             assert "torch.save(" not in text and "torch.load(" not in text, module
         if module != "lib.run":
-            assert not any(f'"settings.json")) as' in line for line in text.splitlines()), module
+            assert not any('"settings.json")) as' in line for line in text.splitlines()), module
 
 
 def test_no_function_over_sixty_lines():
