@@ -132,10 +132,12 @@ def copy_of_repo(tmp):
 def pytest(copy, tests):
     """Run the tests in the copy -> (exit status, the first failure's summary line)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="220")  # wide: pytest cuts the summary to the terminal
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-rfEs", "-p", "no:cacheprovider", *tests],
                        cwd=copy, capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
-    why = [line for line in lines if line.startswith(("FAILED", "ERROR"))] or lines[-1:] or [""]
+    why = [line for line in lines if line.startswith(("FAILED", "ERROR", "SKIPPED"))] or lines[-1:] or [""]
+    if p.returncode == 0 and " skipped" in (lines[-1:] or [""])[0]:  # a guard that skips guards nothing
+        return 3, why[0][:160]
     return p.returncode, why[0][:160]
 
 
@@ -162,7 +164,8 @@ def main(names):
     with tempfile.TemporaryDirectory() as tmp:  # the control: without a mutation every guard passes
         code, why = pytest(copy_of_repo(tmp), guards)
     if code != 0:
-        print(f"the guards fail without any mutation, so no result below would mean anything: {why}")
+        print(f"the guards {'skip here' if code == 3 else 'fail'} without any mutation, so no result below would "
+              f"mean anything: {why}")
         return 2
     print(f"control: the {len(guards)} guards pass unmutated")
     results = {name: run(name) for name in names}
