@@ -19,6 +19,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from lib import UserError
+
 # rank 0 evaluates and samples while the others wait in a collective: allow for a long evaluation
 TIMEOUT = datetime.timedelta(hours=2)
 
@@ -40,8 +42,37 @@ def join(device):
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT, **restart_store())
     return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+def restart_store():
+    """After torchrun restarted the workers (--max_restarts), a store of their own for this attempt. The store that
+    torchrun's agent shares with its workers outlives a restart, and the process group's keys from the attempt
+    before (each rank's address) are still in it: the new ranks would connect to the dead ones' ports (torch issue
+    135712). Each attempt's keys under their own prefix avoid that; between nodes, where a node that did not fail
+    counts no restart, the launch sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README) and this is not needed."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False,
+                          timeout=TIMEOUT)
+    return {"store": dist.PrefixStore(f"attempt_{attempt}/", agent), "rank": int(os.environ["RANK"]),
+            "world_size": world_size()}
+
+
+def same_everywhere(values):
+    """A UserError on every rank unless each rank has the same `values` ({what: value}, e.g. the data's fingerprint):
+    nodes that would train on other data or code stop at once, in one line each (one collective)."""
+    if world_size() == 1:
+        return
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, values)
+    for r, theirs in enumerate(every):
+        differ = [k for k in values if theirs[k] != every[0][k]]
+        if differ:
+            raise UserError(f"rank {r} has other {differ[0]} ({theirs[differ[0]]}) than rank 0 ({every[0][differ[0]]}): "
+                            f"every node must train on the same data and code")
 
 
 def initial_states(model):

@@ -39,6 +39,20 @@ def new_run_dir(runs_dir, prefix):
                             f"give a writable folder") from None
 
 
+def make_run_dir(path):
+    """--run_dir's folder for a new run: created, or taken as it is when it holds nothing of a run (a first
+    command stopped before the run's settings.json was written)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        held = {"metrics.jsonl", "checkpoints"} & set(os.listdir(path))
+    except OSError as e:
+        raise UserError(f"cannot create --run_dir {path}: {e.strerror}; give a writable place") from None
+    if held:
+        raise UserError(f"--run_dir {path} holds {' and '.join(sorted(held))} but no settings.json: it is no run "
+                        f"this command can continue; give another --run_dir")
+    return path
+
+
 def git_info():
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()

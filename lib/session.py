@@ -1,8 +1,10 @@
 """One training session set up: the data (checked against the run's on resume), the model and Adam on the device,
 the run folder new or restored (with what a kill left repaired), and the opening lines of its log."""
+import json
 import os
 import platform
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,6 +49,7 @@ def open_session(model_id, args, model, device, tag, resumed):
         raise UserError(f"the run's data {args.data} is not there: if it moved, resume with --data NEW_PLACE "
                         f"(the data there is checked against the run's)")
     splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
+    dist.same_everywhere({"data": data_id(splits), "code revision": run.git_info()["revision"]})  # every node's
     if resuming:
         check_data(resumed, splits, args.data, args.accept_changed_data)
     for split in splits.values():
@@ -63,8 +66,11 @@ def open_session(model_id, args, model, device, tag, resumed):
         batches.segments.split = splits["train"]  # the same segments, gathered on the GPU
     set_precision(args.precision)
     model.to(device)
-    run_dir = args.resume or (run.new_run_dir(args.runs_dir, f"{model_id}_{tag}") if main else None)
-    run_dir = dist.from_rank0(run_dir)
+    if resuming:
+        run_dir = resumed.run_dir
+    else:
+        run_dir = dist.from_rank0((run.make_run_dir(args.run_dir) if args.run_dir else
+                                   run.new_run_dir(args.runs_dir, f"{model_id}_{tag}")) if main else None)
     if main and not resuming:
         run.hold_run(run_dir)
     run_id = resumed.run.get("run_id") if resuming else dist.from_rank0(run.new_run_id())
@@ -74,6 +80,11 @@ def open_session(model_id, args, model, device, tag, resumed):
                    log=run.Logger(os.path.join(run_dir, "log.txt") if main else None), main=main,
                    clips_per_step=world * args.batch_size, samples_per_step=world * args.batch_size * model.seq_len,
                    chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)
+
+
+def data_id(splits):
+    """The data's fingerprint in one short word (a CRC-32 of it), for comparing nodes."""
+    return f"fingerprint {zlib.crc32(json.dumps(cache.fingerprint(splits), sort_keys=True).encode()):08x}"
 
 
 def check_data(resumed, splits, data, accept_changed):
@@ -109,8 +120,10 @@ def begin(session, n_params, resumed):
         saved, h = checkpoint.restore(resumed, session.model, session.optimizer, session.batches.rows, session.device,
                                       session.args.cuda_graph_step)
         state.update(saved)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     session.log(f"{'resuming' if resumed else 'run'} {session.run_dir} from iteration {state['iteration']}" +
-                (f" ({os.path.basename(resumed.path)})" if resumed and resumed.path else ""))
+                (f" ({os.path.basename(resumed.path)})" if resumed and resumed.path else "") +
+                (f"; restarted by torchrun (restart {restarts}, --max_restarts)" if restarts else ""))
     if resumed and session.main:
         repair(session, resumed, state["iteration"])
     log_opening(session, n_params)

@@ -12,7 +12,7 @@ from lib.quantize import NORMS, QTYPES, check_q_levels
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # settings a session may change when it resumes a run; every other one belongs to the run
-RESUMABLE = {"resume", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph_step",
+RESUMABLE = {"resume", "run_dir", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph_step",
              "valid_clips", "n_samples", "sample_secs", "patience", "dry_run", "data", "keep_checkpoints",
              "accept_changed_data"}  # --data: when the data there is the run's own (its fingerprint)
 RENAMED = {"cuda_graph": "cuda_graph_step"}  # flags renamed since older runs were made: old name -> new
@@ -57,6 +57,10 @@ def add_training_args(p, presets):
     g.add_argument("--name", default=None, help="tag in the run name {model}_{tag}_{unixtime} (default from flags)")
     g.add_argument("--runs_dir", default="runs", help="folder that holds the run folders")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    g.add_argument("--run_dir", default=None, metavar="RUN_DIR",
+                   help="the run folder, instead of --runs_dir/--name: the first command creates the run, the same "
+                        "command again continues it (a requeued job, torchrun --max_restarts); other model or "
+                        "training flags than the run's are refused")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     g.add_argument("--precision", default="tf32", choices=PRECISIONS,
                    help="matrix products on CUDA: fp32, tf32 (fp32 storage, TF32 tensor cores), or bf16 autocast "
@@ -83,24 +87,39 @@ def build_parser(script, doc, add_model_args, presets):
     return parser
 
 
-def resume_flag(parser, argv):
-    """The run folder --resume names, or None: read first, since a resumed run's flags come from it."""
-    return parser.parse_known_args(argv)[0].resume
+def run_to_continue(parser, argv):
+    """The run folder this command continues, or None for a new run: --resume RUN, or --run_dir RUN once RUN holds
+    a run (settings.json). Read first, since a resumed run's flags come from it. A process that torchrun restarted
+    (--max_restarts) must name its run: else every restart would begin a new one."""
+    first = parser.parse_known_args(argv)[0]
+    if first.resume and first.run_dir:
+        raise UserError("--resume and --run_dir both name a run: give one of them")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not (first.resume or first.run_dir):
+        raise UserError("torchrun restarted this process (--max_restarts), and without --run_dir it would begin a new "
+                        "run: add --run_dir RUN to the command, so that a restart continues its run")
+    if first.run_dir and os.path.exists(os.path.join(first.run_dir, "settings.json")):
+        return first.run_dir
+    return first.resume
 
 
 def parse_settings(parser, presets, argv, resumed):
     """Resolved flags: defaults < preset < command line; with --resume (resumed: lib.checkpoint.Resumed), the
     run's flags < command line, and only the RESUMABLE ones may change."""
     first, _ = parser.parse_known_args(argv)
-    if resumed is None:
+    # a flag added after a run was made takes its default (what the run did without it)
+    saved = None if resumed is None else \
+        {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **resumed.settings}
+    if resumed is None or first.resume is None:  # a new run, or --run_dir's: the command gives every flag
         if first.preset:
             parser.set_defaults(**presets[first.preset])
         args = parser.parse_args(argv)
         args.data = os.path.abspath(args.data)  # recorded so: the report and --resume find it from any folder
+        differ = [k for k in vars(args) if k not in RESUMABLE and saved and getattr(args, k) != saved.get(k) and
+                  getattr(args, k) is not None]  # None: derived from the other flags, which are compared
+        if differ:
+            raise UserError(f"--{differ[0]} {getattr(args, differ[0])} differs from the run in {resumed.run_dir} "
+                            f"({saved.get(differ[0])!r}): this command made another run; give it another --run_dir")
         return args
-    saved = resumed.settings
-    # a flag added after the run was made takes its default (what the run did without it)
-    saved = {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **saved}
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
     changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]
     if changed:

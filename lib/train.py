@@ -28,7 +28,7 @@ from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.report import report
 from lib.sample import write_samples
 from lib.session import begin, open_session
-from lib.settings import build_parser, check_settings, choose_device, parse_settings, resume_flag
+from lib.settings import build_parser, check_settings, choose_device, parse_settings, run_to_continue
 from lib.step import evaluate, to_device, train_step
 from lib.stopping import Interrupts, NonFinite, non_finite
 
@@ -61,8 +61,8 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     """The run to continue (checked: its model, its processes, its history), the flags, the model; then the
     session on its device and run folder, and the loop -> the exit status."""
     check_torch(torch.__version__)
-    resume_dir = resume_flag(parser, argv)
-    resumed = checkpoint.resume(resume_dir, model_id, dist.world_size()) if resume_dir else None
+    run_dir = run_to_continue(parser, argv)
+    resumed = checkpoint.resume(run_dir, model_id, dist.world_size()) if run_dir else None
     args = parse_settings(parser, presets, argv, resumed)
     device = choose_device(args.device)
     check_settings(args, device)
