@@ -73,12 +73,15 @@ def test_preset_help_says_what_it_sets(capsys):
 
 
 def readme_commands():
-    """Every `python ...` command in README's code blocks, as argv lists (comments and pipes cut off)."""
+    """Every `python ...` command in README's code blocks, as argv lists (comments and pipes cut off, lines ending
+    in a backslash joined), and the script's part of every `torchrun ... SCRIPT.py ...` command."""
     text = open(os.path.join(REPO, "README.md")).read()
     for block in re.findall(r"```\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():
             for part in line.split("#")[0].split("&&"):
                 argv = shlex.split(part.split("|")[0])
+                if argv[:1] == ["torchrun"]:
+                    yield argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):]
                 if argv[:1] == ["python"] and argv[1:3] != ["-m", "pytest"]:
                     yield argv[2:] if argv[1] == "-m" else argv[1:]
 
