@@ -237,6 +237,11 @@ def decode_uncached(folder, paths):
     return pcm, offsets, stats, rate, crc
 
 
+def fingerprint_id(fingerprint):
+    """A fingerprint in 8 hex digits (a CRC-32 of it), to show and compare."""
+    return f"{zlib.crc32(json.dumps(fingerprint, sort_keys=True).encode()):08x}"
+
+
 def fingerprint(splits):
     """What identifies the data a run trains on, by content: per split, clips, samples and a CRC-32 of them."""
     return {name: {"clips": int(s.n_clips), "samples": int(s.offsets[-1]), "crc32": int(s.crc32)}

@@ -5,12 +5,19 @@
     python -m lib.report experiments/*                          # regenerates the lab notebook's tables
     python -m lib.report RUN --html                             # RUN/index.html, to listen (lib/page.py)
     python -m lib.report RUN1 RUN2 --html compare.html          # the runs' samples side by side, by interval
+    python -m lib.report experiments/*cpu_time_dim128* --by_seed   # one row per setting: seeds' mean and spread
 
 Train NLL is averaged over windows of training time (default: the first and the 12th hour) and of
 iterations (default: 0-10K and 90K-100K); where the shortest run ends before a default window, the defaults are
 the first and the last tenth of that run. The metrics log holds one mean per interval; an interval that
 straddles a window's edge counts with the share of its steps (or seconds) inside the window, as if the
 interval's steps were alike. A window the run has not reached to its end prints as a dash, never a number.
+
+--by_seed groups runs that differ only by --seed (and by where the same data lay) into one setting: its row gives
+the number of seeds and each NLL column's mean and spread (largest minus smallest), and says whether the setting
+is separated from the best one by the notebook's rule: the gap between their means is more than twice the larger
+of their spreads. A setting of one seed has no spread and is never called separated. The data is shown by its
+folder's name and fingerprint, and differs only where the fingerprints do.
 """
 import argparse
 import glob
@@ -23,6 +30,7 @@ import numpy as np
 
 from lib import ArgumentParser, UserError, WriteError, page, run_script
 from lib.audio import warn
+from lib.cache import fingerprint_id
 from lib.plots import plot_curves
 from lib.run import read_metrics, read_settings
 from lib.settings import add_training_args
@@ -123,6 +131,7 @@ def summarize(run_dir, time_windows, iter_windows):
         test_at_best = best.get("test_bits")  # measured there: --test_on_best, or the run's end
     return {"run": os.path.basename(os.path.normpath(run_dir)), "path": run_dir, "model": settings["model_id"],
             "settings": settings["settings"], "parameters": settings["parameters"],
+            "data_fingerprint": settings.get("data_fingerprint"),
             "iterations": rows[-1]["iteration"], "hours": rows[-1]["train_secs"] / 3600,
             "time_windows": {label: window_mean(rows, "train_secs", a, b) for label, a, b in time_windows},
             "iter_windows": {label: window_mean(rows, "iteration", a, b) for label, a, b in iter_windows},
@@ -134,7 +143,7 @@ def differing(summaries):
     """The settings whose values differ between the runs (sorted), not counting IGNORED ones. A setting that some
     runs lack counts only between different models (a flag of one model); within one model, or for a training
     flag (every model has those), it is a flag that a later version added, and runs without it ran as its default."""
-    keys = sorted(set().union(*(s["settings"] for s in summaries)) - IGNORED)
+    keys = sorted(set().union(*(s["settings"] for s in summaries)) - IGNORED - {"data"})
     parser = argparse.ArgumentParser()
     add_training_args(parser, {})
     training = {a.dest for a in parser._actions}
@@ -146,7 +155,26 @@ def differing(summaries):
             has.setdefault(s["model"], set()).add(k in s["settings"])
         one_model_only = all(len(v) == 1 for v in has.values()) and len({v.pop() for v in has.values()}) > 1
         return len(present) > 1 or (one_model_only and k not in training)  # values differ, or a model's own flag
-    return [k for k in keys if differs(k)]
+    return sorted([k for k in keys if differs(k)] + (["data"] if len(set(data_ids(summaries))) > 1 else []))
+
+
+def data_ids(summaries):
+    """Each run's data in a few characters: its folder's name and a CRC-32 of its fingerprint (by content). Runs
+    made before runs recorded fingerprints are told apart by the name alone, and so are the runs beside them.
+    Where two fingerprints share a name, the path is shown too."""
+    names = [os.path.basename(os.path.normpath(s["settings"].get("data", "?"))) for s in summaries]
+    if any(s.get("data_fingerprint") is None for s in summaries):
+        return names
+    ids = [fingerprint_id(s["data_fingerprint"]) for s in summaries]
+    shared = {n for n in names if len({i for i, m in zip(ids, names) if m == n}) > 1}
+    return [f"{s['settings']['data'] if n in shared else n} ({i})" for s, n, i in zip(summaries, names, ids)]
+
+
+def setting_values(summaries, key):
+    """The cells of one setting's column: the value each run has (data: data_ids), a dash where it has none."""
+    if key == "data":
+        return data_ids(summaries)
+    return [str(s["settings"].get(key, DASH)) for s in summaries]
 
 
 def test_bits_16(summary):
@@ -185,11 +213,12 @@ def table(summaries):
     head = (["run", "model"] + [f"--{k}" for k in keys] + ["params", "iters", "hours"] +
             [f"train {w} (time)" for w in tw] + [f"train {w} (iters)" for w in iw] +
             ["best valid", "at iter (hour)", "test at best"] + (["test, bits per 16-bit sample"] if per_16bit else []))
-    rows = [[f"`{s['run']}`", s["model"]] + [str(s["settings"].get(k, DASH)) for k in keys] +
+    cells = [setting_values(summaries, k) for k in keys]
+    rows = [[f"`{s['run']}`", s["model"]] + [column[i] for column in cells] +
             [f"{s['parameters']:,}", f"{s['iterations']:,}", f"{s['hours']:.3f}"] +
             [bits(s["time_windows"][w]) for w in tw] + [bits(s["iter_windows"][w]) for w in iw] +
             [bits(s["best_valid"]), f"{s['best_iteration']:,} ({s['best_hours']:.3f})", bits(s["test_at_best"])] +
-            ([bits(test_bits_16(s))] if per_16bit else []) for s in summaries]
+            ([bits(test_bits_16(s))] if per_16bit else []) for i, s in enumerate(summaries)]
     return head, rows
 
 
@@ -208,9 +237,10 @@ def short_names(summaries):
     """Legend labels: the model and the settings that differ, wrapped (or the run name when that is ambiguous)."""
     import textwrap
     keys = [k for k in differing(summaries) if k not in CADENCE]
-    names = ["\n".join(textwrap.wrap(" ".join([s["model"]] + [f"{k}={s['settings'][k]}" for k in keys
-                                                               if s["settings"].get(k) is not None]), 34))
-             for s in summaries]
+    cells = {k: setting_values(summaries, k) for k in keys}
+    names = ["\n".join(textwrap.wrap(" ".join([s["model"]] + [f"{k}={cells[k][i]}" for k in keys
+                                                               if cells[k][i] != DASH]), 34))
+             for i, s in enumerate(summaries)]
     return names if len(set(names)) == len(names) else [s["run"] for s in summaries]
 
 
@@ -241,6 +271,98 @@ def read_metrics_quietly(run_dir):
         return []
 
 
+# ---- settings over seeds (--by_seed)
+
+NOT_A_SETTING = IGNORED | {"seed", "data", "n_samples", "sample_secs"}  # sampling does not touch training
+METRICS = {"test_at_best": "test at best", "best_valid": "best valid"}
+
+
+def seed_groups(summaries):
+    """Runs that differ only by --seed (and by where the same data lay), grouped, in the order they came."""
+    groups = {}
+    for s, data in zip(summaries, data_ids(summaries)):
+        flags = {k: v for k, v in s["settings"].items() if k not in NOT_A_SETTING}
+        groups.setdefault((s["model"], json.dumps(flags, sort_keys=True), data), []).append(s)
+    return list(groups.values())
+
+
+def nll_columns(summary):
+    """{column: value} of a run's NLL columns: the windows' mean train NLL, best valid, test at best."""
+    return {**{f"train {w} (time)": v for w, v in summary["time_windows"].items()},
+            **{f"train {w} (iters)": v for w, v in summary["iter_windows"].items()},
+            "best valid": summary["best_valid"], "test at best": summary["test_at_best"]}
+
+
+def over_seeds(group):
+    """{column: {"mean", "spread", "values"}} of a group of runs; mean and spread None where a run has no value,
+    spread None for one seed."""
+    columns = [nll_columns(s) for s in group]
+    out = {}
+    for name in columns[0]:
+        values = [c[name] for c in columns]
+        known = None not in values
+        out[name] = {"values": values, "mean": sum(values) / len(values) if known else None,
+                     "spread": max(values) - min(values) if known and len(values) > 1 else None}
+    return out
+
+
+def verdicts(stats, metric):
+    """Each setting against the best one on `metric` (the lowest mean): the gap, and whether it is more than twice
+    the larger of the two spreads -> [(gap or None, separated: True, False, or None where it cannot be called)]."""
+    means = [st[metric]["mean"] for st in stats]
+    best = min((i for i, m in enumerate(means) if m is not None), key=lambda i: means[i], default=None)
+    out = []
+    for st in stats:
+        ours, theirs = st[metric], stats[best][metric] if best is not None else None
+        if ours["mean"] is None or theirs is None:
+            out.append((None, None))
+            continue
+        gap = ours["mean"] - theirs["mean"]
+        if ours is theirs or ours["spread"] is None or theirs["spread"] is None:
+            out.append((gap, None))
+        else:
+            out.append((gap, gap > 2 * max(ours["spread"], theirs["spread"])))
+    return out
+
+
+def verdict_text(gap, separated, one_seed):
+    if gap is None:
+        return DASH
+    if gap == 0 and separated is None and not one_seed:
+        return "best"
+    if separated is None:
+        return f"+{gap:.3f}: one seed, not called" if gap else "best (one seed)"
+    return f"+{gap:.3f}: {'separated' if separated else 'not separated'}"
+
+
+def seed_report(summaries, metric, as_json):
+    """One row per setting (seed_groups): its seeds, each NLL column's mean (spread), and the verdict against the
+    best setting on `metric` -> Markdown, or JSON lines."""
+    groups = seed_groups(summaries)
+    firsts = [g[0] for g in groups]
+    keys = [k for k in differing(firsts) if k not in NOT_A_SETTING or k == "data"] if len(groups) > 1 else []
+    cells = {k: setting_values(firsts, k) for k in keys}
+    stats = [over_seeds(g) for g in groups]
+    judged = verdicts(stats, METRICS[metric])
+    if as_json:
+        return "\n".join(json.dumps({
+            "model": g[0]["model"], "runs": [s["run"] for s in g], "seeds": [s["settings"].get("seed") for s in g],
+            "settings": {k: cells[k][i] for k in keys}, "columns": stats[i], "metric": metric,
+            "gap_to_best": judged[i][0], "separated": judged[i][1]}) for i, g in enumerate(groups))
+    names = list(stats[0])
+    head = ["setting", "model"] + [f"--{k}" for k in keys] + ["seeds"] + [f"{n}: mean (spread)" for n in names] + \
+        [f"{METRICS[metric]} against the best"]
+
+    def cell(st):
+        return DASH if st["mean"] is None else f"{st['mean']:.3f}" + \
+            (f" ({st['spread']:.3f})" if st["spread"] is not None else "")
+    rows = [[f"`{g[0]['run']}`" + (f" + {len(g) - 1}" if len(g) > 1 else ""), g[0]["model"]] +
+            [cells[k][i] for k in keys] + [", ".join(str(s["settings"].get("seed")) for s in g)] +
+            [cell(stats[i][n]) for n in names] + [verdict_text(*judged[i], len(g) == 1)] for i, g in enumerate(groups)]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                      ["| " + " | ".join(r) + " |" for r in rows])
+
+
 PLOT_TYPES = (".png", ".pdf", ".svg")
 
 
@@ -262,9 +384,13 @@ def check_plot(path, overwrite):
                         f"--overwrite to replace it")
 
 
-def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False, html=None, overwrite=False):
+def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False, html=None, overwrite=False,
+           by_seed=None):
     """The text to print for these runs (Markdown, or JSON lines). Windows not given: fitting_windows.
-    html: "" writes each run's RUN/index.html (lib/page.py); a path writes the page comparing the runs there."""
+    html: "" writes each run's RUN/index.html (lib/page.py); a path writes the page comparing the runs there.
+    by_seed: a metric (METRICS): one row per setting over its seeds (seed_report)."""
+    if by_seed and html is not None:
+        raise UserError("--by_seed prints a table of settings; --html pages are per run: give one of them")
     runs = find_runs(paths)
     fitting = fitting_windows(runs) if time_windows is None or iter_windows is None else DEFAULT_WINDOWS
     time_windows, iter_windows = time_windows or fitting[0], iter_windows or fitting[1]
@@ -286,6 +412,8 @@ def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False
             raise WriteError(page.files_folder(html), e) from None
     if plot:
         plot_curves({name: s["rows"] for name, s in zip(short_names(summaries), summaries)}, plot)
+    if by_seed:
+        return seed_report(summaries, by_seed, as_json)
     if as_json:
         return "\n".join(json.dumps({k: v for k, v in s.items() if k not in ("rows", "path")}) for s in summaries)
     if html:
@@ -306,6 +434,10 @@ def build_parser():
                         "the first and last tenth of the shortest run if it is shorter)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write the learning curves of all runs here")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    p.add_argument("--by_seed", nargs="?", const="test_at_best", default=None, choices=sorted(METRICS),
+                   metavar="METRIC", help="one row per setting (runs that differ only by --seed): each NLL column's "
+                   "mean and spread over the seeds, and whether the setting is separated from the best on METRIC "
+                   "(test_at_best, the default, or best_valid): a gap of more than twice the larger spread")
     p.add_argument("--html", nargs="?", const="", default=None, metavar="OUT.html",
                    help="alone: write (or rewrite) each run's RUN/index.html, the page to listen to its samples; with "
                         "a file name: one page comparing the runs, their samples side by side by interval")
@@ -317,7 +449,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     print(run_script(report, args.runs, args.time_windows, args.iter_windows, args.plot, args.json, args.html,
-                     args.overwrite))
+                     args.overwrite, args.by_seed))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,8 @@
 """One training session set up: the data (checked against the run's on resume), the model and Adam on the device,
 the run folder new or restored (with what a kill left repaired), and the opening lines of its log."""
-import json
 import os
 import platform
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +47,8 @@ def open_session(model_id, args, model, device, tag, resumed):
         raise UserError(f"the run's data {args.data} is not there: if it moved, resume with --data NEW_PLACE "
                         f"(the data there is checked against the run's)")
     splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
-    dist.same_everywhere({"data": data_id(splits), "code revision": run.git_info()["revision"]})  # every node's
+    dist.same_everywhere({"data": f"fingerprint {cache.fingerprint_id(cache.fingerprint(splits))}",
+                          "code revision": run.git_info()["revision"]})  # every node's
     if resuming:
         check_data(resumed, splits, args.data, args.accept_changed_data)
     for split in splits.values():
@@ -80,11 +79,6 @@ def open_session(model_id, args, model, device, tag, resumed):
                    log=run.Logger(os.path.join(run_dir, "log.txt") if main else None), main=main,
                    clips_per_step=world * args.batch_size, samples_per_step=world * args.batch_size * model.seq_len,
                    chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)
-
-
-def data_id(splits):
-    """The data's fingerprint in one short word (a CRC-32 of it), for comparing nodes."""
-    return f"fingerprint {zlib.crc32(json.dumps(cache.fingerprint(splits), sort_keys=True).encode()):08x}"
 
 
 def check_data(resumed, splits, data, accept_changed):
