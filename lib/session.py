@@ -36,6 +36,7 @@ class Session:
     samples_per_step: int
     chunks_per_epoch: int  # one pass over the train split: this many chunks
     stop: Callable = None  # whether a signal asked the run to stop (checked inside evaluation and sampling)
+    board: object = None  # --tensorboard: lib.board.Board (rank 0 only)
     warned: bool = False
 
 
@@ -120,6 +121,8 @@ def begin(session, n_params, resumed):
                 (f"; restarted by torchrun (restart {restarts}, --max_restarts)" if restarts else ""))
     if resumed and session.main:
         repair(session, resumed, state["iteration"])
+    if session.args.tensorboard and session.main:
+        open_board(session, resumed, state["iteration"])
     log_opening(session, n_params)
     return state, h
 
@@ -150,6 +153,18 @@ def repair(session, resumed, iteration):
         session.log(f"writing the samples of iteration {iteration}, which a stop had cut off")
         write_samples(session.model, paths, args.sample_secs, session.sample_rate, args)
     page.write_run_page(run_dir, quiet=True)  # a stop may have come before it was rewritten
+
+
+def open_board(session, resumed, iteration):
+    """--tensorboard's event files; on resume, what came after the checkpoint is purged and the checkpoint's own
+    interval (its row, its samples) logged again: a kill may have come before it was."""
+    from lib.board import Board  # only with the flag: a run without it never imports tensorboard
+    row = resumed.ckpt.get("row") if resumed and resumed.ckpt else None
+    session.board = Board(session.run_dir, vars(session.args), None if resumed is None else
+                          iteration if row is not None else iteration + 1)
+    if row is not None:
+        session.board.interval(row, session.args.lr, run.sample_paths(session.run_dir, iteration,
+                                                                      session.args.n_samples), session.sample_rate)
 
 
 def log_opening(session, n_params):

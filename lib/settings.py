@@ -14,7 +14,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 # settings a session may change when it resumes a run; every other one belongs to the run
 RESUMABLE = {"resume", "run_dir", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph_step",
              "valid_clips", "n_samples", "sample_secs", "patience", "dry_run", "data", "keep_checkpoints",
-             "accept_changed_data"}  # --data: when the data there is the run's own (its fingerprint)
+             "accept_changed_data", "tensorboard"}  # --data: when the data there is the run's own (its fingerprint)
 RENAMED = {"cuda_graph": "cuda_graph_step"}  # flags renamed since older runs were made: old name -> new
 DROPPED = {"test_on_best"}  # flags older runs may have saved that no longer exist
 
@@ -75,6 +75,9 @@ def add_training_args(p, presets):
                    help="named set of defaults that flags given after it still override: " +
                    "; ".join(f"{name} = " + " ".join(f"--{k} {v}" for k, v in values.items())
                              for name, values in sorted(presets.items())))
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write each interval's NLLs, samples and spectrograms to RUN/tensorboard/ for TensorBoard "
+                        "(needs the tensorboard package)")
     g.add_argument("--dry_run", action="store_true", help="print the settings and parameter count, then exit")
     g.add_argument("--accept_changed_data", action="store_true",
                    help="with --resume: train on, although the data differs from what the run was trained on")

@@ -71,11 +71,13 @@ def test_two_nodes_train_as_one_node_of_two_and_one_process_of_the_doubled_batch
     global rank 0 (node 1's process has LOCAL_RANK 0 too), the same run as one node's two processes, bit for bit,
     and as one process of batch 8, to float tolerance (the gradients are averaged in another order)."""
     port = free_port()
-    nodes = [node(port, ARGV + ["--data", speech_wav, "--run_dir", str(tmp_path / "nodes")]) for _ in range(2)]
+    nodes = [node(port, ARGV + ["--data", speech_wav, "--run_dir", str(tmp_path / "nodes"), "--tensorboard"])
+             for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in outs)
     assert os.listdir(tmp_path) == ["nodes"]  # one run folder
     assert "2 processes (torchrun), global batch 8" in open(tmp_path / "nodes" / "log.txt").read()
+    assert len(os.listdir(tmp_path / "nodes" / "tensorboard")) == 1  # one event file: rank 0 alone writes it
     same_run(tmp_path / "nodes", one_node, 20)
     one = subprocess.run([sys.executable, "two_tier.py", *ARGV, "--data", speech_wav, "--batch_size", "8", "--run_dir",
                           str(tmp_path / "one")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
