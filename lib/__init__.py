@@ -6,7 +6,8 @@
   training     train.py (the entry and the loop), settings.py (flags), session.py (one session set up),
                step.py (the step, evaluation), checkpoint.py (save, read, resume), run.py (the run folder),
                stopping.py (signals, non-finite values), progress.py, dist.py (torchrun), cuda_graph.py
-  reading      report.py (python -m lib.report), page.py (pages to listen with), plots.py, board.py
+  reading      report.py (python -m lib.report), seeds.py (its --by_seed), page.py (pages to listen with),
+               plots.py, board.py
                (--tensorboard)
 
 and here the few helpers every script uses: the model registry, one-line errors, atomic writes, a quiet Ctrl-C.
