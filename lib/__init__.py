@@ -7,8 +7,7 @@
                step.py (the step, evaluation), checkpoint.py (save, read, resume), run.py (the run folder),
                stopping.py (signals, non-finite values), progress.py, dist.py (torchrun), cuda_graph.py
   reading      report.py (python -m lib.report), seeds.py (its --by_seed), page.py (pages to listen with),
-               plots.py, board.py
-               (--tensorboard)
+               plots.py, board.py (--tensorboard)
 
 and here the few helpers every script uses: the model registry, one-line errors, atomic writes, a quiet Ctrl-C.
 Nothing in lib imports a script; a model script imports only the models' modules."""

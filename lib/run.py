@@ -42,6 +42,8 @@ def new_run_dir(runs_dir, prefix):
 def make_run_dir(path):
     """--run_dir's folder for a new run: created, or taken as it is when it holds nothing of a run (a first
     command stopped before the run's settings.json was written)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--run_dir {path} is a file, not a folder: give a folder's path")
     try:
         os.makedirs(path, exist_ok=True)
         held = {"metrics.jsonl", "checkpoints"} & set(os.listdir(path))
