@@ -161,17 +161,21 @@ def samples_per_sec(model, batch, paths, repeats):
     return {name: 1 / secs for name, secs in best.items()}
 
 
+def describe(args):
+    """The model the flags describe, in words, for a benchmark's first line."""
+    if args.model == "twotier":
+        return f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs"
+    if args.model == "threetier":
+        return f"three-tier dim {args.dim}, big frames {args.big_frame_size}, frames {args.frame_size}, " \
+               f"{args.n_rnn} GRUs per tier"
+    return f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}"
+
+
 def bench_generate(args):
     device = choose_device(args.device)
     torch.manual_seed(0)
     model = build(args, 16 * args.big_frame_size)  # the chunk: no matter here
-    if args.model == "twotier":
-        config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs"
-    elif args.model == "threetier":
-        config = f"three-tier dim {args.dim}, big frames {args.big_frame_size}, frames {args.frame_size}, " \
-                 f"{args.n_rnn} GRUs per tier"
-    else:
-        config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}"
+    config = describe(args)
     model.to(device).eval()
     flops = flops_per_sample(model)
     peak = matmul_flops(device)
@@ -275,14 +279,8 @@ def bench_train(args):
     torch.manual_seed(0)
     default_len = {"twotier": 64 * args.frame_size, "threetier": 64 * args.big_frame_size, "baseline": 128}
     model = build(args, args.seq_len or default_len[args.model])
-    if args.model == "twotier":
-        config = f"two-tier dim {args.dim}, frame size {args.frame_size}, {args.n_rnn} GRUs, " \
-                 f"{model.seq_len // args.frame_size} frames"
-    elif args.model == "threetier":
-        config = f"three-tier dim {args.dim}, big frames {args.big_frame_size}, frames {args.frame_size}, " \
-                 f"{args.n_rnn} GRUs per tier, seq_len {model.seq_len}"
-    else:
-        config = f"baseline dim {args.dim}, {args.n_rnn} GRUs, --input {args.input}, seq_len {model.seq_len}"
+    config = describe(args) + (f", {model.seq_len // args.frame_size} frames" if args.model == "twotier" else
+                               f", seq_len {model.seq_len}")
     model.to(device).train()
     splits, _ = load_splits(DEFAULT_DATA)
     train = splits["train"]
