@@ -1,5 +1,5 @@
 """The pages to listen with (lib/page.py): what a fresh run writes, lib.report --html for one run and for several,
-generate.py's folder page, damaged folders; and each page as headless Chromium shows it (tests/browser.py)."""
+generate.py's folder page, damaged folders; and each page as headless Chromium shows it (tests/browser.py, Selenium)."""
 import glob
 import os
 import re
@@ -24,7 +24,8 @@ def needs_chromium():
     """Chromium, or a skip saying how to install it; in CI (CI set) a failure instead: the check must run there."""
     found = find_chromium()
     if found is None:
-        message = "no chromium: install Debian's package (apt-get install chromium) to check the pages in a browser"
+        message = ("no chromium or chromedriver: install Debian's packages (apt-get install chromium chromium-driver) "
+                   "to check the pages in a browser")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -54,6 +55,32 @@ def heard_and_seen(seen, n_audio, secs):
         assert a["error"] is None and a["duration"] == pytest.approx(secs, abs=1 / RATE), a
     assert seen["images"] and all(i["width"] > 0 for i in seen["images"]), seen["images"]
     assert seen["errors"] == []
+
+
+def test_the_browser_check_sees_what_a_person_would_miss(tmp_path):
+    """The checks above can fail: a page with a console error, a failed assertion, a late exception, a missing
+    image, a WAV that is not audio and an image from outside its folder is seen as such."""
+    needs_chromium()
+    folder, outside = tmp_path / "page", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    sf.write(folder / "half.wav", np.zeros(RATE // 2, np.float32), RATE)
+    (folder / "broken.wav").write_bytes(b"not audio")
+    page.write_spectrogram(str(folder / "half.wav"), str(outside / "elsewhere.png"))
+    (folder / "index.html").write_text(
+        '<!doctype html><title>faults</title><audio src="half.wav"></audio><audio src="broken.wav"></audio>'
+        '<img src="../outside/elsewhere.png"><img src="missing.png"><table><tr><td>1</td></tr><tr><td>2</td></tr>'
+        '</table><script>console.error("boom"); console.log("fine"); console.assert(false, "asserted");'
+        'setTimeout(() => { throw new Error("late"); }, 10);</script>')
+    seen = look(folder / "index.html")
+    assert [(a["duration"], a["error"]) for a in seen["audios"]] == [(0.5, None), (None, 4)]  # 4: not supported
+    assert [i["width"] > 0 for i in seen["images"]] == [True, False] and seen["tables"] == [2]
+    for error in ("boom", "asserted", "late", "missing.png"):
+        assert sum(error in e for e in seen["errors"]) == 1, (error, seen["errors"])
+    assert not any("fine" in e for e in seen["errors"])
+    own_files_only(seen, folder.parent)
+    with pytest.raises(AssertionError, match="elsewhere.png"):
+        own_files_only(seen, folder)
 
 
 def test_a_fresh_run_writes_its_page_with_every_interval_and_sample(runs):
