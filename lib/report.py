@@ -33,13 +33,12 @@ from lib.audio import warn
 from lib.cache import fingerprint_id
 from lib.plots import plot_curves
 from lib.run import read_metrics, read_settings
-from lib.seeds import METRICS, NOT_SEED_SETTINGS, over_seeds, seed_groups, verdict_text, verdicts
+from lib.seeds import DASH, METRICS, NOT_SEED_SETTINGS, over_seeds, seed_groups, verdict_text, verdicts
 from lib.settings import add_training_args
 
 
 IGNORED = {"name", "runs_dir", "resume", "dry_run", "threads", "preset", "keep_checkpoints", "accept_changed_data",
            "test_on_best"}
-DASH = "\u2014"
 
 
 def parse_windows(text, units):

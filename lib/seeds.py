@@ -4,7 +4,7 @@ separated from the best one when the gap between their means is more than twice 
 setting of one seed has no spread and is never called separated."""
 import json
 
-DASH = "\u2014"
+DASH = "\u2014"  # a missing value, here and in lib/report.py
 NOT_SEED_SETTINGS = {"seed", "data", "n_samples", "sample_secs"}  # sampling does not touch training
 METRICS = {"test_at_best": "test at best", "best_valid": "best valid"}
 

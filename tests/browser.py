@@ -95,5 +95,8 @@ def look(page, screenshot=None, width=1400, executable=None):
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit(__doc__)
+    if not os.path.isfile(sys.argv[1]):
+        print(f"error: no page at {sys.argv[1]}: give an HTML file", file=sys.stderr)
+        sys.exit(2)
     result = look(sys.argv[1], sys.argv[2])
     print(json.dumps({k: v for k, v in result.items() if k != "text"}, indent=1))
