@@ -28,7 +28,7 @@ from lib.quantize import dequantize, normalize, quantize
 from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
 from lib.run import read_settings
-from lib.settings import choose_device, upgraded
+from lib.settings import as_run_did, choose_device
 from lib.step import set_precision
 
 MAX_FILES = 100_000  # per call: every path is named before the first is written
@@ -57,7 +57,7 @@ def load_run(path, device):
     model_id = ckpt.get("model_id") if isinstance(ckpt, dict) else None
     if model_id not in MODELS:
         raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(MODELS)}")
-    settings = argparse.Namespace(**upgraded(ckpt["settings"]))
+    settings = argparse.Namespace(**as_run_did(ckpt["model_id"], ckpt["settings"]))
     model = model_file(model_id).build_model(settings)
     model.load_state_dict(ckpt["model"])
     return (model.to(device).eval(), settings, ckpt["sample_rate"], run_of(path), ckpt.get("state", {}).get("iteration"),

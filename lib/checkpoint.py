@@ -22,7 +22,7 @@ import torch
 from lib import UserError, WriteError, atomic_write, script_of
 from lib.audio import warn
 from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_settings, write_text
-from lib.settings import RESUMABLE, upgraded
+from lib.settings import RESUMABLE, as_run_did
 
 
 def build(session, state, h, row):
@@ -115,7 +115,7 @@ def not_of_run(run, ckpt, name):
     held = ckpt["state"].get("iteration") if isinstance(ckpt["state"], dict) else None
     if named and held != int(named.group(1)):
         return f"it holds iteration {held}, not {int(named.group(1))}"
-    theirs, ours = upgraded(ckpt["settings"]), upgraded(run.get("settings", {}))
+    theirs, ours = as_run_did(ckpt["model_id"], ckpt["settings"]), as_run_did(ckpt["model_id"], run.get("settings", {}))
     differ = sorted(k for k in theirs.keys() & ours.keys() if k not in RESUMABLE and theirs[k] != ours[k])
     return f"--{differ[0]} {theirs[differ[0]]!r}, the run has {ours[differ[0]]!r}" if differ else ""
 
@@ -181,7 +181,7 @@ class Resumed:
     @property
     def settings(self):
         """The run's flags under today's names (from the checkpoint: what the run last trained with)."""
-        return upgraded(self.ckpt["settings"] if self.ckpt else self.run["settings"])
+        return as_run_did(self.model_id, self.ckpt["settings"] if self.ckpt else self.run["settings"])
 
 
 def resume(run_dir, model_id, world_size):

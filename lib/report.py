@@ -19,7 +19,6 @@ is separated from the best one by the notebook's rule: the gap between their mea
 of their spreads. A setting of one seed has no spread and is never called separated. The data is shown by its
 folder's name and fingerprint, and differs only where the fingerprints do.
 """
-import argparse
 import glob
 import json
 import math
@@ -33,12 +32,8 @@ from lib.audio import warn
 from lib.cache import fingerprint_id
 from lib.plots import plot_curves
 from lib.run import read_metrics, read_settings
-from lib.seeds import DASH, METRICS, NOT_SEED_SETTINGS, over_seeds, seed_groups, verdict_text, verdicts
-from lib.settings import add_training_args
-
-
-IGNORED = {"name", "runs_dir", "resume", "dry_run", "threads", "preset", "keep_checkpoints", "accept_changed_data",
-           "test_on_best"}
+from lib.seeds import DASH, METRICS, over_seeds, seed_groups, trained, verdict_text, verdicts
+from lib.settings import A_SETTING, SHAPES_CURVES, as_run_did, role
 
 
 def parse_windows(text, units):
@@ -130,7 +125,7 @@ def summarize(run_dir, time_windows, iter_windows):
     if test_at_best is None:
         test_at_best = best.get("test_bits")  # measured there: --test_on_best, or the run's end
     return {"run": os.path.basename(os.path.normpath(run_dir)), "path": run_dir, "model": settings["model_id"],
-            "settings": settings["settings"], "parameters": settings["parameters"],
+            "settings": as_run_did(settings["model_id"], settings["settings"]), "parameters": settings["parameters"],
             "data_fingerprint": settings.get("data_fingerprint"),
             "iterations": rows[-1]["iteration"], "hours": rows[-1]["train_secs"] / 3600,
             "time_windows": {label: window_mean(rows, "train_secs", a, b) for label, a, b in time_windows},
@@ -139,23 +134,23 @@ def summarize(run_dir, time_windows, iter_windows):
             "best_hours": best["train_secs"] / 3600, "test_at_best": test_at_best, "rows": rows}
 
 
-def differing(summaries):
-    """The settings whose values differ between the runs (sorted), not counting IGNORED ones. A setting that some
-    runs lack counts only between different models (a flag of one model); within one model, or for a training
-    flag (every model has those), it is a flag that a later version added, and runs without it ran as its default."""
-    keys = sorted(set().union(*(s["settings"] for s in summaries)) - IGNORED - {"data"})
-    parser = argparse.ArgumentParser()
-    add_training_args(parser, {})
-    training = {a.dest for a in parser._actions}
+def differing(summaries, roles=A_SETTING):
+    """The flags whose values differ between the runs (sorted), of the roles asked for (lib/settings.py ROLES).
+    Each run's flags are as the run used them (lib.settings.as_run_did: a flag added since it was made has the
+    value it ran with), so a flag some runs lack is another model's own, and differs. The data differs where its
+    content does (data_keys)."""
+    keys = sorted(k for k in set().union(*(s["settings"] for s in summaries)) - {"data"} if role(k) in roles)
+    absent = object()
+    differ = [k for k in keys if len({json.dumps(s["settings"].get(k, absent), default=str) for s in summaries}) > 1]
+    return sorted(differ + (["data"] if len(set(data_keys(summaries))) > 1 else []))
 
-    def differs(k):
-        present = {json.dumps(s["settings"][k]) for s in summaries if k in s["settings"]}
-        has = {}  # model -> whether each of its runs has the flag
-        for s in summaries:
-            has.setdefault(s["model"], set()).add(k in s["settings"])
-        one_model_only = all(len(v) == 1 for v in has.values()) and len({v.pop() for v in has.values()}) > 1
-        return len(present) > 1 or (one_model_only and k not in training)  # values differ, or a model's own flag
-    return sorted([k for k in keys if differs(k)] + (["data"] if len(set(data_ids(summaries))) > 1 else []))
+
+def data_keys(summaries):
+    """What tells each run's data apart: its fingerprint (by content, wherever it lay), or, where a run was made
+    before runs recorded fingerprints, the folder's name for every run."""
+    if any(s.get("data_fingerprint") is None for s in summaries):
+        return [os.path.basename(os.path.normpath(s["settings"].get("data", "?"))) for s in summaries]
+    return [fingerprint_id(s["data_fingerprint"]) for s in summaries]
 
 
 def data_ids(summaries):
@@ -165,7 +160,7 @@ def data_ids(summaries):
     names = [os.path.basename(os.path.normpath(s["settings"].get("data", "?"))) for s in summaries]
     if any(s.get("data_fingerprint") is None for s in summaries):
         return names
-    ids = [fingerprint_id(s["data_fingerprint"]) for s in summaries]
+    ids = data_keys(summaries)
     shared = {n for n in names if len({i for i, m in zip(ids, names) if m == n}) > 1}
     return [f"{s['settings']['data'] if n in shared else n} ({i})" for s, n, i in zip(summaries, names, ids)]
 
@@ -229,14 +224,11 @@ def markdown_table(summaries):
                      ["| " + " | ".join(cells) + " |" for cells in rows])
 
 
-CADENCE = {"print_time", "print_iters", "n_samples", "sample_secs", "valid_clips", "stop_time", "stop_iters",
-           "test_on_best", "patience", "device"}  # left out of legend labels: they do not change the curves' shape
-
-
 def short_names(summaries):
-    """Legend labels: the model and the settings that differ, wrapped (or the run name when that is ambiguous)."""
+    """Legend labels: the model and the flags that differ and shape the curves (the model, the data, how it trains),
+    wrapped (or the run name when that is ambiguous)."""
     import textwrap
-    keys = [k for k in differing(summaries) if k not in CADENCE]
+    keys = differing(summaries, SHAPES_CURVES)
     cells = {k: setting_values(summaries, k) for k in keys}
     names = ["\n".join(textwrap.wrap(" ".join([s["model"]] + [f"{k}={cells[k][i]}" for k in keys
                                                                if cells[k][i] != DASH]), 34))
@@ -273,32 +265,37 @@ def read_metrics_quietly(run_dir):
 
 # ---- settings over seeds (--by_seed)
 
-NOT_A_SETTING = IGNORED | NOT_SEED_SETTINGS
+def setting_of(summary, data_key):
+    """What a run is apart from its seed: its model, the flags that make a setting, its data by content."""
+    flags = {k: v for k, v in summary["settings"].items() if role(k) in A_SETTING and k not in ("seed", "data")}
+    return summary["model"], json.dumps(flags, sort_keys=True, default=str), data_key
 
 
 def seed_report(summaries, metric, as_json):
-    """One row per setting (seed_groups): its seeds, each NLL column's mean (spread), and the verdict against the
-    best setting on `metric` -> Markdown, or JSON lines."""
-    groups = seed_groups(summaries, data_ids(summaries), NOT_A_SETTING)
+    """One row per setting (seed_groups): its seeds, what they trained, each NLL column's mean (spread), and the
+    verdict against the best setting on `metric` -> Markdown, or JSON lines."""
+    groups = seed_groups(summaries, [setting_of(s, d) for s, d in zip(summaries, data_keys(summaries))])
     firsts = [g[0] for g in groups]
-    keys = [k for k in differing(firsts) if k not in NOT_A_SETTING or k == "data"] if len(groups) > 1 else []
+    keys = [k for k in differing(firsts) if k != "seed"] if len(groups) > 1 else []
     cells = {k: setting_values(firsts, k) for k in keys}
     stats = [over_seeds(g) for g in groups]
     judged = verdicts(stats, METRICS[metric])
     if as_json:
         return "\n".join(json.dumps({
             "model": g[0]["model"], "runs": [s["run"] for s in g], "seeds": [s["settings"].get("seed") for s in g],
-            "settings": {k: cells[k][i] for k in keys}, "columns": stats[i], "metric": metric,
+            "settings": {k: cells[k][i] for k in keys}, "iterations": [s["iterations"] for s in g],
+            "hours": [s["hours"] for s in g], "trained": trained(g), "columns": stats[i], "metric": metric,
             "gap_to_best": judged[i][0], "separated": judged[i][1]}) for i, g in enumerate(groups))
     names = list(stats[0])
-    head = ["setting", "model"] + [f"--{k}" for k in keys] + ["seeds"] + [f"{n}: mean (spread)" for n in names] + \
+    head = ["setting", "model"] + [f"--{k}" for k in keys] + ["seeds", "trained"] + \
+        [f"{n}: mean (spread)" for n in names] + \
         [f"{METRICS[metric]} against the best"]
 
     def cell(st):
         return DASH if st["mean"] is None else f"{st['mean']:.3f}" + \
             (f" ({st['spread']:.3f})" if st["spread"] is not None else "")
     rows = [[f"`{g[0]['run']}`" + (f" + {len(g) - 1}" if len(g) > 1 else ""), g[0]["model"]] +
-            [cells[k][i] for k in keys] + [", ".join(str(s["settings"].get("seed")) for s in g)] +
+            [cells[k][i] for k in keys] + [", ".join(str(s["settings"].get("seed")) for s in g), trained(g)] +
             [cell(stats[i][n]) for n in names] + [verdict_text(*judged[i], len(g) == 1)] for i, g in enumerate(groups)]
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
                       ["| " + " | ".join(r) + " |" for r in rows])

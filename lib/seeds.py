@@ -2,21 +2,30 @@
 column's mean and spread (largest minus smallest) over its seeds; and the lab notebook's rule: a setting is
 separated from the best one when the gap between their means is more than twice the larger of their spreads. A
 setting of one seed has no spread and is never called separated."""
-import json
-
 DASH = "\u2014"  # a missing value, here and in lib/report.py
-NOT_SEED_SETTINGS = {"seed", "data", "n_samples", "sample_secs"}  # sampling does not touch training
 METRICS = {"test_at_best": "test at best", "best_valid": "best valid"}
 
 
-def seed_groups(summaries, data_ids, not_settings):
-    """Runs that differ only by --seed (and by where the same data lay: data_ids, one per run), grouped, in the
-    order they came; not_settings: the flags that make no difference between runs (--seed among them)."""
+def seed_groups(summaries, setting_keys):
+    """Runs of one setting (setting_keys: one per run, what the run is apart from its seed), grouped, in the order
+    they came."""
     groups = {}
-    for s, data in zip(summaries, data_ids):
-        flags = {k: v for k, v in s["settings"].items() if k not in not_settings}
-        groups.setdefault((s["model"], json.dumps(flags, sort_keys=True), data), []).append(s)
+    for s, key in zip(summaries, setting_keys):
+        groups.setdefault(key, []).append(s)
     return list(groups.values())
+
+
+def trained(group):
+    """What a group's seeds trained: iterations and hours, a range where they differ, and why in words: seeds of an
+    equal-time budget on machines of different speed make different numbers of steps (more than 5% apart)."""
+    iters = [s["iterations"] for s in group]
+    hours = [s["hours"] for s in group]
+    text = f"{min(iters):,}" + (f"-{max(iters):,}" if max(iters) != min(iters) else "") + " it, " + \
+        f"{min(hours):.3f}" + (f"-{max(hours):.3f}" if f"{max(hours):.3f}" != f"{min(hours):.3f}" else "") + " h"
+    if max(iters) > 1.05 * min(iters):
+        text += " (steps differ by " + f"{max(iters) / min(iters) - 1:.0%}" + \
+            (": machines of different speed" if max(hours) <= 1.01 * min(hours) else "") + ")"
+    return text
 
 
 def nll_columns(summary):

@@ -11,12 +11,58 @@ from lib import DEFAULT_DATA, ArgumentParser, UserError, dist
 from lib.quantize import NORMS, QTYPES, check_q_levels
 
 PRECISIONS = ("fp32", "tf32", "bf16")
-# settings a session may change when it resumes a run; every other one belongs to the run
-RESUMABLE = {"resume", "run_dir", "stop_time", "stop_iters", "print_time", "print_iters", "device", "threads", "cuda_graph_step",
-             "valid_clips", "n_samples", "sample_secs", "patience", "dry_run", "data", "keep_checkpoints",
-             "accept_changed_data", "tensorboard"}  # --data: when the data there is the run's own (its fingerprint)
+
+# Every flag's role: the one table that resume, the report, --by_seed, the curve legends and the node check read.
+# A flag no model or training code knows without a role here fails tests/test_settings_roles.py.
+MODEL = "model"            # what the model is
+DATA = "data"              # what it learns from, and how the audio is quantized
+TRAINING = "training"      # how it trains
+BUDGET = "budget"          # how long it trains
+EVALUATION = "evaluation"  # what its valid NLL is measured on: part of the run, since best.pt is chosen by it
+OUTPUT = "output"          # what it writes, and how often: no number of its training changes
+PLACE = "place"            # where it is written
+SESSION = "session"        # this command only: how it runs here (device, threads), or what it does now
+ROLES = {
+    **dict.fromkeys(("frame_size", "n_frames", "seq_len", "dim", "n_rnn", "emb_size", "ipcost", "mlp_first_relu",
+                     "frame_init", "big_frame_size", "input"), MODEL),
+    **dict.fromkeys(("data", "clip_secs", "q_levels", "qtype", "zero_dc", "norm"), DATA),
+    **dict.fromkeys(("batch_size", "lr", "grad_clip", "seed", "precision"), TRAINING),
+    **dict.fromkeys(("stop_time", "stop_iters", "patience"), BUDGET),
+    "valid_clips": EVALUATION,
+    **dict.fromkeys(("print_time", "print_iters", "n_samples", "sample_secs", "keep_checkpoints", "tensorboard"),
+                    OUTPUT),
+    **dict.fromkeys(("name", "runs_dir", "run_dir"), PLACE),
+    **dict.fromkeys(("resume", "device", "threads", "cuda_graph_step", "preset", "dry_run", "accept_changed_data"),
+                    SESSION),
+}
+# what a run made before a flag existed did: the behaviour of the code that made it (here each is today's default)
+BEFORE_IT_EXISTED = {"precision": "tf32", "patience": 0, "threads": 0, "keep_checkpoints": 0,
+                     "accept_changed_data": False, "cuda_graph_step": False, "mlp_first_relu": "on",
+                     "frame_init": "lecun", "tensorboard": False, "run_dir": None}
+FLAGS_OF = {"mlp_first_relu": {"twotier", "threetier"}, "frame_init": {"twotier", "threetier"}}  # else: every model
 RENAMED = {"cuda_graph": "cuda_graph_step"}  # flags renamed since older runs were made: old name -> new
 DROPPED = {"test_on_best"}  # flags older runs may have saved that no longer exist
+
+# what a session may change when it resumes a run (--data: when the data there is the run's own, its fingerprint)
+RESUMABLE = {k for k, role in ROLES.items() if role in (BUDGET, OUTPUT, PLACE, SESSION)} | {"data"}
+A_SETTING = (MODEL, DATA, TRAINING, BUDGET, EVALUATION)  # what tells two runs' settings apart in the report
+SHAPES_CURVES = (MODEL, DATA, TRAINING)  # what a curve's legend names
+SAME_ON_EVERY_NODE = (MODEL, DATA, TRAINING, BUDGET, EVALUATION, OUTPUT)  # ranks that differ here part ways
+
+
+def role(flag):
+    """A flag's role; a flag this code does not know (saved by a later version) counts as a setting."""
+    return ROLES.get(flag, MODEL)
+
+
+def as_run_did(model_id, settings):
+    """A run's saved flags as today's code reads them: renamed flags under their new names, dropped ones gone, and
+    each flag the run lacks because it was made before the flag existed, with the value that run used."""
+    settings = {RENAMED.get(k, k): v for k, v in settings.items() if k not in DROPPED}
+    for flag, value in BEFORE_IT_EXISTED.items():
+        if flag not in settings and model_id in FLAGS_OF.get(flag, {model_id}):
+            settings[flag] = value
+    return settings
 
 
 BOUNDS = {"seed": 2 ** 32 - 1, "threads": 1024, "sample_secs": 3600.0, "n_samples": 1000}
@@ -131,12 +177,6 @@ def parse_settings(parser, presets, argv, resumed):
     args.data = os.path.abspath(args.data)
     args.accept_changed_data = first.accept_changed_data  # this session's word only: never carried to the next
     return args
-
-
-def upgraded(settings):
-    """A run's saved flags under today's names: renamed flags take their new name, dropped ones go."""
-    settings = {RENAMED.get(k, k): v for k, v in settings.items()}
-    return {k: v for k, v in settings.items() if k not in DROPPED}
 
 
 def check_settings(args, device):
