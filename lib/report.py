@@ -241,18 +241,27 @@ DEFAULT_WINDOWS = ("0-1h,11-12h", "0-10K,90K-100K")  # the original notebook's: 
 
 def fitting_windows(runs):
     """Windows for runs when none are asked for: the defaults where the shortest run reaches them, else the first
-    and the last tenth of the shortest run (so that a short run's own row is not all dashes)."""
-    ends = [rows[-1] for rows in (read_metrics_quietly(r) for r in runs) if rows]
+    and the last tenth of the shortest run (so that a short run's own row is not all dashes). Where that run is
+    less than half as long as the longest, one line says which run cut the windows and how to choose them."""
+    ends = [(rows[-1], r) for rows, r in ((read_metrics_quietly(r), r) for r in runs) if rows]
     if not ends:
         return DEFAULT_WINDOWS
-    end = math.floor(min(r["train_secs"] for r in ends) * 1000) / 1000  # rounded down: the run reaches it
-    iters = min(r["iteration"] for r in ends)
+    end = math.floor(min(e["train_secs"] for e, _ in ends) * 1000) / 1000  # rounded down: the run reaches it
+    iters = min(e["iteration"] for e, _ in ends)
     def secs(x):  # to the millisecond, never rounded up past the run's end
         return f"{math.floor(x * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
     time_windows = DEFAULT_WINDOWS[0] if end >= 12 * 3600 or end < 0.01 else \
         f"0-{secs(end / 10)}s,{secs(end * 0.9)}-{secs(end)}s"
     iter_windows = DEFAULT_WINDOWS[1] if iters >= 100_000 or iters < 10 else \
         f"0-{iters // 10},{iters - iters // 10}-{iters}"
+    for key, cut, fitted in (("train_secs", end, time_windows), ("iteration", iters, iter_windows)):
+        shortest, run = min(ends, key=lambda e: e[0][key])
+        longest = max(e[key] for e, _ in ends)
+        if fitted not in DEFAULT_WINDOWS and longest > 2 * shortest[key]:
+            flag, unit = ("--time_windows", "s of training") if key == "train_secs" else ("--iter_windows", "iterations")
+            warn(f"the {flag[2:].replace('_', ' ')} ({fitted}) are cut by the shortest run, "
+                 f"{os.path.basename(os.path.normpath(run))} ({shortest[key]:,.0f} {unit}; the longest has "
+                 f"{longest:,.0f}): set {flag} to compare the others further")
     return time_windows, iter_windows
 
 

@@ -3,6 +3,7 @@ the run folder new or restored (with what a kill left repaired), and the opening
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,6 +14,7 @@ from lib import UserError, cache, checkpoint, dist, page, run
 from lib.audio import warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import write_samples
+from lib.settings import as_run_did
 from lib.step import make_optimizer, set_precision
 
 
@@ -38,6 +40,7 @@ class Session:
     stop: Callable = None  # whether a signal asked the run to stop (checked inside evaluation and sampling)
     board: object = None  # --tensorboard: lib.board.Board (rank 0 only)
     warned: bool = False
+    command: str = ""  # this session's command line, as a person would type it
 
 
 def open_session(model_id, args, model, device, tag, resumed):
@@ -120,6 +123,7 @@ def begin(session, n_params, resumed):
                 (f" ({os.path.basename(resumed.path)})" if resumed and resumed.path else "") +
                 (f"; restarted by torchrun (restart {restarts}, --max_restarts)" if restarts else ""))
     if resumed and session.main:
+        record_segment(session, resumed, state["iteration"])
         repair(session, resumed, state["iteration"])
     if session.args.tensorboard and session.main:
         open_board(session, resumed, state["iteration"])
@@ -139,6 +143,20 @@ def write_settings(session, n_params):
         "data_fingerprint": cache.fingerprint(splits), "device": str(session.device), "command": " ".join(sys.argv),
         "git": run.git_info(), "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                             "numpy": np.__version__}})
+
+
+def record_segment(session, resumed, iteration):
+    """A resumed session in the run's record (settings.json): from which iteration, its command line and the flags
+    it changed; the run's flags become this session's, so the record says what the run trained with last (its
+    budget, its cadence), and each change since is listed under "segments"."""
+    saved = resumed.run
+    before = as_run_did(session.model_id, saved["settings"])
+    now = {k: v for k, v in vars(session.args).items() if k not in ("resume", "accept_changed_data", "dry_run")}
+    changed = {k: [before.get(k), v] for k, v in sorted(now.items()) if before.get(k) != v}
+    saved.setdefault("segments", []).append({"from_iteration": iteration, "command": session.command,
+                                              "changed": changed, "unixtime": int(time.time())})
+    saved["settings"] = {**before, **now}
+    run.write_settings(session.run_dir, saved)
 
 
 def repair(session, resumed, iteration):

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from lib import DEFAULT_DATA, ArgumentParser, UserError, dist
+from lib import DEFAULT_DATA, ArgumentParser, UserError, dist, script_of
 from lib.quantize import NORMS, QTYPES, check_q_levels
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -53,6 +53,19 @@ SAME_ON_EVERY_NODE = (MODEL, DATA, TRAINING, BUDGET, EVALUATION, OUTPUT)  # rank
 def role(flag):
     """A flag's role; a flag this code does not know (saved by a later version) counts as a setting."""
     return ROLES.get(flag, MODEL)
+
+
+def check_same_run(args, resumed):
+    """--run_dir naming an existing run: this command's flags, derived ones filled (build_model), must be the run's,
+    but for those a session may change (RESUMABLE)."""
+    saved = resumed.settings
+    differ = [k for k in vars(args) if k not in RESUMABLE and k in saved and getattr(args, k) != saved[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(f"--{k} {getattr(args, k)} differs from the run in {resumed.run_dir} ({saved[k]!r}): this "
+                        f"command describes another run. To continue that run: python "
+                        f"{script_of(resumed.model_id)} --resume {resumed.run_dir}; to train these flags, give a new "
+                        f"--run_dir")
 
 
 def as_run_did(model_id, settings):
@@ -163,11 +176,6 @@ def parse_settings(parser, presets, argv, resumed):
             parser.set_defaults(**presets[first.preset])
         args = parser.parse_args(argv)
         args.data = os.path.abspath(args.data)  # recorded so: the report and --resume find it from any folder
-        differ = [k for k in vars(args) if k not in RESUMABLE and saved and getattr(args, k) != saved.get(k) and
-                  getattr(args, k) is not None]  # None: derived from the other flags, which are compared
-        if differ:
-            raise UserError(f"--{differ[0]} {getattr(args, differ[0])} differs from the run in {resumed.run_dir} "
-                            f"({saved.get(differ[0])!r}): this command made another run; give it another --run_dir")
         return args
     args = parser.parse_args(argv, namespace=argparse.Namespace(**saved))  # explicit flags override saved ones
     changed = [k for k in vars(args) if k not in RESUMABLE and getattr(args, k) != saved.get(k)]

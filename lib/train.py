@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -28,7 +29,7 @@ from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.report import report
 from lib.sample import write_samples
 from lib.session import begin, open_session
-from lib.settings import build_parser, check_settings, choose_device, parse_settings, run_to_continue
+from lib.settings import build_parser, check_same_run, check_settings, choose_device, parse_settings, run_to_continue
 from lib.step import evaluate, to_device, train_step
 from lib.stopping import Interrupts, NonFinite, non_finite
 
@@ -70,6 +71,8 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = build_model(args)  # checks the model flags and fills derived ones
+    if resumed and args.resume is None:  # --run_dir naming a run: its flags, derived ones included, must match
+        check_same_run(args, resumed)
     n_params = sum(p.numel() for p in model.parameters())
     if args.dry_run:
         print(json.dumps(vars(args), indent=1))
@@ -79,6 +82,7 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     if resumed and dist.rank() == 0:
         run.hold_run(resumed.run_dir)  # before anything is repaired: one process trains a run at a time
     session = open_session(model_id, args, model, device, args.name or default_tag(args), resumed)
+    session.command = shlex.join(["python", script_of(model_id)] + list(sys.argv[1:] if argv is None else argv))
     try:
         state, h = begin(session, n_params, resumed)
         with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:

@@ -8,13 +8,16 @@ import os
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_main
 from lib import MODELS
 from lib.report import differing, report, short_names, summarize
 from lib.settings import (BEFORE_IT_EXISTED, DROPPED, RENAMED, RESUMABLE, ROLES, as_run_did, build_parser,
                           parse_settings)
 from lib.checkpoint import Resumed
+from lib.run import read_metrics
 from test_seeds import DATA, make_run
+from test_train import train
+from two_tier import main as two_tier_main
 
 E = os.path.join(REPO, "experiments")
 
@@ -104,3 +107,53 @@ def test_the_same_data_in_another_folder_is_the_same_setting(tmp_path):
 def test_what_a_session_may_change_is_what_the_roles_say():
     assert {"stop_iters", "print_iters", "tensorboard", "run_dir", "runs_dir", "name", "data"} <= RESUMABLE
     assert not {"valid_clips", "lr", "seed", "dim", "q_levels", "precision"} & RESUMABLE
+
+
+def test_a_resume_that_changes_the_budget_is_recorded(tmp_path, speech_wav):
+    """The reproduction: a run made with --stop_iters 6, continued with --stop_iters 8: the record says 8 and when
+    it changed, and the report shows what the run trained."""
+    run_dir = train(tmp_path, speech_wav, "--stop_iters", "6", "--print_iters", "2", "--n_samples", "0")
+    assert run_main(two_tier_main, ["--resume", run_dir, "--stop_iters", "8"]) == 0
+    record = json.load(open(os.path.join(run_dir, "settings.json")))
+    assert record["settings"]["stop_iters"] == 8
+    (segment,) = record["segments"]
+    assert segment["from_iteration"] == 6 and segment["changed"] == {"stop_iters": [6, 8]}
+    assert "--stop_iters 8" in segment["command"]
+    assert json.loads(report([run_dir], as_json=True))["iterations"] == 8
+
+
+def test_the_evaluation_set_belongs_to_the_run(tmp_path, speech_wav, capsys):
+    """--valid_clips chooses what the valid NLL and best.pt are measured on: a resume may not change it."""
+    run_dir = train(tmp_path, speech_wav, "--stop_iters", "2", "--print_iters", "2", "--n_samples", "0",
+                    "--valid_clips", "1")
+    capsys.readouterr()
+    assert run_main(two_tier_main, ["--resume", run_dir, "--stop_iters", "4", "--valid_clips", "0"]) == 2
+    assert "--valid_clips cannot change" in capsys.readouterr().err
+
+
+def test_run_dir_again_continues_a_run_made_with_derived_flags(tmp_path, speech_wav, capsys):
+    """--seq_len sets --n_frames: the same command again (a requeued job) continues its run, and a command with
+    other flags is told how to continue the run or where to train its own."""
+    argv = ["--preset", "tiny", "--data", speech_wav, "--seq_len", "64", "--run_dir", str(tmp_path / "X"),
+            "--print_iters", "2", "--n_samples", "0"]
+    assert run_main(two_tier_main, argv + ["--stop_iters", "2"]) == 0
+    assert run_main(two_tier_main, argv + ["--stop_iters", "4"]) == 0
+    assert read_metrics(str(tmp_path / "X"))[-1]["iteration"] == 4
+    capsys.readouterr()
+    assert run_main(two_tier_main, argv + ["--stop_iters", "6", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01 differs" in err and f"--resume {tmp_path / 'X'}" in err and "new --run_dir" in err
+
+
+def test_one_line_says_which_run_cut_the_windows(tmp_path, capsys):
+    short = make_run(tmp_path, "short", 1.80, 1)
+    rows = [{"iteration": 100 * k, "train_secs": 60.0 * k, "train_bits": 3.0, "valid_bits": 3.0} for k in range(1, 11)]
+    long = os.path.join(make_run(tmp_path, "long", 1.80, 2))
+    with open(os.path.join(long, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    capsys.readouterr()
+    report([short, long])
+    err = capsys.readouterr().err
+    assert "cut by the shortest run, short" in err and "--time_windows" in err and "--iter_windows" in err
+    report([long])  # one run: nothing to say
+    assert capsys.readouterr().err == ""
