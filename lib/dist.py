@@ -62,17 +62,18 @@ def restart_store():
 
 
 def same_everywhere(values):
-    """A UserError on every rank unless each rank has the same `values` ({what: value}, e.g. the data's fingerprint):
-    nodes that would train on other data or code stop at once, in one line each (one collective)."""
+    """A UserError on every rank unless each rank has the same `values` ({what: value}: the data's fingerprint, a
+    digest of the code, the flags): nodes that would train on other data, code or flags stop at once, in one line
+    each (one collective)."""
     if world_size() == 1:
         return
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, values)
     for r, theirs in enumerate(every):
-        differ = [k for k in values if theirs[k] != every[0][k]]
+        differ = [k for k in values if theirs.get(k) != every[0].get(k)]
         if differ:
-            raise UserError(f"rank {r} has other {differ[0]} ({theirs[differ[0]]}) than rank 0 ({every[0][differ[0]]}): "
-                            f"every node must train on the same data and code")
+            raise UserError(f"rank {r} has other {differ[0]} ({theirs.get(differ[0])}) than rank 0 ({every[0].get(differ[0])}): "
+                            f"every node must train on the same data, code and flags")
 
 
 def initial_states(model):

@@ -9,6 +9,8 @@ the report. Nothing here calls a model.
   curves.png      train and valid NLL by training time and by iteration
 """
 import fcntl
+import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -62,6 +64,17 @@ def git_info():
         return {"revision": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
     except (OSError, subprocess.SubprocessError):
         return {"revision": None, "dirty": None}
+
+
+def code_digest():
+    """A digest of the code that runs (the scripts and lib/, by content): nodes on another revision, with uncommitted
+    edits, or in a copy that is no git checkout differ here whenever their code does."""
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "lib", "*.py"))):
+        digest.update(os.path.relpath(path, REPO).encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def read_settings(run_dir):

@@ -14,7 +14,7 @@ from lib import UserError, cache, checkpoint, dist, page, run
 from lib.audio import warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import write_samples
-from lib.settings import as_run_did
+from lib.settings import SAME_ON_EVERY_NODE, as_run_did, role
 from lib.step import make_optimizer, set_precision
 
 
@@ -52,7 +52,9 @@ def open_session(model_id, args, model, device, tag, resumed):
                         f"(the data there is checked against the run's)")
     splits, sample_rate = load_splits(args.data, args.clip_secs)  # memory-mapped, quantized per batch
     dist.same_everywhere({"data": f"fingerprint {cache.fingerprint_id(cache.fingerprint(splits))}",
-                          "code revision": run.git_info()["revision"]})  # every node's
+                          "code": f"digest {run.code_digest()}",  # every node's, by content
+                          **{f"--{k}": repr(v) for k, v in sorted(vars(args).items())
+                             if role(k) in SAME_ON_EVERY_NODE and k != "data"}})
     if resuming:
         check_data(resumed, splits, args.data, args.accept_changed_data)
     for split in splits.values():

@@ -157,15 +157,27 @@ def test_a_node_with_other_data_is_one_line_on_every_node(tmp_path, speech_wav, 
 
 
 def test_a_node_with_other_code_is_one_line_on_every_node(tmp_path, speech_wav):
-    """The second node runs a copy of the code that is no git checkout: another revision (none)."""
+    """The second node runs a copy of the code that is no git checkout, with one uncommitted edit: told by content."""
     copy = tmp_path / "copy"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", "experiments", "notes",
                                                               "__pycache__"))
+    with open(copy / "lib" / "step.py", "a") as f:
+        f.write("# an edit on one node only\n")
     port, started = free_port(), time.time()
     argv = TINY + ["--stop_iters", "4", "--data", speech_wav, "--run_dir", str(tmp_path / "run")]
     nodes = [node(port, argv), node(port, argv, repo=str(copy))]
     for line in one_line_each(nodes, started):
-        assert line.startswith("error: rank 1 has other code revision ("), line
+        assert line.startswith("error: rank 1 has other code (digest "), line
+
+
+def test_a_node_started_with_other_flags_is_one_line_on_every_node(tmp_path, speech_wav):
+    """The same code and data, but one node was given another --lr: it would train a quietly different replica."""
+    port, started = free_port(), time.time()
+    argv = TINY + ["--stop_iters", "4", "--data", speech_wav, "--run_dir", str(tmp_path / "run")]
+    nodes = [node(port, argv), node(port, argv + ["--lr", "0.002"])]
+    for line in one_line_each(nodes, started):
+        assert line.startswith("error: rank 1 has other --lr (0.002) than rank 0 (0.001)"), line
+    assert not os.path.exists(tmp_path / "run")
 
 
 def test_a_node_that_never_comes_is_one_line_in_bounded_time(tmp_path):
