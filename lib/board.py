@@ -4,7 +4,8 @@ At every interval's end: the metrics row's numbers as scalars by iteration (NLLs
 samples/s, learning rate, epochs, and the training hours, so that runs of other speeds compare at equal time),
 the interval's samples as audio at the run's rate, decoded as the run's quantization (the WAVs the run wrote), and
 their spectrograms as images; the flags once, as text. A resumed run purges what came after its checkpoint
-(SummaryWriter's purge_step) and logs the checkpoint's interval again, so no interval appears twice. Only the
+(SummaryWriter's purge_step) and logs every interval up to it again from the run's record (metrics.jsonl and the
+samples), so no interval appears twice and none trained without the flag is missing. Only the
 process that writes the run folder (rank 0) writes here. Imported only with the flag: a run without it never
 imports tensorboard."""
 import os
@@ -20,18 +21,29 @@ SCALARS = {"train_bits": "nll/train_bits", "valid_bits": "nll/valid_bits", "test
            "samples_per_sec": "train/samples_per_sec", "epochs": "train/epochs"}
 
 
-class Board:
-    """The run's event files, opened at `iteration` (a resumed run's checkpoint; 0 for a new run). purge: the first
-    step whose events are redone and so dropped (None for a new run)."""
+NO_TENSORBOARD = ("--tensorboard needs the tensorboard package: pip install tensorboard, or train without it "
+                  "(--no_tensorboard turns off what a resumed run was made with)")
 
-    def __init__(self, run_dir, flags, purge):
+
+def check_installed():
+    """A UserError now, before a run folder is made or a run resumed, when tensorboard cannot be imported."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise UserError(NO_TENSORBOARD) from None
+
+
+class Board:
+    """The run's event files. purge: the first step whose events are redone and so dropped (None for a new run;
+    1 for a resumed one, which lib.session writes anew from the run's record); with_flags: write the flags' text."""
+
+    def __init__(self, run_dir, flags, purge, with_flags=True):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the flag "
-                            "out)") from None
+            raise UserError(NO_TENSORBOARD) from None
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
-        if purge is None:
+        if with_flags:  # at step 0, which no purge drops: once per run
             self.writer.add_text("flags", "\n".join(f"    --{k} {v}" for k, v in sorted(flags.items())), 0)
             self.writer.flush()
 

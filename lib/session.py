@@ -176,15 +176,16 @@ def repair(session, resumed, iteration):
 
 
 def open_board(session, resumed, iteration):
-    """--tensorboard's event files; on resume, what came after the checkpoint is purged and the checkpoint's own
-    interval (its row, its samples) logged again: a kill may have come before it was."""
+    """--tensorboard's event files. On resume they are written anew from the run's record: everything before is
+    purged and every interval up to the checkpoint logged from metrics.jsonl and its samples, so that intervals
+    trained without the flag, or after the checkpoint, are neither missing nor shown twice."""
     from lib.board import Board  # only with the flag: a run without it never imports tensorboard
-    row = resumed.ckpt.get("row") if resumed and resumed.ckpt else None
-    session.board = Board(session.run_dir, vars(session.args), None if resumed is None else
-                          iteration if row is not None else iteration + 1)
-    if row is not None:
-        session.board.interval(row, session.args.lr, run.sample_paths(session.run_dir, iteration,
-                                                                      session.args.n_samples), session.sample_rate)
+    first = not os.path.isdir(os.path.join(session.run_dir, "tensorboard"))  # the flags text is written once
+    session.board = Board(session.run_dir, vars(session.args), None if resumed is None else 1, first)
+    for row in run.read_metrics(session.run_dir, quiet=True) if resumed else ():
+        if row["iteration"] <= iteration:
+            session.board.interval(row, session.args.lr, run.sample_paths(session.run_dir, row["iteration"],
+                                                                          session.args.n_samples), session.sample_rate)
 
 
 def log_opening(session, n_params):

@@ -137,6 +137,9 @@ def add_training_args(p, presets):
     g.add_argument("--tensorboard", action="store_true",
                    help="also write each interval's NLLs, samples and spectrograms to RUN/tensorboard/ for TensorBoard "
                         "(needs the tensorboard package)")
+    g.add_argument("--no_tensorboard", dest="tensorboard", action="store_false", default=argparse.SUPPRESS,
+                   help="turn --tensorboard off, e.g. to resume such a run where tensorboard is not installed "
+                        "(default: off)")
     g.add_argument("--dry_run", action="store_true", help="print the settings and parameter count, then exit")
     g.add_argument("--accept_changed_data", action="store_true",
                    help="with --resume: train on, although the data differs from what the run was trained on")

@@ -78,6 +78,9 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         print(json.dumps(vars(args), indent=1))
         print(f"{model_id}: {n_params:,} parameters")
         return 0
+    if args.tensorboard:  # before the run folder is made
+        from lib.board import check_installed
+        check_installed()
     device = dist.join(device)
     if resumed and dist.rank() == 0:
         run.hold_run(resumed.run_dir)  # before anything is repaired: one process trains a run at a time

@@ -78,3 +78,22 @@ def test_a_run_without_the_flag_never_imports_tensorboard(tmp_path, speech_wav):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "False False"
     assert not any(os.path.exists(os.path.join(tmp_path, r, "tensorboard")) for r in os.listdir(tmp_path))
+
+
+def test_a_run_continued_with_the_flag_shows_every_interval_of_its_record(tmp_path, speech_wav):
+    """The reproduction: made without --tensorboard, continued with it (--run_dir R --tensorboard): the intervals
+    trained without the flag and the flags text are in the event files too, each once; --no_tensorboard turns it
+    off again."""
+    run_dir = tmp_path / "run"
+    command = ["--data", speech_wav, "--run_dir", str(run_dir), "--stop_iters"]
+    assert train(command + ["10"]).returncode == 0
+    again = train(command + ["15", "--tensorboard"])
+    assert again.returncode == 0, again.stderr
+    acc = events(run_dir)
+    assert [e.step for e in acc.Scalars("nll/valid_bits")] == [5, 10, 15]
+    assert [e.value for e in acc.Scalars("nll/valid_bits")] == pytest.approx([r["valid_bits"] for r in rows(run_dir)])
+    assert [a.step for a in acc.Audio("samples/1")] == [5, 10, 15]
+    assert len(acc.Tensors("flags/text_summary")) == 1
+    off = train(["--resume", str(run_dir), "--stop_iters", "20", "--no_tensorboard"])
+    assert off.returncode == 0, off.stderr
+    assert [e.step for e in events(run_dir).Scalars("nll/valid_bits")] == [5, 10, 15]
