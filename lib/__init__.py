@@ -136,12 +136,15 @@ def quiet_interrupts(message):
     """Ctrl-C (or SIGTERM) while a script starts up or works without its own handlers: `message` as one line,
     exit status 130 (143 for SIGTERM), no traceback. Scripts call it before their slow imports."""
     def stop(signum, frame):
-        print(f"\n{message}", file=sys.stderr, flush=True)
+        try:
+            print(f"\n{message}", file=sys.stderr, flush=True)
+        except OSError:  # the terminal is gone (SIGHUP)
+            pass
         if importing(frame):  # an exception unwinding through a C extension's initialization can abort Python
             os._exit(128 + signum)  # nothing has been written yet
         raise SystemExit(128 + signum)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
 
 
 def importing(frame):

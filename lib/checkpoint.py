@@ -35,11 +35,11 @@ def build(session, state, h, row):
 
 
 def paths(run_dir):
-    """The run folder's interval checkpoints it0000300.pt ..., oldest first (names are zero-padded iteration
-    numbers). What they hold is not checked here: read checks it."""
+    """The run folder's interval checkpoints it0000300.pt ..., oldest first by the iteration in the name (padded
+    to 7 digits, so from iteration 10,000,000 on text order would be wrong). What they hold: read checks it."""
     folder = os.path.join(run_dir, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return [os.path.join(folder, n) for n in sorted(names) if re.fullmatch(r"it\d+\.pt", n)]
+    names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if re.fullmatch(r"it\d+\.pt", n)]
+    return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[2:-3]))]  # by number: it10000000.pt last
 
 
 def path_at(run_dir, iteration):
@@ -73,6 +73,36 @@ def save(run_dir, ckpt):
 def write_best(run_dir, checkpoint):
     """checkpoints/best.pt: a copy of the checkpoint with the best valid NLL so far, written atomically."""
     atomic_write(best_path(run_dir), lambda tmp: shutil.copyfile(checkpoint, tmp))
+
+
+def best_of_run(run_dir, iteration):
+    """The run's best checkpoint, of `iteration` (the metrics' best): best.pt where it is the run's own and holds
+    that iteration, else the run's own checkpoint of that iteration, copied to best.pt again (what was there is set
+    aside) -> (checkpoint or None, '' or one line saying what was wrong and what was done)."""
+    run, best = settings_or_none(run_dir), best_path(run_dir)
+    ckpt, problem = read(run, best) if os.path.exists(best) else (None, "missing")
+    if ckpt is not None and ckpt["state"].get("iteration") == iteration:
+        return ckpt, ""
+    problem = problem or f"of iteration {ckpt['state'].get('iteration')}"
+    source = path_at(run_dir, iteration)
+    ckpt, theirs = read(run, source) if os.path.exists(source) else (None, "missing")
+    if ckpt is None:
+        return None, (f"best.pt is {problem}, and the run's checkpoint of its best iteration {iteration}, "
+                      f"{os.path.basename(source)}, is {theirs}")
+    if os.path.exists(best):
+        set_aside(best, problem)
+    write_best(run_dir, source)
+    return ckpt, f"best.pt was {problem}: rebuilt from {os.path.basename(source)}, the run's best"
+
+
+def set_aside(path, why):
+    """A file the run did not write (or cannot read) where it would write: moved to set_aside/ beside it, with
+    why in the warning, never replaced or deleted."""
+    folder = os.path.join(os.path.dirname(path), "set_aside")
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}_{os.path.basename(path)}")
+    os.replace(path, target)
+    warn(f"{path} is {why}: set aside as {target}, not replaced")
 
 
 def keep_newest(run_dir, keep):

@@ -1,6 +1,7 @@
 """What a run tells a person while it trains: a bar on a terminal (plain lines in a file), the measured speed and
 when the first interval and the end will come, and a warning when the budget would pass over the data many times."""
 import os
+import sys
 import time
 
 from tqdm import tqdm
@@ -19,6 +20,29 @@ def training_left(args, state, secs_per_it):
     return max(0.0, left)
 
 
+class Terminal:
+    """A terminal's stream whose writes end quietly once the terminal is gone (a closed ssh session: EIO until
+    SIGHUP's handler points it at /dev/null), so that a progress bar never stops the run or its save."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 class Progress:
     """How far the run is toward the budget that stops it: iterations when --stop_iters is given, else training
     time. On a terminal a tqdm bar; otherwise (a file, nohup) a plain line every PROGRESS_SECS. Once, after the
@@ -30,10 +54,10 @@ class Progress:
         disable = None if shown else True  # None: shown on a terminal
         if self.by_iters:
             self.bar = tqdm(total=args.stop_iters, initial=state["iteration"], unit="it", disable=disable,
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, file=Terminal(sys.stderr))
         else:
             self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=disable,
-                            dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                            dynamic_ncols=True, file=Terminal(sys.stderr), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                                            "[{elapsed}<{remaining}{postfix}]")
         self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
         self.spoken, self.rechecked = None, False

@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,25 @@ def make_run_dir(path):
         raise UserError(f"--run_dir {path} holds {' and '.join(sorted(held))} but no settings.json: it is no run "
                         f"this command can continue; give another --run_dir")
     return path
+
+
+STARTED_BY = {"settings.json", "log.txt", ".lock", "tensorboard", "samples"}  # what a run writes before its first row
+
+
+def remove_unstarted(run_dir, folder_too):
+    """A new run that failed before its first metrics row or checkpoint: what it wrote is removed (and its folder,
+    when this command made it), so that no run that never trained is left to be reported or resumed. Anything
+    else in the folder stays."""
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return
+    for name in STARTED_BY & set(os.listdir(run_dir)):
+        path = os.path.join(run_dir, name)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    if folder_too:
+        try:
+            os.rmdir(run_dir)
+        except OSError:
+            pass  # something else is in it
 
 
 def git_info():
@@ -198,8 +218,11 @@ class Logger:
     def __call__(self, message):
         if self.path is None:
             return
-        tqdm.write(message)
-        sys.stdout.flush()  # a log redirected to a file (nohup, tee) is block-buffered: each line goes out whole
+        try:
+            tqdm.write(message)
+            sys.stdout.flush()  # a log redirected to a file (nohup, tee) is block-buffered: each line goes out whole
+        except OSError:  # the terminal is gone (a closed ssh session): the line still goes to log.txt
+            pass
         try:
             with open(self.path, "a") as f:
                 f.write(message + "\n")

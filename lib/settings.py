@@ -202,7 +202,7 @@ def check_settings(args, device):
         if not value > 0:
             raise UserError(f"--{name} must be positive (got {value})")
     for name in ("stop_iters", "print_iters", "valid_clips", "n_samples", "grad_clip", "sample_secs", "threads",
-                 "patience", "keep_checkpoints"):
+                 "patience", "keep_checkpoints", "seed"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0 (got {getattr(args, name)})")
     for name, most in BOUNDS.items():

@@ -1,4 +1,4 @@
-"""How a run stops early without losing more than a step: signals (Ctrl-C, SIGTERM) noted and acted on after the
+"""How a run stops early without losing more than a step: signals (Ctrl-C, SIGTERM, SIGHUP) noted and acted on after the
 current step, and non-finite values refused before anything is saved from them."""
 import math
 import os
@@ -11,7 +11,7 @@ from lib.progress import duration
 
 
 class Interrupts:
-    """SIGINT (Ctrl-C) and SIGTERM during the loop: the first sets .signum and says so in the log at once, and the
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP during the loop: the first sets .signum and says so in the log at once, and the
     loop saves after the current step and exits 128 + signum; a second one aborts (KeyboardInterrupt), even inside
     the save, whose temporary file is then removed (lib.atomic_write). Handlers are restored afterwards.
     Python runs a signal handler only between bytecodes of the main thread, which a torch op of many seconds holds;
@@ -19,7 +19,7 @@ class Interrupts:
     a thread that waits on the pipe answers at once, whatever the step is doing.
     Under torchrun a second signal is ignored: Ctrl-C reaches every process and torchrun, which then sends each
     a SIGTERM of its own; torchrun kills the processes itself if they take too long (30 s)."""
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal closed (ssh without nohup)
     STOP = b"\0"  # no signal's number: the watcher's own end
 
     def __init__(self, second_aborts=True, say=None):
@@ -56,6 +56,8 @@ class Interrupts:
             if self.signum is not None:
                 return
             self.signum = signum
+        if signum == signal.SIGHUP:
+            leave_terminal()
         if self.say is not None:  # at once: a step can take many seconds, and silence invites a second Ctrl-C
             about = f" (about {duration(self.step_secs)})" if self.step_secs else ""
             self.say(f"stopping after the current step{about}, then saving a checkpoint" +
@@ -86,6 +88,19 @@ class Interrupts:
             os.close(self.pipe[1])
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def leave_terminal():
+    """After SIGHUP the terminal is gone and a write to it fails (EIO): standard output and error that were a
+    terminal now go nowhere, so the run's lines still reach log.txt and the save is not stopped by a print."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if os.isatty(fd):
+                os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
 
 
 class NonFinite(Exception):

@@ -48,14 +48,25 @@ def train_main(model_id, doc, add_model_args, build_model, default_tag, presets,
     except KeyboardInterrupt:  # before the loop's own handlers (start-up), or a second Ctrl-C while saving
         print("\ninterrupted; nothing more was saved (no partial file is left)", file=sys.stderr)
         code = 130
-    except Exception:  # a bug: its traceback, then the same orderly end as any other
-        traceback.print_exc()
-        code = 1
+    except Exception as e:  # out of memory: one line; else a bug: its traceback, then the same orderly end
+        if not out_of_memory(e):
+            traceback.print_exc()
+            code = 1
+        else:
+            print(f"error: out of memory ({str(e).splitlines()[0][:160]}): these flags need more memory than this "
+                  f"machine has; lower --batch_size, or the model's size (--dim, --n_rnn)", file=sys.stderr)
+            code = 2
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
         run.release_runs()
     dist.cleanup()  # here, with no exception (and its frames) holding the training's objects
     sys.exit(code)
+
+
+def out_of_memory(e):
+    """Whether `e` is an allocation that failed: numpy's and Python's MemoryError, torch's CPU allocator, CUDA's."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or \
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def train(model_id, parser, build_model, default_tag, presets, argv):
@@ -86,6 +97,17 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         run.hold_run(resumed.run_dir)  # before anything is repaired: one process trains a run at a time
     session = open_session(model_id, args, model, device, args.name or default_tag(args), resumed)
     session.command = shlex.join(["python", script_of(model_id)] + list(sys.argv[1:] if argv is None else argv))
+    try:
+        return train_session(session, n_params, resumed)
+    except BaseException:  # a new run that could not start (out of memory, a signal, bad data): no folder is left
+        if resumed is None and session.main:
+            run.remove_unstarted(session.run_dir, folder_too=not args.run_dir)
+        raise
+
+
+def train_session(session, n_params, resumed):
+    """The session's run begun or restored, then the loop -> the exit status; a failed write, or a process lost
+    under torchrun, is one line naming the last checkpoint."""
     try:
         state, h = begin(session, n_params, resumed)
         with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:
@@ -280,13 +302,16 @@ def end_interval(session, state, interval, h, final):
                                      "valid NLL": row["valid_bits"]})
     if not bad and final:  # test NLL on the last weights and on best.pt's
         row["test_bits"] = nll(session, session.model, "test")
-        row["best_test_bits"] = row["test_bits"] if improved else nll(session, best_model(session), "test")
+        best = session.model if improved else best_model(session, state["best_iteration"])
+        row["best_test_bits"] = None if best is None else row["test_bits"] if improved else nll(session, best, "test")
     log_row(session, state, row, improved)
     if bad:
         raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
     if final:
         session.log(f"best valid NLL {min(state['best_valid'], row['valid_bits']):.4f} at iteration "
-                    f"{row['best_iteration']} (checkpoints/best.pt): test {row['best_test_bits']:.4f} bits/sample" +
+                    f"{row['best_iteration']} (checkpoints/best.pt): " + ("no test NLL on it (its weights are gone)"
+                                                                         if row["best_test_bits"] is None else
+                                                                         f"test {row['best_test_bits']:.4f} bits/sample") +
                     (f"; stopped early: no improvement in {since_best} intervals (--patience {args.patience})"
                      if patience_reached(args, since_best) else ""))
     state.update(best_valid=min(state["best_valid"], row["valid_bits"]), best_iteration=row["best_iteration"],
@@ -368,8 +393,15 @@ def continue_command(session):
             f"--resume {session.run_dir}")
 
 
-def best_model(session):
-    """A copy of the model with best.pt's weights (for the end-of-run test NLL)."""
+def best_model(session, iteration):
+    """A copy of the model with the run's best weights, of `iteration` (for the end-of-run test NLL): best.pt's, or
+    where best.pt is missing, damaged or not the run's, its own checkpoint of that iteration (best.pt rebuilt from
+    it); None, with one line, where neither is left."""
+    ckpt, said = checkpoint.best_of_run(session.run_dir, iteration)
+    if said:
+        session.log(f"note: {said}" + ("" if ckpt else "; the test NLL is measured on the last weights only"))
+    if ckpt is None:
+        return None
     best = copy.deepcopy(session.model)
-    best.load_state_dict(checkpoint.own(session.run_dir, checkpoint.best_path(session.run_dir))["model"])
+    best.load_state_dict(ckpt["model"])
     return best
