@@ -162,6 +162,9 @@ def output_paths(args, out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
+        if args.out is None:  # a run on a read-only mount, say: it samples as it is, into a folder of your own
+            raise UserError(f"cannot write {out_dir} ({e.strerror}): give --out, a folder to write the samples "
+                            f"to") from None
         raise WriteError(out_dir, e) from None
     return paths, plots
 

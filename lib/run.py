@@ -126,7 +126,12 @@ def hold_run(run_dir):
     """An exclusive lock on RUN/.lock while this process trains the run (released by release_runs, or by the
     kernel when the process ends, however): a second process on the same run is refused with one line naming
     the first."""
-    fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only mount, another user's folder
+        raise UserError(f"{run_dir} cannot be written here ({e.strerror}), so it cannot be trained on: copy it to a "
+                        f"writable place and resume the copy; reading, reporting and sampling it (generate.py --out) "
+                        f"work as it is") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -145,3 +145,31 @@ def test_tensorboard_missing_is_one_line_before_any_folder(tmp_path, speech_wav)
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert read_metrics(run_dir)[-1]["iteration"] == 4
+
+
+@pytest.fixture
+def read_only(tmp_path, finished):
+    """The finished run seen through a read-only bind mount (as on a shared, read-only file system)."""
+    copy, mount = tmp_path / "run", tmp_path / "ro"
+    shutil.copytree(finished[0], copy)
+    os.makedirs(mount)
+    if subprocess.run(["mount", "--bind", str(copy), str(mount)], capture_output=True).returncode or \
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(mount)], capture_output=True).returncode:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+        pytest.skip("no bind mounts here (needs root): a read-only run folder cannot be made")
+    yield str(mount)
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_run_on_a_read_only_mount_is_read_reported_and_sampled_and_resuming_it_is_one_line(read_only, tmp_path,
+                                                                                               capsys):
+    from generate import main as generate_main
+    from lib.report import report
+    assert run_main(two_tier_main, ["--resume", read_only]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written here (Read-only file system)" in err and "Traceback" not in err
+    assert json.loads(report([read_only], as_json=True))["iterations"] == 30
+    assert run_main(generate_main, [read_only, "--n", "1", "--secs", "0.05"]) == 2
+    assert "give --out" in capsys.readouterr().err
+    assert run_main(generate_main, [read_only, "--n", "1", "--secs", "0.05", "--out", str(tmp_path / "out")]) == 0
+    assert glob.glob(str(tmp_path / "out" / "*.wav"))
