@@ -43,7 +43,26 @@ def read_mono(path):
     bad = np.count_nonzero(~np.isfinite(audio))
     if bad:
         raise BadAudio(f"{path} holds {bad} non-finite samples (NaN or infinity): repair or remove the file")
-    return audio.mean(axis=1, dtype=np.float32), rate
+    mono = audio.mean(axis=1, dtype=np.float32)
+    say_what_is_lost(path, audio, mono)
+    return mono, rate
+
+
+def say_what_is_lost(path, audio, mono):
+    """One line each for what using the file loses without a word: samples beyond +-1, which every use clips (a
+    float file can hold them), and channels that cancel when averaged to mono (left = -right mixes to silence)."""
+    over = np.count_nonzero(np.abs(mono) > 1.0)
+    if over:
+        peak = float(np.abs(mono).max())
+        warn(f"{path}: {over / len(mono):.1%} of its samples lie beyond +-1 (peak {peak:.2f}) and are clipped to "
+             f"+-1: scale the file to peak below 1 (by {1 / peak:.2f}) to keep them")
+    if audio.shape[1] > 1 and len(mono):
+        channels, mixed = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))), float(np.sqrt(np.mean(
+            mono.astype(np.float64) ** 2)))
+        if channels > 1e-4 and mixed < 0.1 * channels:  # 20 dB quieter than its channels: they cancel
+            warn(f"{path}: its {audio.shape[1]} channels cancel when averaged to mono (the mix is "
+                 f"{-20 * np.log10(max(mixed, 1e-12) / channels):.0f} dB below them; out of phase?): use one "
+                 f"channel of it instead")
 
 
 def write_wav(path, samples, rate):

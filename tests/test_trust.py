@@ -173,3 +173,32 @@ def test_a_run_on_a_read_only_mount_is_read_reported_and_sampled_and_resuming_it
     assert "give --out" in capsys.readouterr().err
     assert run_main(generate_main, [read_only, "--n", "1", "--secs", "0.05", "--out", str(tmp_path / "out")]) == 0
     assert glob.glob(str(tmp_path / "out" / "*.wav"))
+
+
+def test_clipped_or_cancelled_audio_is_said_in_one_line(tmp_path, finished, capsys):
+    """Real speech, made loud as a float WAV (peaks of 2.6), as --data, given to lib.prepare and as a --prime; and
+    the same speech as an antiphase stereo prime (left = -right), which averages to silence."""
+    import numpy as np
+    import soundfile as sf
+    from conftest import RATE, speech
+    from generate import main as generate_main
+    from lib.prepare import main as prepare_main
+    voice = speech(2.0)
+    loud = voice * (2.6 / np.abs(voice).max())
+    src = tmp_path / "src"
+    os.makedirs(src)
+    sf.write(src / "loud.wav", loud, RATE, subtype="FLOAT")
+    for k in (1, 2):  # a split needs three files
+        sf.write(src / f"speech{k}.wav", speech(2.0, clip=k), RATE, subtype="PCM_16")
+    sf.write(tmp_path / "antiphase.wav", np.stack([voice, -voice], 1), RATE, subtype="PCM_16")
+    share = float(np.mean(np.abs(loud) > 1))
+    capsys.readouterr()
+    assert run_main(prepare_main, [str(src), str(tmp_path / "prepared"), "--clip_secs", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert f"{share:.1%} of its samples lie beyond +-1 (peak 2.60) and are clipped" in err, err
+    out = ["--n", "1", "--secs", "0.05", "--out", str(tmp_path / "out")]
+    assert run_main(generate_main, [finished[0], "--prime", str(src / "loud.wav"), *out]) == 0
+    assert "are clipped to +-1" in capsys.readouterr().err
+    assert run_main(generate_main, [finished[0], "--prime", str(tmp_path / "antiphase.wav"), *out]) == 0
+    err = capsys.readouterr().err
+    assert "channels cancel when averaged to mono" in err and len(err.strip().splitlines()) == 1
