@@ -133,16 +133,19 @@ def atomic_write(path, write):
 
 
 def quiet_interrupts(message):
-    """Ctrl-C (or SIGTERM) while a script starts up or works without its own handlers: `message` as one line,
-    exit status 130 (143 for SIGTERM), no traceback. Scripts call it before their slow imports."""
+    """Ctrl-C (SIGTERM, SIGHUP) while a script starts up or works without its own handlers: `message` as one line
+    (None: nothing, when the script has said how it ended), exit status 128 + the signal, no traceback. Scripts
+    call it before their slow imports."""
     def stop(signum, frame):
         try:
-            print(f"\n{message}", file=sys.stderr, flush=True)
+            if message:
+                print(f"\n{message}", file=sys.stderr, flush=True)
         except OSError:  # the terminal is gone (SIGHUP)
             pass
         if importing(frame):  # an exception unwinding through a C extension's initialization can abort Python
             os._exit(128 + signum)  # nothing has been written yet
         raise SystemExit(128 + signum)
+    stop.quiet = True  # what lib.train looks for: this process's script set these handlers
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, stop)
 

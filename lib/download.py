@@ -24,6 +24,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import shutil
 import sys
 import tarfile
@@ -203,7 +204,7 @@ def download(name, dest, sample_rate=16000, url=None, sha256=None, speakers=None
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise UserError(f"--sha256 {sha256!r} is not a SHA-256 (64 hexadecimal digits): nothing was fetched")
     spec = DATASETS[name]
-    work = os.path.normpath(dest) + ".download"
+    work = os.path.abspath(dest).rstrip(os.sep) + ".download"  # beside DEST, never in it (DEST '.' is the folder)
     raw = os.path.join(work, "extracted")
     if os.path.exists(work) and not os.path.isdir(work):
         raise UserError(f"{work} exists and is not a folder (downloads go there): move it away")
@@ -221,10 +222,10 @@ def download(name, dest, sample_rate=16000, url=None, sha256=None, speakers=None
     hours = sum(s["minutes"] for s in meta["splits"].values()) / 60
     with open(os.path.join(dest, "README.md"), "w") as f:
         f.write(f"# {name}\n\nOrigin: {spec['title']}\n\nLicence: {spec['licence']}\n\nCredit: {spec['credit']}\n\n"
-                f"Made by `python -m lib.download {name} {dest} --sample_rate {sample_rate} --clip_secs {clip_secs:g}"
+                f"Made by `python -m lib.download {name} {shlex.quote(dest)} --sample_rate {sample_rate} --clip_secs {clip_secs:g}"
                 f"{' --speakers ' + speakers if speakers else ''}` from {url or spec['url']}: "
                 f"{hours:.2f} hours at {sample_rate} Hz, mono, 16-bit FLAC clips; the split is in dataset.json.\n")
-    print(f"dataset {dest} is ready: python two_tier.py --data {dest}")
+    print(f"dataset {dest} is ready: python two_tier.py --data {shlex.quote(dest)}")
     return meta
 
 

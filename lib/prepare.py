@@ -72,13 +72,16 @@ def prepare(src, out, sample_rate=8000, clip_secs=8.0, fractions=(0.9, 0.05, 0.0
     # that a rerun would refuse (a rerun removes a stale OUT.partial). Memory stays flat in the corpus length: each
     # usable file is decoded once into OUT.partial/.decoded/ (float32), then each split is cut into clips from
     # there, one file in memory at a time.
-    partial = os.path.normpath(out) + ".partial"
+    partial = os.path.abspath(out).rstrip(os.sep) + ".partial"  # beside OUT, also when OUT is '.'
     shutil.rmtree(partial, ignore_errors=True)
     try:
         meta = write_dataset(src, paths, skipped, partial, sample_rate, clip_secs, fractions, seed, silence_db)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.replace(partial, out)
+        if os.path.isdir(out):  # empty (checked above), and maybe a shell's current folder: filled, not replaced
+            for name in sorted(os.listdir(partial), key=lambda n: n == "dataset.json"):  # the index last
+                os.replace(os.path.join(partial, name), os.path.join(out, name))
+            os.rmdir(partial)
+        else:
+            os.replace(partial, out)
     except BaseException as e:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(e, OSError):

@@ -17,12 +17,13 @@ import math
 import os
 import shlex
 import sys
+import signal
 import time
 import traceback
 
 import torch
 
-from lib import Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, run, script_of
+from lib import Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, quiet_interrupts, run, script_of
 from lib.cuda_graph import captured_at_first_call
 from lib.plots import plot_curves
 from lib.progress import Progress, rss_mb, warn_of_many_passes
@@ -59,6 +60,8 @@ def train_main(model_id, doc, add_model_args, build_model, default_tag, presets,
     finally:
         torch.set_num_threads(threads)  # as it was, for a caller in the same process (tests)
         run.release_runs()
+    if getattr(signal.getsignal(signal.SIGTERM), "quiet", False):  # a script's process (not a test calling it)
+        quiet_interrupts(None)  # it ended and said how: torchrun's SIGTERM to the ranks left adds no line
     dist.cleanup()  # here, with no exception (and its frames) holding the training's objects
     sys.exit(code)
 

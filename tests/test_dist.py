@@ -163,5 +163,6 @@ def test_a_lost_rank_is_one_line_naming_it_and_how_to_resume(tmp_path):
     mine = [line for line in err.splitlines() if line.startswith("error: ")]
     # one traceback, torchrun's own summary (ChildFailedError), as after Ctrl-C; none from rank 0
     assert len(mine) == 1 and err.count("Traceback") == 1 and "ChildFailedError" in err, err[-3000:]
+    assert "interrupted while starting" not in err, err[-3000:]  # torchrun's SIGTERM to rank 0 after its line
     assert mine[0].startswith("error: rank 1 of this run's 2 processes was lost (Connection closed by peer"), mine
     assert f"continue with: torchrun --nproc_per_node 2 two_tier.py --resume {run_dir}" in mine[0]

@@ -267,3 +267,20 @@ def test_a_beethoven_file_with_the_wrong_md5_is_refused_and_kept_aside(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"has md5 {hashlib.md5(oggs[0]).hexdigest()}" in err[0] and "kept as" in err[0]
     assert not (tmp_path / "ds").exists()
+
+
+def test_into_the_current_empty_folder_and_a_path_with_a_space(tmp_path, server, capsys, monkeypatch):
+    """DEST '.' from an empty folder: the archive goes beside it (not into ./..download/, which made '.' no longer
+    empty after the whole transfer), and the closing hint's --data pastes whole when the path has a space."""
+    archive = ljspeech_archive()
+    server.files["/LJSpeech-1.1.tar.bz2"] = archive
+    here = tmp_path / "my data"
+    os.makedirs(here)
+    monkeypatch.chdir(here)
+    url = ["--url", server.url + "/LJSpeech-1.1.tar.bz2", "--sha256", sha(archive), "--clip_secs", "0.5"]
+    assert run_main(download_main, ["ljspeech", ".", *url]) == 0
+    assert (here / "dataset.json").exists() and (tmp_path / "my data.download" / "LJSpeech-1.1.tar.bz2").exists()
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert run_main(download_main, ["ljspeech", "new set", *url]) == 0
+    assert capsys.readouterr().out.strip().endswith("python two_tier.py --data 'new set'")
