@@ -243,7 +243,8 @@ def fitting_windows(runs):
     """Windows for runs when none are asked for: the defaults where the shortest run reaches them, else the first
     and the last tenth of the shortest run (so that a short run's own row is not all dashes). Where that run is
     less than half as long as the longest, one line says which run cut the windows and how to choose them."""
-    ends = [(rows[-1], r) for rows, r in ((read_metrics_quietly(r), r) for r in runs) if rows]
+    ends = [(rows[-1], r) for rows, r in ((read_metrics_quietly(r), r) for r in runs)  # runs the report can show
+            if any(np.isfinite(row["valid_bits"]) for row in rows)]
     if not ends:
         return DEFAULT_WINDOWS
     end = math.floor(min(e["train_secs"] for e, _ in ends) * 1000) / 1000  # rounded down: the run reaches it

@@ -7,6 +7,7 @@ import random
 import re
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -28,15 +29,20 @@ def test_a_real_kill_9_at_random_moments_resumes_bit_for_bit(tmp_path, speech_wa
     mid-samples: wherever the delay lands), then resumed, again and again: the end equals an uninterrupted run's,
     bit for bit. The seed is printed, so a failure reproduces."""
     budget = ["--print_iters", "20", "--stop_iters", "120"]
-    straight = train(tmp_path, speech_wav, *budget, runs="straight", model=model)
+    straight = train(tmp_path, speech_wav, *budget, runs="straight", model=model)  # may compile the samplers
+    started = time.monotonic()
+    train(tmp_path, speech_wav, *budget, runs="timed", model=model)
+    run_secs = time.monotonic() - started  # the whole run, compiled: 3 s on a fast core, more on a slow one
     runs = str(tmp_path / "killed")
     rng = random.Random(20261130)
     kills = 0
+    started = time.monotonic()
     proc = script(model, "--preset", "tiny", "--data", speech_wav, *budget, "--runs_dir", runs)
     wait_for(lambda: glob.glob(f"{runs}/*/settings.json") or proc.poll() is not None)
+    startup = time.monotonic() - started
     for attempt in range(6):
-        try:
-            proc.wait(timeout=rng.uniform(2.0, 4.0))  # past the start-up (about 2 s), in the loop or its saves
+        try:  # past the start-up, in the loop or its saves; at most 0.4 of the run each time, so two kills or more
+            proc.wait(timeout=(startup if attempt else 0) + rng.uniform(0.1, 0.4) * run_secs)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
