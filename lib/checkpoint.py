@@ -10,6 +10,7 @@ Written to a temporary file and renamed: a kill or a full disk never leaves a pa
 the run's own (its run id; the iteration its name says), so a file copied in from another run is never continued
 from, pruned or measured. `resume` gathers everything a session continues from; `restore` puts it back.
 """
+import glob
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import torch
 
 from lib import UserError, WriteError, atomic_write, script_of
 from lib.audio import warn
-from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_settings, write_text
+from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_settings, set_aside, write_text
 from lib.settings import RESUMABLE, as_run_did
 
 
@@ -56,6 +57,7 @@ def save(run_dir, ckpt):
     path = path_at(run_dir, ckpt["state"]["iteration"])
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        keep_if_not_own(run_dir, path)
     except OSError as e:
         raise WriteError(os.path.dirname(path), e) from None
 
@@ -72,7 +74,20 @@ def save(run_dir, ckpt):
 
 def write_best(run_dir, checkpoint):
     """checkpoints/best.pt: a copy of the checkpoint with the best valid NLL so far, written atomically."""
+    try:
+        keep_if_not_own(run_dir, best_path(run_dir))
+    except OSError as e:
+        raise WriteError(best_path(run_dir), e) from None
     atomic_write(best_path(run_dir), lambda tmp: shutil.copyfile(checkpoint, tmp))
+
+
+def keep_if_not_own(run_dir, path):
+    """Before the run writes `path`: a file there that is not the run's own readable checkpoint (another run's, one
+    resume skipped as unreadable) is set aside, never replaced."""
+    if os.path.exists(path):
+        _, problem = read(settings_or_none(run_dir), path, mmap=True)
+        if problem:
+            set_aside(path, problem)
 
 
 def best_of_run(run_dir, iteration):
@@ -93,16 +108,6 @@ def best_of_run(run_dir, iteration):
         set_aside(best, problem)
     write_best(run_dir, source)
     return ckpt, f"best.pt was {problem}: rebuilt from {os.path.basename(source)}, the run's best"
-
-
-def set_aside(path, why):
-    """A file the run did not write (or cannot read) where it would write: moved to set_aside/ beside it, with
-    why in the warning, never replaced or deleted."""
-    folder = os.path.join(os.path.dirname(path), "set_aside")
-    os.makedirs(folder, exist_ok=True)
-    target = os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}_{os.path.basename(path)}")
-    os.replace(path, target)
-    warn(f"{path} is {why}: set aside as {target}, not replaced")
 
 
 def keep_newest(run_dir, keep):
@@ -283,6 +288,9 @@ def repair(run_dir, iteration, row, source):
     for a in aside:
         warn(f"metrics.jsonl: {a['set_aside'][len(why):]}" + (f": the row of iteration {a['iteration']}"
                                                                  if "iteration" in a else "") + f"; kept in {SET_ASIDE}")
+    for a in aside:  # the samples of intervals set aside are kept with their rows, not overwritten when redone
+        for f in glob.glob(os.path.join(run_dir, "samples", f"it{a['iteration']:07d}_*")) if "iteration" in a else ():
+            set_aside(f, "", quiet=True)
     if aside:
         path = os.path.join(run_dir, SET_ASIDE)
         try:

@@ -31,7 +31,7 @@ from lib import ArgumentParser, UserError, WriteError, page, run_script
 from lib.audio import warn
 from lib.cache import fingerprint_id
 from lib.plots import plot_curves
-from lib.run import read_metrics, read_settings
+from lib.run import read_metrics, read_settings, run_above
 from lib.seeds import DASH, METRICS, over_seeds, seed_groups, trained, verdict_text, verdicts
 from lib.settings import A_SETTING, SHAPES_CURVES, as_run_did, role
 
@@ -320,6 +320,10 @@ def check_plot(path, overwrite):
         raise UserError(f"--plot {path} is a folder: name a file, e.g. {os.path.join(path, 'curves.png')}")
     if os.path.splitext(path)[1].lower() not in PLOT_TYPES:
         raise UserError(f"--plot {path}: name a {', '.join(PLOT_TYPES)} file (matplotlib picks the format by it)")
+    inside = run_above(path)
+    if inside:  # a run's own curves.png, or any file in a run: the run's to write
+        raise UserError(f"--plot {path} is inside the run {inside}, whose files are the run's own: choose a path "
+                        f"outside run folders")
     try:
         with open(path, "rb") as f:
             head = f.read(512)
@@ -350,6 +354,13 @@ def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False
         raise UserError("none of the runs has metrics yet")
     if html:  # every output checked before anything is written
         page.check_output(html, "compare", overwrite, "--html")
+        files = page.files_folder(html)
+        if os.path.exists(files) and not overwrite and not (os.path.exists(html) and page.is_page(html, "compare")):
+            raise UserError(f"{files} exists and is not the files folder of a page this command wrote ({html}): "
+                            f"choose another --html name, or pass --overwrite")
+        if run_above(html) or run_above(os.path.join(files, "x")):
+            raise UserError(f"--html {html} is inside the run {run_above(html) or run_above(files)}, whose files are "
+                            f"the run's own: choose a path outside run folders")
         plot = plot or os.path.join(page.files_folder(html), "curves.png")
     if plot:
         check_plot(plot, overwrite)

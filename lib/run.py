@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,19 +44,50 @@ def new_run_dir(runs_dir, prefix):
 
 
 def make_run_dir(path):
-    """--run_dir's folder for a new run: created, or taken as it is when it holds nothing of a run (a first
-    command stopped before the run's settings.json was written)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--run_dir {path} is a file, not a folder: give a folder's path")
+    """--run_dir's folder for a new run (check_new_run_dir), created."""
+    check_new_run_dir(path)
     try:
         os.makedirs(path, exist_ok=True)
-        held = {"metrics.jsonl", "checkpoints"} & set(os.listdir(path))
     except OSError as e:
         raise UserError(f"cannot create --run_dir {path}: {e.strerror}; give a writable place") from None
-    if held:
-        raise UserError(f"--run_dir {path} holds {' and '.join(sorted(held))} but no settings.json: it is no run "
-                        f"this command can continue; give another --run_dir")
     return path
+
+
+def check_new_run_dir(path):
+    """--run_dir for a new run: a new path, or an empty folder (or one that holds only the lock of a first command
+    stopped before the run's settings.json was written). Anything else is refused in one line: a folder of runs, a
+    folder inside a run, a folder of other files, a broken link, an empty path."""
+    if not path.strip():
+        raise UserError("--run_dir is empty: give the run folder's path (a new or empty folder, or a run to continue)")
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise UserError(f"--run_dir {path} is a broken link (to {os.readlink(path)}): remove it, or give another path")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--run_dir {path} is a file, not a folder: give a folder's path")
+    inside = run_above(path)
+    if inside:
+        raise UserError(f"--run_dir {path} is inside the run {inside}: give a folder outside every run")
+    held = sorted(set(os.listdir(path)) - {".lock"}) if os.path.isdir(path) else []
+    runs = [n for n in held if os.path.isfile(os.path.join(path, n, "settings.json"))]
+    if runs:
+        raise UserError(f"--run_dir {path} is a folder of runs ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
+                        f": give it as --runs_dir {path}, or name a new run in it, e.g. --run_dir "
+                        f"{os.path.join(path, 'NAME')}")
+    if held:
+        raise UserError(f"--run_dir {path} holds files that are no run's ({', '.join(held[:3])}"
+                        f"{' ...' if len(held) > 3 else ''}): give an empty folder, a new path, or a run to continue")
+
+
+def run_above(path):
+    """The run folder (holding settings.json) that `path` lies inside, or None."""
+    here = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isfile(os.path.join(here, "settings.json")) and \
+                any(os.path.exists(os.path.join(here, n)) for n in ("log.txt", "metrics.jsonl", "checkpoints")):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
 
 
 STARTED_BY = {"settings.json", "log.txt", ".lock", "tensorboard", "samples"}  # what a run writes before its first row
@@ -206,12 +238,29 @@ def sample_paths(run_dir, iteration, n_samples):
     return [os.path.join(run_dir, "samples", f"it{iteration:07d}_{k}.wav") for k in range(n_samples)]
 
 
+TEMPORARY = {"": r"(settings|metrics|index|curves)\.tmp\.(json|jsonl|html|png)",  # lib.atomic_write's names
+             "checkpoints": r"(it\d+|best)\.tmp\.pt", "samples": r"it\d+_\d+\.tmp\.(wav|png)"}
+
+
 def remove_temporary_files(run_dir):
-    """Temporary files (*.tmp*) that a kill left in the run folder: partial checkpoints, samples, metrics."""
-    for root, _, files in os.walk(run_dir):
-        for name in files:
-            if ".tmp" in name:
-                os.remove(os.path.join(root, name))
+    """The temporary files a kill left where the run writes: its own names only (lib.atomic_write's NAME.tmp.EXT),
+    in the run folder, checkpoints/ and samples/; nothing below them, nothing it does not write."""
+    for sub, pattern in TEMPORARY.items():
+        folder = os.path.join(run_dir, sub)
+        for name in os.listdir(folder) if os.path.isdir(folder) else ():
+            if re.fullmatch(pattern, name):
+                os.remove(os.path.join(folder, name))
+
+
+def set_aside(path, why, quiet=False):
+    """A file the run would write over, but did not write or cannot read (or one of a history a resume redoes):
+    moved to set_aside/ beside it, never replaced or deleted; a warning says why, unless quiet."""
+    folder = os.path.join(os.path.dirname(path), "set_aside")
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}_{os.path.basename(path)}")
+    os.replace(path, target)
+    if not quiet:
+        warn(f"{path} is {why}: set aside as {target}, not replaced")
 
 
 class Logger:

@@ -74,7 +74,7 @@ def open_session(model_id, args, model, device, tag, resumed):
     if resuming:
         run_dir = resumed.run_dir
     else:
-        run_dir = dist.from_rank0((run.make_run_dir(args.run_dir) if args.run_dir else
+        run_dir = dist.from_rank0((run.make_run_dir(args.run_dir) if args.run_dir is not None else
                                    run.new_run_dir(args.runs_dir, f"{model_id}_{tag}")) if main else None)
     if main and not resuming:
         run.hold_run(run_dir)

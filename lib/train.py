@@ -81,6 +81,8 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     args = parse_settings(parser, presets, argv, resumed)
     device = choose_device(args.device)
     check_settings(args, device)
+    if args.run_dir is not None and resumed is None:  # before the data is read: a folder --run_dir may not take is one line now
+        run.check_new_run_dir(args.run_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -104,7 +106,7 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
         return train_session(session, n_params, resumed)
     except BaseException:  # a new run that could not start (out of memory, a signal, bad data): no folder is left
         if resumed is None and session.main:
-            run.remove_unstarted(session.run_dir, folder_too=not args.run_dir)
+            run.remove_unstarted(session.run_dir, folder_too=args.run_dir is None)
         raise
 
 
