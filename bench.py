@@ -21,6 +21,10 @@ Weights are random: speed does not depend on them.
 Each figure is the best of --repeats timings, the paths timed in turns (this is a shared machine). Nothing
 here is asserted; the numbers go in notes/performance.md, dated.
 """
+if __name__ == "__main__":  # before the slow imports: a Ctrl-C is one line, never a traceback
+    from lib import quiet_interrupts
+    quiet_interrupts("interrupted; the measurements printed above are complete")
+
 import argparse
 import importlib
 import json
@@ -148,16 +152,21 @@ def build(args, seq_len):
 
 def samples_per_sec(model, batch, paths, repeats):
     """{name: samples/s} of each path (name -> (length, generate() keywords)): the best of `repeats` timings,
-    taken in turns, so that a slow spell of this shared machine falls on every path alike."""
+    taken in turns, so that a slow spell of this shared machine falls on every path alike. A line as each round
+    of each path is timed: the reference alone can take minutes on a CPU."""
     best = {}
     for name, (length, kw) in paths.items():
+        print(f"  batch {batch}: warming up {name} (the first use of a compiled step may compile it)", flush=True)
         generate(model, batch, min(length, 64), **kw)  # warm-up
         best[name] = float("inf")
-    for _ in range(repeats):
+    for r in range(repeats):
         for name, (length, kw) in paths.items():
             start = time.perf_counter()
             generate(model, batch, length, **kw).cpu()
-            best[name] = min(best[name], (time.perf_counter() - start) / (batch * length))
+            secs = time.perf_counter() - start
+            best[name] = min(best[name], secs / (batch * length))
+            print(f"  batch {batch}: {name}, round {r + 1} of {repeats}: {batch * length / secs:,.0f} samples/s "
+                  f"({secs:.1f} s)", flush=True)
     return {name: 1 / secs for name, secs in best.items()}
 
 
@@ -326,22 +335,27 @@ def bench_train(args):
         print(json.dumps(r))
 
 
-FULL = dict(batch_size=128, steps=20, warmup=5, repeats=3)
-QUICK_CPU = dict(batch_size=32, steps=2, warmup=1, repeats=1)  # the default model: about a minute on 2 cores
+FULL = dict(batch_size=128, steps=20, warmup=5, repeats=3, secs=0.5)
+QUICK_CPU = dict(batch_size=32, steps=2, warmup=1, repeats=1, secs=0.05)  # the default model: a minute or two
 
 
 def fill_defaults(args, device):
-    """train on the CPU answers in a minute or two unless --full (a step of the default model at batch 128 takes
-    about 26 s on one core): fewer, smaller steps, the plain step skipped; it says so."""
-    args.quick = args.what == "train" and device.type == "cpu" and not args.full
+    """On the CPU both answer in a minute or two unless --full (a training step of the default model at batch 128
+    takes about 26 s on one core; its reference sampler makes a few hundred samples a second): fewer, smaller
+    steps, the plain step skipped, a twentieth of a second of audio, one round; it says so."""
+    args.quick = device.type == "cpu" and not args.full
     chosen = QUICK_CPU if args.quick else FULL
     for name, value in chosen.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.quick:
+    if args.quick and args.what == "train":
         print(f"quick CPU run: batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, best of "
               f"{args.repeats}; the plain step skipped. --full for the whole sweep ("
-              + ", ".join(f"--{k} {v}" for k, v in FULL.items()) + ", every step kind)", flush=True)
+              + ", ".join(f"--{k} {FULL[k]}" for k in ("batch_size", "steps", "warmup", "repeats")) +
+              ", every step kind)", flush=True)
+    if args.quick and args.what == "generate":
+        print(f"quick CPU run: {args.secs:g} s of audio per measurement, best of {args.repeats}. --full for "
+              f"--secs {FULL['secs']} --repeats {FULL['repeats']} (several minutes for the default model)", flush=True)
 
 
 def build_parser():
@@ -364,12 +378,13 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="train: timed steps per measurement (default: 20; 2 in "
                    "the quick CPU run)")
     p.add_argument("--warmup", type=int, default=None, help="train: steps before timing (default: 5; 1 quick)")
-    p.add_argument("--secs", type=float, default=0.5, help="audio generated per measurement (seconds)")
+    p.add_argument("--secs", type=float, default=None,
+                   help="audio generated per measurement (seconds) (default: 0.5; 0.05 in the quick CPU run)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timings per measurement; the best one is reported (default: 3; train's quick CPU run: 1)")
+                   help="timings per measurement; the best one is reported (default: 3; 1 in the quick CPU run)")
     p.add_argument("--full", action="store_true",
-                   help="train on the CPU: the whole sweep (every step kind, the defaults above) instead of the quick "
-                        "run that answers in a minute or two")
+                   help="on the CPU: the whole sweep (train: every step kind; the defaults above) instead of the "
+                        "quick run that answers in a minute or two")
     p.add_argument("--ref_fraction", type=int, default=4, help="the reference generates secs / this (it is slow)")
     p.add_argument("--sample_rate", type=int, default=8000, help="for the real-time factor (Hz)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda when available")

@@ -2,6 +2,10 @@
 import glob
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +13,7 @@ import soundfile as sf
 import torch
 
 from baseline import FlatGRU, main as baseline_main
-from conftest import RATE, run_main
+from conftest import RATE, REPO, run_main
 from generate import main as generate_main
 from lib.sample import BACKENDS, generate
 from three_tier import ThreeTier, main as three_tier_main
@@ -267,6 +271,8 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     bench_main(["generate", *model_flags, "--dim", "16", "--n_rnn", "1", "--batch", "1", "16", "--secs", "0.01",
                 "--threads", "1"])
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("quick CPU run: 0.01 s of audio per measurement, best of 1")  # says what it does
+    lines = lines[1:]
     rows = [line for line in lines if line.startswith("batch")]
     assert len(rows) == 2 and all("reference" in r and "numpy" in r and "torch" in r for r in rows)
     assert "fast* numba" in rows[0] and "fast* torch" in rows[1]  # the path generate.py takes on the CPU
@@ -274,6 +280,25 @@ def test_bench_prints_both_paths_and_the_limit(capsys, model_flags):
     assert "MFLOP per generated sample" in lines[1] and "MB of weights per sample" in lines[2]
     assert "read-bound limit" in lines[2] and "achieved / read-bound limit" in rows[0]  # batch 1 only
     assert "read-bound" not in rows[1]
+    # a line as each path is timed, before its batch's summary: never silent for minutes
+    progress = [i for i, line in enumerate(lines) if line.startswith("  batch 1: reference, round 1 of 1")]
+    assert progress and progress[0] < lines.index(rows[0])
+
+
+def test_bench_on_the_cpu_stops_on_ctrl_c_in_one_line(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "bench.py", "generate", "--dim", "256", "--batch", "1", "--secs", "60"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:  # the reference of a minute of audio: long enough to be stopped in
+        lines.append(line)
+        if "warming up reference" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == "interrupted; the measurements printed above are complete"
 
 
 def test_temperature_draws_from_softmax_of_logits_over_t():
