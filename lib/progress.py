@@ -6,6 +6,7 @@ import time
 
 from tqdm import tqdm
 
+SLOW_STEP = 1.0  # seconds: a step this slow on a CPU is said at once, and the model is sized for a GPU
 SPEED_STEPS = 5  # the speed line comes after this many steps (the first step, a warm-up, is not counted)
 RECHECK_STEPS = 50  # ... and is said again, measured over this many more, if it was off by over 1.5x
 PROGRESS_SECS = 300  # without a terminal, a plain progress line this often (wall seconds)
@@ -60,7 +61,7 @@ class Progress:
                             dynamic_ncols=True, file=Terminal(sys.stderr), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                                            "[{elapsed}<{remaining}{postfix}]")
         self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
-        self.spoken, self.rechecked = None, False
+        self.spoken, self.rechecked, self.hinted = None, False, False
 
     def step(self, state, interval, step_secs, synced=True):
         """synced: whether the loop waited for the device at this step. Steps are timed from the first such wait
@@ -69,6 +70,8 @@ class Progress:
         if self.timing:
             self.timed_secs += step_secs
             self.timed_steps += 1
+        elif synced and step_secs > SLOW_STEP and self.device.type == "cpu":  # a slow first step: said now
+            self.speed_line(state, interval, step_secs, "the first step (with its warm-up)")
         self.timing = self.timing or synced
         secs_per_it = self.timed_secs / max(1, self.timed_steps)
         if not self.spoken and synced and self.timed_steps >= SPEED_STEPS:
@@ -85,7 +88,9 @@ class Progress:
                                 f"{said / recent:.1f}x {'slower' if said > recent else 'faster'})")
         self.bar.update(1 if self.by_iters else step_secs)
         if synced and not self.bar.disable:  # the loop has just waited for the device: reading the sum is free
-            self.bar.set_postfix(bits=f"{float(interval['bits']) / interval['steps']:.3f}", refresh=False)
+            self.bar.set_postfix(refresh=False, **({} if self.by_iters else {"iter": f"{state['iteration']:,}"}),
+                                 bits=f"{float(interval['bits']) / interval['steps']:.3f}",
+                                 **{"s/it": f"{(secs_per_it if self.timed_steps else step_secs):.3g}"})
         if self.bar.disable and time.time() - self.last_line >= PROGRESS_SECS:
             self.last_line = time.time()
             left = training_left(self.args, state, secs_per_it)
@@ -107,9 +112,11 @@ class Progress:
         self.log(f"{what}: {secs_per_it:.3f} s per iteration ({self.samples_per_step / secs_per_it:,.0f} samples/s); "
                  f"the first interval (valid NLL, checkpoint, samples) in about {duration(to_interval)} of training "
                  f"({clock(to_interval)}), the end of the run in about {duration(to_end)} ({clock(to_end)})")
-        if self.device.type == "cpu" and to_interval > 600 and what == "speed":
-            self.log("note: this model is sized for a GPU. On a CPU, --preset tiny runs in seconds, and "
-                     "--dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something in minutes")
+        if self.device.type == "cpu" and secs_per_it > SLOW_STEP and not self.hinted:
+            self.hinted = True  # by its steps, not its interval: a small model with a long interval is not told
+            self.log(f"note: at {duration(secs_per_it)} a step this model is sized for a GPU. On a CPU, --preset tiny "
+                     f"runs in seconds, and --dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something "
+                     f"in minutes")
 
     def close(self):
         self.bar.close()

@@ -170,3 +170,27 @@ def test_a_speed_line_proven_wrong_is_said_again():
     assert len(lines) == 2 and lines[0].startswith("speed: 0.800 s per iteration"), lines
     assert lines[1].startswith("speed over the last 50 steps (the first were 10.0x slower): 0.080 s per iteration")
     assert "the end of the run in about 20 s" in lines[1]  # (300 - 56) steps of 0.08 s: 19.5 s
+
+
+def test_a_slow_first_step_is_said_at_once_and_only_a_slow_model_is_called_sized_for_a_gpu():
+    """The default model on a CPU: about 30 s a step. Its first step's time is said at once, with what an interval
+    and the run will take; the hint toward the CPU example comes with it. A tiny model with a long interval
+    (--print_iters 100000) steps fast: it gets the speed line, never the hint."""
+    import argparse
+    state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
+    lines = []
+    args = argparse.Namespace(stop_iters=0, stop_time=12.0, print_iters=0, print_time=3600.0)
+    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 8192, shown=False)
+    state["iteration"], interval["steps"], interval["secs"] = 1, 1, 30.0
+    progress.step(state, interval, 30.0, synced=True)
+    assert lines[0].startswith("the first step (with its warm-up): 30.000 s per iteration"), lines
+    assert "the first interval (valid NLL, checkpoint, samples) in about 60 min" in lines[0]
+    assert lines[1].startswith("note: at 30 s a step this model is sized for a GPU") and len(lines) == 2
+    lines.clear()
+    args = argparse.Namespace(stop_iters=0, stop_time=12.0, print_iters=100000, print_time=3600.0)
+    state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
+    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 256, shown=False)
+    for i in range(1, 10):
+        state["iteration"], interval["steps"] = i, i
+        progress.step(state, interval, 0.004, synced=True)
+    assert len(lines) == 1 and lines[0].startswith("speed: 0.004 s per iteration"), lines
