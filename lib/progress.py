@@ -46,7 +46,8 @@ class Terminal:
 
 class Progress:
     """How far the run is toward the budget that stops it: iterations when --stop_iters is given, else training
-    time. On a terminal a tqdm bar; otherwise (a file, nohup) a plain line every PROGRESS_SECS. Once, after the
+    time. On a terminal a tqdm bar, erased at the end so that the run's last line (how to continue) stays last;
+    otherwise (a file, nohup) a plain line every PROGRESS_SECS. Once, after the
     first few steps, a line with the measured speed and when the first interval and the end will come."""
 
     def __init__(self, args, state, log, device, samples_per_step, shown=True):
@@ -55,10 +56,10 @@ class Progress:
         disable = None if shown else True  # None: shown on a terminal
         if self.by_iters:
             self.bar = tqdm(total=args.stop_iters, initial=state["iteration"], unit="it", disable=disable,
-                            dynamic_ncols=True, file=Terminal(sys.stderr))
+                            dynamic_ncols=True, file=Terminal(sys.stderr), leave=False)
         else:
             self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=disable,
-                            dynamic_ncols=True, file=Terminal(sys.stderr), bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
+                            dynamic_ncols=True, file=Terminal(sys.stderr), leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
                                                            "[{elapsed}<{remaining}{postfix}]")
         self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
         self.spoken, self.rechecked, self.hinted = None, False, False

@@ -41,6 +41,7 @@ class Session:
     board: object = None  # --tensorboard: lib.board.Board (rank 0 only)
     warned: bool = False
     command: str = ""  # this session's command line, as a person would type it
+    stop_checkpoint: str = None  # the checkpoint a stop saved mid-interval that this session resumed from
 
 
 def open_session(model_id, args, model, device, tag, resumed):
@@ -120,6 +121,8 @@ def begin(session, n_params, resumed):
         saved, h = checkpoint.restore(resumed, session.model, session.optimizer, session.batches.rows, session.device,
                                       session.args.cuda_graph_step)
         state.update(saved)
+        if resumed.ckpt and resumed.ckpt.get("row") is None and resumed.path != checkpoint.best_path(session.run_dir):
+            session.stop_checkpoint = resumed.path  # superseded by this session's first save: then removed
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     session.log(f"{'resuming' if resumed else 'run'} {session.run_dir} from iteration {state['iteration']}" +
                 (f" ({os.path.basename(resumed.path)})" if resumed and resumed.path else "") +

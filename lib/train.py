@@ -357,6 +357,7 @@ def write_interval(session, state, interval, h, row, improved):
     stops the samples (Interrupted, saying that the checkpoint was written)."""
     args, run_dir, it = session.args, session.run_dir, state["iteration"]
     path = checkpoint.save(run_dir, checkpoint.build(session, state, h, row))
+    drop_stop_checkpoint(session, path)
     if improved:
         checkpoint.write_best(run_dir, path)
     if args.keep_checkpoints:
@@ -386,10 +387,22 @@ def interrupted(session, state, interval, h, signum):
         bad = non_finite(session.model, {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:
             raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
-        checkpoint.save(session.run_dir, checkpoint.build(session, dict(state, interval=interval), h, row=None))
+        drop_stop_checkpoint(session, checkpoint.save(session.run_dir, checkpoint.build(
+            session, dict(state, interval=interval), h, row=None)))
     session.log(f"interrupted at iteration {it}; saved {checkpoint.path_at(session.run_dir, it)}; continue with: "
                 f"{continue_command(session)}")
     return 128 + signum
+
+
+def drop_stop_checkpoint(session, saved):
+    """Once a newer checkpoint is saved, the one a stop wrote mid-interval, which this session resumed from, is
+    superseded (it ends no interval: no metrics row points at it) and removed: each Ctrl-C of the default model
+    would otherwise keep 251 MB."""
+    old, session.stop_checkpoint = session.stop_checkpoint, None
+    if old and old != saved and os.path.exists(old):
+        os.remove(old)
+        session.log(f"removed {os.path.basename(old)}, the mid-interval checkpoint this session resumed from "
+                    f"(superseded by {os.path.basename(saved)})")
 
 
 def continue_command(session):
