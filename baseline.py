@@ -158,13 +158,10 @@ def build_model(args):
     return FlatGRU(args.dim, args.n_rnn, args.q_levels, args.input, args.emb_size, args.seq_len)
 
 
-def default_tag(args):
-    return f"{args.input}_seqlen{args.seq_len}"
-
 
 def main(argv=None):
     from lib.train import train_main  # here, not above: importing the model loads no training code
-    train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
+    train_main(MODEL_ID, __doc__, add_model_args, build_model, PRESETS, argv)
 
 
 if __name__ == "__main__":

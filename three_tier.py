@@ -213,13 +213,10 @@ def build_model(args):
                      args.q_levels, *departures(args))
 
 
-def default_tag(args):
-    return f"bfs{args.big_frame_size}_fs{args.frame_size}"
-
 
 def main(argv=None):
     from lib.train import train_main  # here, not above: importing the model loads no training code
-    train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
+    train_main(MODEL_ID, __doc__, add_model_args, build_model, PRESETS, argv)
 
 
 if __name__ == "__main__":

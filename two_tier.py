@@ -303,13 +303,10 @@ def departures(args):
     return getattr(args, "mlp_first_relu", "on") == "on", getattr(args, "frame_init", "lecun")
 
 
-def default_tag(args):
-    return f"fs{args.frame_size}_nf{args.n_frames}"
-
 
 def main(argv=None):
     from lib.train import train_main  # here, not above: importing the model loads no training code
-    train_main(MODEL_ID, __doc__, add_model_args, build_model, default_tag, PRESETS, argv)
+    train_main(MODEL_ID, __doc__, add_model_args, build_model, PRESETS, argv)
 
 
 if __name__ == "__main__":

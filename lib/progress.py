@@ -1,5 +1,6 @@
 """What a run tells a person while it trains: a bar on a terminal (plain lines in a file), the measured speed and
 when the first interval and the end will come, and a warning when the budget would pass over the data many times."""
+import math
 import os
 import sys
 import time
@@ -86,7 +87,8 @@ class Progress:
             if not 1 / 1.5 < recent / said < 1.5:
                 self.speed_line(state, interval, recent,
                                 f"speed over the last {self.timed_steps - steps} steps (the first were "
-                                f"{said / recent:.1f}x {'slower' if said > recent else 'faster'})")
+                                f"{max(said / recent, recent / said):.1f} times as "
+                                f"{'slow' if said > recent else 'fast'})")
         self.bar.update(1 if self.by_iters else step_secs)
         if synced and not self.bar.disable:  # the loop has just waited for the device: reading the sum is free
             self.bar.set_postfix(refresh=False, **({} if self.by_iters else {"iter": f"{state['iteration']:,}"}),
@@ -118,6 +120,24 @@ class Progress:
             self.log(f"note: at {duration(secs_per_it)} a step this model is sized for a GPU. On a CPU, --preset tiny "
                      f"runs in seconds, and --dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something "
                      f"in minutes")
+
+    def say_end(self, state, end_secs):
+        """Once, after the session's first interval end (its evaluation, checkpoint, samples and page took
+        end_secs of wall time): when the run will end, counting the interval ends still to come, which the speed
+        line's estimate leaves out -> True once said."""
+        secs_per_it = self.secs_per_it()
+        if secs_per_it is None:
+            return False
+        args, train = self.args, training_left(self.args, state, secs_per_it)
+        if args.print_iters:
+            ends = math.ceil(train / secs_per_it / args.print_iters)
+        else:
+            ends = math.ceil(train / args.print_time)
+        total = train + ends * end_secs
+        self.log(f"the interval's end took {duration(end_secs)} (valid NLL, checkpoint, samples, page); with "
+                 f"{duration(train)} of training and {ends} more interval end(s) left, the run ends in about "
+                 f"{duration(total)} ({clock(total)})")
+        return True
 
     def close(self):
         self.bar.close()

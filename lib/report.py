@@ -76,10 +76,13 @@ def window_mean(rows, key, start, end):
 
 def find_runs(paths):
     """Run folders (holding settings.json) from paths: run folders, parents of run folders, or glob patterns."""
-    found = []
+    found, unmatched = [], []
     for path in paths:
-        matches = sorted(glob.glob(path)) or [path]
-        for p in matches:
+        matches = sorted(glob.glob(path))
+        if not matches and glob.has_magic(path):  # runs/baseline_* before any baseline run: said, not fatal
+            unmatched.append(path)
+            continue
+        for p in matches or [path]:
             if os.path.isfile(os.path.join(p, "settings.json")):
                 found.append(p)
             elif os.path.isdir(p) and (children := sorted(os.path.dirname(c) for c in
@@ -87,6 +90,10 @@ def find_runs(paths):
                 found += children
             else:
                 raise UserError(f"{p} is not a run folder (no settings.json) nor a folder of runs")
+    if unmatched and not found:
+        raise UserError(f"no run matches {' '.join(unmatched)}: train one first (README: Train)")
+    for pattern in unmatched:
+        warn(f"{pattern} matches no run (none trained yet?): the report shows the others")
     return list(dict.fromkeys(found))
 
 

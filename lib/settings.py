@@ -55,6 +55,33 @@ def role(flag):
     return ROLES.get(flag, MODEL)
 
 
+SHORT = {"frame_size": "fs", "n_frames": "nf", "big_frame_size": "bfs", "seq_len": "sl", "n_rnn": "nrnn",
+         "emb_size": "emb", "batch_size": "bs", "q_levels": "q", "clip_secs": "clip", "grad_clip": "gc",
+         "mlp_first_relu": "relu", "frame_init": "init", "precision": "", "qtype": "", "input": "", "norm": "norm",
+         "zero_dc": "zerodc"}  # the few letters a run's name gives each flag (the rest: its own name)
+
+
+def run_tag(parser, presets, argv, args):
+    """The {tag} of a new run's name {model}_{tag}_{unixtime}: the preset, then what this command sets apart from
+    it and the defaults (the model, the data, how it trains: 'fs2_dim128_nrnn1_bs16'), or 'default'. So the CPU
+    example and the default model, both at frame size 2, are told apart by their names."""
+    first = parser.parse_known_args(argv)[0]
+    defaults = {a.dest: a.default for a in parser._actions}
+    defaults.update(presets.get(first.preset, {}))
+    parts = [first.preset] if first.preset else []
+    for k, v in vars(args).items():
+        if role(k) not in (MODEL, DATA, TRAINING) or v is None or v == defaults.get(k):
+            continue
+        if k == "data":
+            v = os.path.splitext(os.path.basename(os.path.normpath(v)))[0]
+            if v == os.path.basename(DEFAULT_DATA):
+                continue
+        value = {True: "", False: "no"}.get(v, v) if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else v
+        parts.append(f"{SHORT.get(k, k)}{value}" if not isinstance(v, bool) else f"{value}{SHORT.get(k, k)}")
+    tag = re.sub(r"[^\w.+=-]", "", "_".join(parts))[:60].strip("._") or "default"
+    return tag
+
+
 def check_same_run(args, resumed):
     """--run_dir naming an existing run: this command's flags, derived ones filled (build_model), must be the run's,
     but for those a session may change (RESUMABLE)."""

@@ -30,19 +30,19 @@ from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.report import report
 from lib.sample import write_samples
 from lib.session import begin, open_session
-from lib.settings import build_parser, check_same_run, check_settings, choose_device, parse_settings, run_to_continue
+from lib.settings import build_parser, check_same_run, check_settings, run_tag, choose_device, parse_settings, run_to_continue
 from lib.step import evaluate, to_device, train_step
 from lib.stopping import Interrupts, NonFinite, non_finite
 
 SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many steps it waits and checks the loss
 
 
-def train_main(model_id, doc, add_model_args, build_model, default_tag, presets, argv=None):
+def train_main(model_id, doc, add_model_args, build_model, presets, argv=None):
     """Entry point of a model script: bad input is one line on stderr and exit status 2."""
     parser = build_parser(script_of(model_id), doc, add_model_args, presets)
     threads = torch.get_num_threads()
     try:
-        code = train(model_id, parser, build_model, default_tag, presets, argv)
+        code = train(model_id, parser, build_model, presets, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
@@ -72,7 +72,7 @@ def out_of_memory(e):
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
-def train(model_id, parser, build_model, default_tag, presets, argv):
+def train(model_id, parser, build_model, presets, argv):
     """The run to continue (checked: its model, its processes, its history), the flags, the model; then the
     session on its device and run folder, and the loop -> the exit status."""
     check_torch(torch.__version__)
@@ -86,6 +86,7 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    tag = args.name or run_tag(parser, presets, argv, args)  # from the flags as given, before derived ones fill in
     model = build_model(args)  # checks the model flags and fills derived ones
     if resumed and args.resume is None:  # --run_dir naming a run: its flags, derived ones included, must match
         check_same_run(args, resumed)
@@ -100,7 +101,7 @@ def train(model_id, parser, build_model, default_tag, presets, argv):
     device = dist.join(device)
     if resumed and dist.rank() == 0:
         run.hold_run(resumed.run_dir)  # before anything is repaired: one process trains a run at a time
-    session = open_session(model_id, args, model, device, args.name or default_tag(args), resumed)
+    session = open_session(model_id, args, model, device, tag, resumed)
     session.command = shlex.join(["python", script_of(model_id)] + list(sys.argv[1:] if argv is None else argv))
     try:
         return train_session(session, n_params, resumed)
@@ -145,7 +146,7 @@ def loop(session, state, h, interrupts):
         session.log(f"nothing to do: the run is at iteration {state['iteration']}, {state['train_secs'] / 3600:.3f} h "
                     f"(--stop_iters {args.stop_iters}, --stop_time {args.stop_time})")
         return 0
-    wall_start = time.time() - state["wall_secs"]
+    wall_start, said_end = time.time() - state["wall_secs"], False
     progress = Progress(args, state, session.log, session.device, session.samples_per_step, shown=session.main)
     graphed = captured_at_first_call(session.model, session.optimizer, args.grad_clip, args.precision) \
         if args.cuda_graph_step else None  # the same step, replayed as CUDA graphs (lib/cuda_graph.py)
@@ -167,9 +168,12 @@ def loop(session, state, h, interrupts):
             final = budget_spent(args, state, by_time=agreed)
             state["wall_secs"] = time.time() - wall_start
             if due or final:
+                ended = time.time()
                 final, code = close_interval(session, state, interval, h, final, interrupts)
                 if code is not None:
                     return code
+                if not final and not said_end:
+                    said_end = progress.say_end(state, time.time() - ended)
                 interval, due = new_interval(), False
                 session.model.train()
             if final:

@@ -168,7 +168,7 @@ def test_a_speed_line_proven_wrong_is_said_again():
         interval["secs"] += secs
         progress.step(state, interval, secs, synced=True)
     assert len(lines) == 2 and lines[0].startswith("speed: 0.800 s per iteration"), lines
-    assert lines[1].startswith("speed over the last 50 steps (the first were 10.0x slower): 0.080 s per iteration")
+    assert lines[1].startswith("speed over the last 50 steps (the first were 10.0 times as slow): 0.080 s per iteration")
     assert "the end of the run in about 20 s" in lines[1]  # (300 - 56) steps of 0.08 s: 19.5 s
 
 

@@ -39,3 +39,51 @@ def test_each_ctrl_c_keeps_one_mid_interval_checkpoint_not_every_one(tmp_path, s
     assert out.rstrip().splitlines()[-1].startswith("interrupted at iteration")  # how to continue: the last line
     assert torch.load(os.path.join(run_dir, "checkpoints", names[0]), weights_only=False)["row"] is None
     assert read_metrics(run_dir) == []
+
+
+def test_run_names_say_what_differs_from_the_defaults():
+    """The CPU example (282k parameters) and the default model (20.8M) were both twotier_fs2_nf64_<time>."""
+    import two_tier
+    from lib.settings import build_parser, parse_settings, run_tag
+
+    def tag(*argv):
+        parser = build_parser("two_tier.py", "", two_tier.add_model_args, two_tier.PRESETS)
+        return run_tag(parser, two_tier.PRESETS, list(argv), parse_settings(parser, two_tier.PRESETS, list(argv), None))
+    assert tag("--frame_size", "2", "--dim", "128", "--n_rnn", "1", "--batch_size", "16", "--stop_iters", "300",
+               "--print_iters", "100") == "fs2_dim128_nrnn1_bs16"  # the budget and cadence do not name a model
+    assert tag("--frame_size", "2") == "fs2" and tag() == "default"
+    assert tag("--preset", "tiny", "--seed", "7") == "tiny_seed7"
+
+
+def test_the_end_of_the_run_counts_the_interval_ends_still_to_come():
+    """A run that ended 162 s after it started had been told 'about 80 s': training only. After the first interval
+    end the run says when it ends with the ends still to come counted."""
+    import argparse
+    import lib.progress
+    lines = []
+    args = argparse.Namespace(stop_iters=300, stop_time=12.0, print_iters=100, print_time=3600.0)
+    state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
+    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 1000, shown=False)
+    for i in range(1, 101):
+        state["iteration"], interval["steps"] = i, i
+        state["train_secs"] += 0.3
+        progress.step(state, interval, 0.3, synced=True)
+    assert progress.say_end(state, 30.0)
+    # 200 steps of 0.3 s = 60 s of training, and 2 more interval ends of 30 s: 120 s
+    assert lines[-1].startswith("the interval's end took 30 s (valid NLL, checkpoint, samples, page); with 60 s of "
+                                "training and 2 more interval end(s) left, the run ends in about 2 min"), lines[-1]
+
+
+def test_the_compare_command_works_before_a_baseline_exists(tmp_path, capsys):
+    """README's compare command names runs/baseline_*, which matches nothing until a baseline is trained."""
+    from test_report import make_run
+    from conftest import run_main
+    from lib.report import main as report_main
+    os.makedirs(tmp_path / "runs")
+    make_run(tmp_path / "runs", "twotier_a_1")
+    capsys.readouterr()
+    assert run_main(report_main, [str(tmp_path / "runs" / "twotier_*"), str(tmp_path / "runs" / "baseline_*")]) in (0, None)
+    captured = capsys.readouterr()
+    assert "twotier_a_1" in captured.out and "baseline_* matches no run" in captured.err
+    assert run_main(report_main, [str(tmp_path / "runs" / "baseline_*")]) == 2
+    assert "no run matches" in capsys.readouterr().err
