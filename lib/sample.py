@@ -20,7 +20,10 @@ call per step(), its columns shared among threads) is fastest; for more, torch, 
 dominate (README has the benchmark). The numpy step is the compiled one's readable twin, and a choice of
 --backend. The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
+import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import numpy as np
@@ -80,6 +83,33 @@ def default_backend(model, n):
     if not (n == 1 or (n < 8 and small)):
         return "torch"
     return "numba"
+
+
+WARM_UP = """import argparse, importlib, json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[4]))
+from lib.sample import generate
+model = importlib.import_module(sys.argv[2]).build_model(argparse.Namespace(**json.loads(sys.argv[3])))
+generate(model.eval(), int(sys.argv[5]), 64, seed=0)
+"""
+
+
+def warm_up_in_background(model_id, model, flags, n):
+    """When a run's samples (n sequences of `model`, a model_id built from `flags`) will take the compiled step and
+    numba's cache lacks it: a process beside the training that compiles it now, under lib.teams' compile_lock,
+    so that the first interval's samples load it in about a second instead of waiting 20-30 s for the compile
+    (once per machine) -> the process, or None."""
+    if n == 0 or default_backend(model, n) != "numba":
+        return None
+    from lib import MODELS
+    from lib.teams import compiled_on_disk
+    if compiled_on_disk(model_id, torch.get_num_threads()):
+        return None
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, "-c", WARM_UP, repo, MODELS[model_id], json.dumps(flags),
+                             str(torch.get_num_threads()), str(n)], cwd=repo, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def array_module(backend):

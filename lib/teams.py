@@ -2,8 +2,15 @@
 thread (`by_thread`, `stacked_gru`), and the `Team` of threads that steps a kernel on them together (lib/kernels.py's
 docstring says how the threads share the work).
 """
+import fcntl
+import glob
+import os
+import sys
+import tempfile
 import threading
+from contextlib import contextmanager
 
+import numba
 import numpy as np
 import torch
 
@@ -16,8 +23,54 @@ def start_team(make_team, weights, window, frames, h, temperature, recorded, ste
     -> (the team, thread 0's window: the sampler's window from now on). team.close() stops the threads."""
     windows = window.expand(torch.get_num_threads(), -1, -1).clone()
     recorded = None if recorded is None else recorded.numpy()
-    team = make_team(weights, windows.numpy(), frames.numpy(), h.numpy(), temperature, recorded, step_len)
+    model_id = {twotier_team: "twotier", threetier_team: "threetier", flat_team: "baseline"}[make_team]
+    with compile_lock():  # compiled (or loaded from numba's cache) now, by one process at a time
+        if not compiled_on_disk(model_id, len(windows)) and not KERNELS[model_id][0].overloads:
+            print("compiling the fast sampler for this machine (once: numba keeps it; about 20-30 s)",
+                  file=sys.stderr, flush=True)
+        team = make_team(weights, windows.numpy(), frames.numpy(), h.numpy(), temperature, recorded, step_len)
     return team, windows[0]
+
+
+@contextmanager
+def compile_lock():
+    """Held while this process compiles the steps or loads them from numba's cache (next to lib/kernels.py): a
+    second process waits, then loads what the first compiled, instead of compiling again and racing it on
+    numba's index (numba issue 10128). Cheap once the steps are loaded."""
+    path = os.path.join(cache_folder(), "samplers.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # no writable cache folder: numba compiles into memory only, nothing to share
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def cache_folder():
+    """Where numba keeps the compiled steps (its own choice: lib/__pycache__, or NUMBA_CACHE_DIR)."""
+    try:
+        folder = twotier_step._cache._cache_path  # numba's locator, as it decided
+    except AttributeError:
+        folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    os.makedirs(folder, exist_ok=True)
+    return folder if os.access(folder, os.W_OK) else tempfile.gettempdir()
+
+
+KERNELS = {"twotier": (twotier_step, twotier_worker), "threetier": (threetier_step, threetier_worker),
+           "baseline": (flat_step, flat_worker)}
+
+
+def compiled_on_disk(model_id, threads):
+    """Whether numba's cache holds the model's step (and, for several threads, its worker) compiled from
+    today's lib/kernels.py: an index file newer than the source. A guess that errs toward compiling."""
+    source = os.path.getmtime(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py"))
+    kernels = KERNELS[model_id][:2 if threads > 1 else 1]
+    return all(any(os.path.getmtime(p) >= source for p in
+                   glob.glob(os.path.join(cache_folder(), f"kernels.{k.py_func.__name__}-*.nbi"))) for k in kernels)
 
 
 def twotier_team(weights, windows, frames, h, temperature, recorded, step_len):
@@ -77,6 +130,11 @@ class Team:
         self.kernel, self.threads, self.args = kernel, threads, args
         self.flags = np.zeros((threads + 1) * LINE, np.int64)  # barrier counters, then the stop flag
         self.noise = np.zeros(noise_shape, dtype)
+        signature = tuple(numba.typeof(a) for a in (0, threads, self.flags, self.noise, *args))
+        kernel.compile(signature)  # here, under start_team's lock, not at the first step
+        if threads > 1:  # the worker takes the same arguments as *args
+            worker.compile((numba.types.BaseTuple.from_types(signature),))
+        sync.compile((numba.typeof(self.flags), numba.int64, numba.int64))
         self.workers = [threading.Thread(target=worker, args=(tid, threads, self.flags, self.noise, *args),
                                          daemon=True) for tid in range(1, threads)]
         for w in self.workers:

@@ -28,7 +28,7 @@ from lib.cuda_graph import captured_at_first_call
 from lib.plots import plot_curves
 from lib.progress import Progress, rss_mb, warn_of_many_passes
 from lib.report import report
-from lib.sample import write_samples
+from lib.sample import warm_up_in_background, write_samples
 from lib.session import begin, open_session
 from lib.settings import build_parser, check_same_run, check_settings, run_tag, choose_device, parse_settings, run_to_continue
 from lib.step import evaluate, to_device, train_step
@@ -114,8 +114,11 @@ def train(model_id, parser, build_model, presets, argv):
 def train_session(session, n_params, resumed):
     """The session's run begun or restored, then the loop -> the exit status; a failed write, or a process lost
     under torchrun, is one line naming the last checkpoint."""
+    warming = None
     try:
         state, h = begin(session, n_params, resumed)
+        if session.main:  # the samplers' compile, beside the training (once per machine)
+            warming = warm_up_in_background(session.model_id, session.model, vars(session.args), session.args.n_samples)
         with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:
             session.stop = interrupts.requested
             return loop(session, state, h, interrupts)
@@ -130,6 +133,10 @@ def train_session(session, n_params, resumed):
         print(f"error: {lost}; {last_checkpoint(session.run_dir)}" +
               (f"; continue with: {continue_command(session)}" if saved else ""), file=sys.stderr)
         return 1
+    finally:
+        if warming is not None and warming.poll() is None:
+            warming.kill()  # a run shorter than the compile: the next one compiles (nothing half-written is read)
+            warming.wait()
 
 
 def last_checkpoint(run_dir):

@@ -87,3 +87,31 @@ def test_the_compare_command_works_before_a_baseline_exists(tmp_path, capsys):
     assert "twotier_a_1" in captured.out and "baseline_* matches no run" in captured.err
     assert run_main(report_main, [str(tmp_path / "runs" / "baseline_*")]) == 2
     assert "no run matches" in capsys.readouterr().err
+
+
+SAMPLE = """import argparse, sys, two_tier
+from lib.kernels import twotier_step
+from lib.sample import generate
+p = argparse.ArgumentParser(); two_tier.add_model_args(p)
+a = p.parse_args(["--frame_size", "2", "--dim", "32", "--n_rnn", "1", "--emb_size", "16"]); a.q_levels = 256
+generate(two_tier.build_model(a).eval(), 1, 64, seed=0)
+print(sum(twotier_step.stats.cache_misses.values()), sum(twotier_step.stats.cache_hits.values()))
+"""
+
+
+def test_two_processes_compile_the_sampler_once(tmp_path):
+    """Two processes sampling at once on a machine whose numba cache is empty (a fresh install; the suite's own
+    processes): one compiles, the other waits for it and loads what it wrote (numba issue 10128: without the lock
+    both compiled, racing on numba's index)."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", SAMPLE], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    counts = sorted(tuple(map(int, out.split())) for out, _ in outs)
+    assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded): one each
+    said = [err for _, err in outs if "compiling the fast sampler" in err]
+    assert len(said) == 1  # the one that compiled says so; the other just waits
