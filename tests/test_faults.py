@@ -210,7 +210,7 @@ def test_resume_skips_a_damaged_checkpoint_and_repairs_the_folder(tmp_path, spee
     open(newest, "wb").write(data[:len(data) // 2] if damage == "truncated" else b"")
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.write('{"iteration": 30, "train_se')
-    leftovers = [os.path.join(run_dir, "checkpoints", "it0000030.tmp.pt"), os.path.join(run_dir, "x.tmp.json")]
+    leftovers = [os.path.join(run_dir, "checkpoints", "it0000030.tmp.pt"), os.path.join(run_dir, "metrics.tmp.jsonl")]
     for p in leftovers:
         open(p, "w").write("partial")
     capsys.readouterr()
