@@ -130,7 +130,10 @@ class Progress:
             return False
         args, train = self.args, training_left(self.args, state, secs_per_it)
         if args.print_iters:
-            ends = math.ceil(train / secs_per_it / args.print_iters)
+            steps = train / secs_per_it
+            if args.stop_iters and state["iteration"] + steps >= args.stop_iters - 1:  # iterations end the run
+                steps = args.stop_iters - state["iteration"]
+            ends = math.ceil(steps / args.print_iters)
         else:
             ends = math.ceil(train / args.print_time)
         total = train + ends * end_secs

@@ -96,12 +96,12 @@ generate(model.eval(), int(sys.argv[5]), 64, seed=0)
 
 
 def warm_up_in_background(model_id, model, flags, n):
-    """When a run's samples (n sequences of `model`, a model_id built from `flags`) will take the compiled step and
-    numba's cache lacks it: a process beside the training that compiles it now, under lib.teams' compile_lock,
-    so that the first interval's samples load it in about a second instead of waiting 20-30 s for the compile
-    (once per machine) -> the process, or None."""
-    if n == 0 or default_backend(model, n) != "numba":
-        return None
+    """When a run's samples (n sequences of `model`, a model_id built from `flags`) will take the compiled step,
+    numba's cache lacks it and a core is left over by the training's threads: a process on that core compiles it
+    now, under lib.teams' compile_lock, so that the first interval's samples load it in about a second instead of
+    waiting 15-30 s for the compile (once per machine) -> the process, or None."""
+    if n == 0 or default_backend(model, n) != "numba" or (os.cpu_count() or 1) <= torch.get_num_threads():
+        return None  # without a core to spare the compile slowed the steps 5x, and ended no sooner (notes)
     from lib import MODELS
     from lib.teams import compiled_on_disk
     if compiled_on_disk(model_id, torch.get_num_threads()):
