@@ -10,7 +10,7 @@ logits[:, t] predicts x[:, 1 + t] from x[:, :1 + t] only. Everything but the mod
 two_tier.py through lib/train.py.
 """
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
 import weakref

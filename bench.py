@@ -22,7 +22,7 @@ Each figure is the best of --repeats timings, the paths timed in turns (this is 
 here is asserted; the numbers go in notes/performance.md, dated.
 """
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C is one line, never a traceback
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted; the measurements printed above are complete")
 
 import argparse
@@ -38,7 +38,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import three_tier
 import two_tier
-from lib import DEFAULT_DATA, MODELS, ArgumentParser
+from lib import DEFAULT_DATA, MODELS
+from lib.cli import ArgumentParser
 from lib.data import ChunkBatches, load_splits
 from lib.sample import BACKENDS, default_backend, generate
 from lib.settings import PRECISIONS, choose_device

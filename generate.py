@@ -15,15 +15,16 @@ import os
 import time
 
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted; the files already written are complete (each is written whole, then renamed)")
 
 import numpy as np
 import soxr
 import torch
 
-from lib import MODELS, ArgumentParser, UserError, WriteError, check_torch, checkpoint, page, run_script
+from lib import MODELS, UserError, WriteError, check_torch, checkpoint, page
 from lib.audio import read_mono, write_wav
+from lib.cli import ArgumentParser, run_script
 from lib.quantize import dequantize, normalize, quantize
 from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate

@@ -16,7 +16,7 @@ The two GRU stacks' hidden states travel as one tensor (2 * n_rnn, B, dim): the 
 frame tier's. The tiers are two_tier.py's FrameLevelRNN and SampleLevelMLP.
 """
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
 import weakref

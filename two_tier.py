@@ -10,7 +10,7 @@ NEXT frame; the MLP predicts x[FS + t] from its conditioning vector and the FS s
 So logits[:, t] predicts x[:, FS + t] from x[:, :FS + t] only.
 """
 if __name__ == "__main__":  # before the slow imports: a Ctrl-C while they load is one line, not a traceback
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted while starting; nothing was saved")
 
 import math

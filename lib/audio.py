@@ -1,12 +1,11 @@
 """Reading and writing audio files with soundfile; finding audio in folders."""
 import errno
 import os
-import sys
 
 import numpy as np
 import soundfile as sf
 
-from lib import UserError, atomic_write
+from lib import UserError, atomic_write, warn
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
@@ -79,6 +78,3 @@ def write_pcm16(path, samples, rate):
         raise OSError(errno.EIO, f"{str(e).splitlines()[0]} (libsndfile: a full disk or a folder not writable?)") \
             from None
 
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)

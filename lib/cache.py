@@ -26,8 +26,8 @@ import zlib
 import numpy as np
 import torch
 
-from lib import UserError
-from lib.audio import BadAudio, read_mono, warn
+from lib import UserError, warn
+from lib.audio import BadAudio, read_mono
 
 VERSION = 3  # of the cache's format: a new one makes new keys (1 stored no checksum, 2 none of its index)
 BLOCK = 1 << 24  # bytes per read when checksumming

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lib import UserError, WriteError, atomic_write, script_of
-from lib.audio import warn
-from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_settings, set_aside, write_text
+from lib import UserError, WriteError, atomic_write, script_of, warn
+from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
 from lib.settings import RESUMABLE, as_run_did
 
 
@@ -85,7 +84,7 @@ def keep_if_not_own(run_dir, path):
     """Before the run writes `path`: a file there that is not the run's own readable checkpoint (another run's, one
     resume skipped as unreadable) is set aside, never replaced."""
     if os.path.exists(path):
-        _, problem = read(settings_or_none(run_dir), path, mmap=True)
+        _, problem = read(read_record(run_dir), path, mmap=True)
         if problem:
             set_aside(path, problem)
 
@@ -94,13 +93,13 @@ def best_of_run(run_dir, iteration):
     """The run's best checkpoint, of `iteration` (the metrics' best): best.pt where it is the run's own and holds
     that iteration, else the run's own checkpoint of that iteration, copied to best.pt again (what was there is set
     aside) -> (checkpoint or None, '' or one line saying what was wrong and what was done)."""
-    run, best = settings_or_none(run_dir), best_path(run_dir)
-    ckpt, problem = read(run, best) if os.path.exists(best) else (None, "missing")
+    record, best = read_record(run_dir), best_path(run_dir)
+    ckpt, problem = read(record, best) if os.path.exists(best) else (None, "missing")
     if ckpt is not None and ckpt["state"].get("iteration") == iteration:
         return ckpt, ""
     problem = problem or f"of iteration {ckpt['state'].get('iteration')}"
     source = path_at(run_dir, iteration)
-    ckpt, theirs = read(run, source) if os.path.exists(source) else (None, "missing")
+    ckpt, theirs = read(record, source) if os.path.exists(source) else (None, "missing")
     if ckpt is None:
         return None, (f"best.pt is {problem}, and the run's checkpoint of its best iteration {iteration}, "
                       f"{os.path.basename(source)}, is {theirs}")
@@ -113,8 +112,8 @@ def best_of_run(run_dir, iteration):
 def keep_newest(run_dir, keep):
     """Only the run's newest `keep` interval checkpoints stay; files of other runs (or damaged ones) are not
     counted and never removed (best.pt is a copy: what it came from may go)."""
-    run = settings_or_none(run_dir)
-    own = [p for p in paths(run_dir) if read(run, p, mmap=True)[0] is not None]
+    record = read_record(run_dir)
+    own = [p for p in paths(run_dir) if read(record, p, mmap=True)[0] is not None]
     for old in own[:-keep]:
         os.remove(old)
 
@@ -126,8 +125,8 @@ def load(path, mmap=False):
     return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
-def read(run, path, mmap=False):
-    """(checkpoint, '') when the file at `path` loads and is the run's own (`run`: its settings.json, or None when
+def read(record, path, mmap=False):
+    """(checkpoint, '') when the file at `path` loads and is the run's own (`record`: its settings.json, or None when
     there is none to compare with), else (None, why not)."""
     try:
         ckpt = load(path, mmap)
@@ -135,47 +134,40 @@ def read(run, path, mmap=False):
             raise ValueError("not a checkpoint of this repository")
     except Exception as e:  # torch raises many types for damaged files
         return None, f"unreadable ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})"
-    foreign = not_of_run(run, ckpt, os.path.basename(path)) if run is not None else ""
+    foreign = not_of_run(record, ckpt, os.path.basename(path)) if record is not None else ""
     return (None, f"not this run's ({foreign})") if foreign else (ckpt, "")
 
 
-def not_of_run(run, ckpt, name):
-    """'' if the checkpoint file `name` was saved by the run whose settings.json is `run`, else how it differs:
+def not_of_run(record, ckpt, name):
+    """'' if the checkpoint file `name` was saved by the run whose settings.json is `record`, else how it differs:
     another run's id (runs made before ids: another model or other flags), or an iteration other than its name's."""
-    if ckpt["model_id"] != run.get("model_id"):
-        return f"a {ckpt['model_id']} checkpoint in a {run.get('model_id')} run"
-    if ckpt.get("run_id") != run.get("run_id"):
-        return f"saved by run {ckpt.get('run_id') or '(made before run ids)'}, this run is {run.get('run_id')}"
+    if ckpt["model_id"] != record.get("model_id"):
+        return f"a {ckpt['model_id']} checkpoint in a {record.get('model_id')} run"
+    if ckpt.get("run_id") != record.get("run_id"):
+        return f"saved by run {ckpt.get('run_id') or '(made before run ids)'}, this run is {record.get('run_id')}"
     named = re.fullmatch(r"it(\d+)\.pt", name)
     held = ckpt["state"].get("iteration") if isinstance(ckpt["state"], dict) else None
     if named and held != int(named.group(1)):
         return f"it holds iteration {held}, not {int(named.group(1))}"
-    theirs, ours = as_run_did(ckpt["model_id"], ckpt["settings"]), as_run_did(ckpt["model_id"], run.get("settings", {}))
+    theirs, ours = as_run_did(ckpt["model_id"], ckpt["settings"]), as_run_did(ckpt["model_id"], record.get("settings", {}))
     differ = sorted(k for k in theirs.keys() & ours.keys() if k not in RESUMABLE and theirs[k] != ours[k])
     return f"--{differ[0]} {theirs[differ[0]]!r}, the run has {ours[differ[0]]!r}" if differ else ""
 
 
-def settings_or_none(run_dir):
-    try:
-        return read_settings(run_dir)
-    except UserError:
-        return None  # nothing to compare with
-
-
-def newest(run_dir, verb, run=None):
+def newest(run_dir, verb, record=None):
     """(path, checkpoint) of the run's newest own checkpoint that loads, newest first, best.pt among them by the
     iteration it holds: a damaged one (truncated, empty) or another run's is skipped with a warning. None if the
-    run has no such checkpoint. run: its settings.json, when already read."""
-    run = run if run is not None else settings_or_none(run_dir)
+    run has no such checkpoint. record: its settings.json, when already read."""
+    record = record if record is not None else read_record(run_dir)
     candidates = paths(run_dir)[::-1]
-    best, _ = read(run, best_path(run_dir), mmap=True) if os.path.exists(best_path(run_dir)) else (None, "")
+    best, _ = read(record, best_path(run_dir), mmap=True) if os.path.exists(best_path(run_dir)) else (None, "")
     if best is not None:  # a copy of an interval checkpoint, which may be gone or damaged
         at = next((i for i, p in enumerate(candidates)
                    if int(os.path.basename(p)[2:-3]) < best["state"]["iteration"]), len(candidates))
         candidates.insert(at, best_path(run_dir))
     for i, path in enumerate(candidates):
         then = f"{verb} {os.path.basename(candidates[i + 1])}" if i + 1 < len(candidates) else "no older checkpoint"
-        ckpt, problem = read(run, path)
+        ckpt, problem = read(record, path)
         if problem:
             warn(f"{os.path.basename(path)} is {problem}; {'' if problem.startswith('unreadable') else 'skipped: '}{then}")
             continue
@@ -185,16 +177,16 @@ def newest(run_dir, verb, run=None):
 
 def own(run_dir, path):
     """The checkpoint at `path`, checked to be the run's own and to load; a one-line UserError if not."""
-    ckpt, problem = read(settings_or_none(run_dir), path)
+    ckpt, problem = read(read_record(run_dir), path)
     if problem:
         raise UserError(f"{path} is {problem}")
     return ckpt
 
 
-def saved_state(run, path):
+def saved_state(record, path):
     """The training state ({'iteration': ...}) in the run's own checkpoint at `path`; {} if it is missing, damaged
     or not the run's."""
-    ckpt, _ = read(run, path, mmap=True) if os.path.exists(path) else (None, "")
+    ckpt, _ = read(record, path, mmap=True) if os.path.exists(path) else (None, "")
     return ckpt["state"] if ckpt is not None else {}
 
 
@@ -205,40 +197,40 @@ class Resumed:
     """What a session continues from: the run folder, its settings.json, and the newest own readable checkpoint
     with its path (both None for a run killed before its first checkpoint: it starts again in its own folder)."""
     run_dir: str
-    run: dict  # settings.json
+    record: dict  # settings.json, read once
     path: str = None
     ckpt: dict = None
 
     @property
     def model_id(self):
-        return self.ckpt["model_id"] if self.ckpt else self.run["model_id"]
+        return self.ckpt["model_id"] if self.ckpt else self.record["model_id"]
 
     @property
     def settings(self):
         """The run's flags under today's names (from the checkpoint: what the run last trained with)."""
-        return as_run_did(self.model_id, self.ckpt["settings"] if self.ckpt else self.run["settings"])
+        return as_run_did(self.model_id, self.ckpt["settings"] if self.ckpt else self.record["settings"])
 
 
 def resume(run_dir, model_id, world_size):
     """Everything a session continues the run in `run_dir` from, checked: the run's model, its number of
     processes, and a history it would not replace (a run with metrics rows or checkpoint files but no own
     readable checkpoint is refused: it never starts over)."""
-    run = read_settings(run_dir)
-    found = newest(run_dir, "resuming from", run)
+    record = read_settings(run_dir)
+    found = newest(run_dir, "resuming from", record)
     if found is None:
-        refuse_to_start_over(run_dir, run)
-    resumed = Resumed(run_dir, run, *(found or (None, None)))
+        refuse_to_start_over(run_dir, record)
+    resumed = Resumed(run_dir, record, *(found or (None, None)))
     if resumed.model_id != model_id:
         raise UserError(f"{run_dir} is a {resumed.model_id} run, not {model_id}: resume it with "
                         f"{script_of(resumed.model_id)}")
-    saved_world = run.get("world_size", 1)
+    saved_world = record.get("world_size", 1)
     if saved_world != world_size:
         raise UserError(f"{run_dir} was trained on {saved_world} process(es), this is {world_size}: resume it with "
                         f"the same torchrun --nproc_per_node")
     return resumed
 
 
-def refuse_to_start_over(run_dir, run):
+def refuse_to_start_over(run_dir, record):
     """A UserError when the run folder holds a history that starting from iteration 0 there would replace."""
     rows = read_metrics(run_dir, quiet=True)
     files = paths(run_dir) + [p for p in [best_path(run_dir)] if os.path.exists(p)]
@@ -247,9 +239,9 @@ def refuse_to_start_over(run_dir, run):
     history = (f"metrics up to iteration {rows[-1]['iteration']}" if rows else "no metrics") + \
         (f" and {len(files)} checkpoint file(s), none of them its own and readable" if files else
          " and no checkpoint (checkpoints/it*.pt, best.pt)")
-    command = run.get("command", "").split()
+    command = record.get("command", "").split()
     again = f"python {' '.join(command)}" if command and "--resume" not in command else \
-        f"python {script_of(run.get('model_id'))} with the flags in {run_dir}/settings.json"
+        f"python {script_of(record.get('model_id'))} with the flags in {run_dir}/settings.json"
     raise UserError(f"{run_dir} cannot be resumed: it has {history}, and starting again at iteration 0 would "
                     f"replace its history; to train these settings anew in a new run folder: {again}")
 
@@ -275,7 +267,7 @@ def load_optimizer(optimizer, state, capturable):
         group["capturable"] = capturable
 
 
-def repair(run_dir, iteration, row, source):
+def repair_record(run_dir, iteration, row, source):
     """On resume from the checkpoint `source` of `iteration`: metrics rows logged after it (and lines that are no
     metrics rows) move to RUN/metrics_set_aside.jsonl, each with why; if the checkpoint ends an interval (it holds
     the interval's row), put back that row and best.pt where a kill came before they were written."""
@@ -303,5 +295,5 @@ def repair(run_dir, iteration, row, source):
     if keep != rows or aside:
         write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
     if row is not None and row.get("best_iteration") == iteration and \
-            saved_state(settings_or_none(run_dir), best_path(run_dir)).get("iteration") != iteration:
+            saved_state(read_record(run_dir), best_path(run_dir)).get("iteration") != iteration:
         write_best(run_dir, source)

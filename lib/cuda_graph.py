@@ -37,7 +37,7 @@ class GraphedStep:
                 bits, grad_norm, h = train_step(model, optimizer, self.chunk, reset, self.h, grad_clip, precision)
                 self.h.copy_(h)
             self.graphs[reset] = (graph, bits, grad_norm)
-        restore(model, optimizer, before)
+        put_back(model, optimizer, before)
 
     def __call__(self, chunk, reset, h):
         self.chunk.copy_(chunk, non_blocking=True)
@@ -73,7 +73,7 @@ def snapshot(model, optimizer):
     return params, state
 
 
-def restore(model, optimizer, saved):
+def put_back(model, optimizer, saved):
     """Put back a snapshot in place (the graphs hold these tensors' addresses); state made since is zeroed, as
     a fresh Adam's would be."""
     params, state = saved

@@ -25,9 +25,8 @@ import zlib
 import numpy as np
 import torch
 
-from lib import UserError
-from lib import cache
-from lib.audio import find_audio, read_mono, warn
+from lib import UserError, cache, warn
+from lib.audio import find_audio, read_mono
 from lib.cache import clip_stats
 from lib.prepare import SPLITS, cut_clips
 from lib.quantize import quantize, q_zero, stretch

@@ -34,12 +34,13 @@ import zipfile
 import zlib
 
 if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load is one line, not a traceback
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted; run the same command again to resume the download")
 
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError, WriteError, run_script
+from lib import UserError, WriteError
+from lib.cli import ArgumentParser, run_script
 from lib.prepare import prepare
 
 TRIES = 3  # per file, each resuming where the last broke off

@@ -17,9 +17,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from lib import UserError, WriteError, atomic_write
-from lib.audio import BadAudio, find_audio, read_mono, warn, write_wav
-from lib.run import read_metrics, read_settings
+from lib import UserError, WriteError, atomic_write, warn
+from lib.audio import BadAudio, find_audio, read_mono, write_wav
+from lib.run import read_metrics, read_record
 
 SPECTROGRAM_COLUMNS = 400  # at most this many time steps per image: a long sample gets a coarser hop
 SPECTROGRAM_ROWS = 128  # frequency bins shown, 0 Hz to Nyquist
@@ -165,13 +165,6 @@ def write_page(path, title, body, kind):
 
 # ---- one run
 
-def settings_or_none(run_dir):
-    try:
-        return read_settings(run_dir)
-    except UserError:
-        return None
-
-
 def run_samples(run_dir):
     """{iteration: [WAV paths, by sample number]} of the samples the run holds now."""
     found = {}
@@ -203,7 +196,7 @@ def write_run_page(run_dir, quiet=False):
     """RUN/index.html from what the run folder holds now; missing spectrograms are made first. Each missing piece
     is one warning line (unless quiet: the training loop, which writes the page at each interval's end)."""
     say = (lambda m: None) if quiet else warn
-    saved = settings_or_none(run_dir) or {}
+    saved = read_record(run_dir) or {}
     flags = saved.get("settings", {})
     rows = complete_rows(run_dir, quiet)
     samples = run_samples(run_dir)

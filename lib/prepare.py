@@ -15,15 +15,16 @@ import random
 import shutil
 
 if __name__ == "__main__":  # before the slow imports: Ctrl-C while they load or while reading is one line
-    from lib import quiet_interrupts
+    from lib.cli import quiet_interrupts
     quiet_interrupts("interrupted; nothing was written (a rerun starts over)")
 
 import numpy as np
 import soxr
 from tqdm import tqdm
 
-from lib import ArgumentParser, UserError, WriteError, run_script
-from lib.audio import AUDIO_EXTENSIONS, BadAudio, find_audio, read_mono, warn, write_pcm16
+from lib import UserError, WriteError, warn
+from lib.cli import ArgumentParser, run_script
+from lib.audio import AUDIO_EXTENSIONS, BadAudio, find_audio, read_mono, write_pcm16
 
 SPLITS = ("train", "valid", "test")
 

@@ -27,8 +27,8 @@ import re
 
 import numpy as np
 
-from lib import ArgumentParser, UserError, WriteError, page, run_script
-from lib.audio import warn
+from lib import UserError, WriteError, page, warn
+from lib.cli import ArgumentParser, run_script
 from lib.cache import fingerprint_id
 from lib.plots import plot_curves
 from lib.run import read_metrics, read_settings, run_above

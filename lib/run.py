@@ -22,8 +22,7 @@ import uuid
 
 from tqdm import tqdm
 
-from lib import UserError, WriteError, atomic_write
-from lib.audio import warn
+from lib import UserError, WriteError, atomic_write, warn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,6 +140,14 @@ def read_settings(run_dir):
     if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and "model_id" in saved):
         raise UserError(f"{run_dir}/settings.json is not a run's settings (no model_id or flags in it)")
     return saved
+
+
+def read_record(run_dir):
+    """RUN/settings.json as read_settings reads it, or None where there is none to read (nothing to compare with)."""
+    try:
+        return read_settings(run_dir)
+    except UserError:
+        return None
 
 
 def write_text(path, text):

@@ -10,8 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lib import UserError, cache, checkpoint, dist, page, run
-from lib.audio import warn
+from lib import UserError, cache, checkpoint, dist, page, run, warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import write_samples
 from lib.settings import SAME_ON_EVERY_NODE, as_run_did, role
@@ -79,7 +78,7 @@ def open_session(model_id, args, model, device, tag, resumed):
                                    run.new_run_dir(args.runs_dir, f"{model_id}_{tag}")) if main else None)
     if main and not resuming:
         run.hold_run(run_dir)
-    run_id = resumed.run.get("run_id") if resuming else dist.from_rank0(run.new_run_id())
+    run_id = resumed.record.get("run_id") if resuming else dist.from_rank0(run.new_run_id())
     return Session(args=args, model_id=model_id, model=model, net=dist.wrap(model, device),
                    optimizer=make_optimizer(model, args.lr, capturable=args.cuda_graph_step), splits=splits,
                    sample_rate=sample_rate, batches=batches, device=device, run_dir=run_dir, run_id=run_id,
@@ -92,7 +91,7 @@ def check_data(resumed, splits, data, accept_changed):
     """On resume: the data must be what the run trained on (by content, wherever it lies now), unless
     accept_changed (--accept_changed_data); then the run's fingerprint becomes the new data's, and the change
     is logged in settings.json."""
-    saved, run_dir = resumed.run, resumed.run_dir
+    saved, run_dir = resumed.record, resumed.run_dir
     old, new = saved.get("data_fingerprint"), cache.fingerprint(splits)
     if old is None:
         warn(f"{run_dir} was made before runs recorded their data's fingerprint: the data is not checked")
@@ -115,7 +114,7 @@ def begin(session, n_params, resumed):
     state = {"iteration": 0, "train_secs": 0.0, "wall_secs": 0.0, "best_valid": float("inf"), "best_iteration": None,
              "since_best": 0, "interval": None}
     if resumed is None:
-        write_settings(session, n_params)
+        write_new_record(session, n_params)
         h = None
     else:
         saved, h = checkpoint.restore(resumed, session.model, session.optimizer, session.batches.rows, session.device,
@@ -129,14 +128,14 @@ def begin(session, n_params, resumed):
                 (f"; restarted by torchrun (restart {restarts}, --max_restarts)" if restarts else ""))
     if resumed and session.main:
         record_segment(session, resumed, state["iteration"])
-        repair(session, resumed, state["iteration"])
+        repair_folder(session, resumed, state["iteration"])
     if session.args.tensorboard and session.main:
         open_board(session, resumed, state["iteration"])
     log_opening(session, n_params)
     return state, h
 
 
-def write_settings(session, n_params):
+def write_new_record(session, n_params):
     """A new run's settings.json: every flag, and what the run was made with."""
     if not session.main:
         return
@@ -154,7 +153,7 @@ def record_segment(session, resumed, iteration):
     """A resumed session in the run's record (settings.json): from which iteration, its command line and the flags
     it changed; the run's flags become this session's, so the record says what the run trained with last (its
     budget, its cadence), and each change since is listed under "segments"."""
-    saved = resumed.run
+    saved = resumed.record
     before = as_run_did(session.model_id, saved["settings"])
     now = {k: v for k, v in vars(session.args).items() if k not in ("resume", "accept_changed_data", "dry_run")}
     changed = {k: [before.get(k), v] for k, v in sorted(now.items()) if before.get(k) != v}
@@ -164,13 +163,13 @@ def record_segment(session, resumed, iteration):
     run.write_settings(session.run_dir, saved)
 
 
-def repair(session, resumed, iteration):
+def repair_folder(session, resumed, iteration):
     """What a kill left: temporary files, metrics rows after the checkpoint, a missing row, best.pt, the
     checkpoint's samples, the page."""
     args, run_dir = session.args, session.run_dir
     run.remove_temporary_files(run_dir)
     row = resumed.ckpt.get("row") if resumed.ckpt else None
-    checkpoint.repair(run_dir, iteration, row, resumed.path)
+    checkpoint.repair_record(run_dir, iteration, row, resumed.path)
     paths = run.sample_paths(run_dir, iteration, args.n_samples)
     if row is not None and not all(map(os.path.exists, paths)):
         session.log(f"writing the samples of iteration {iteration}, which a stop had cut off")

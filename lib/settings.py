@@ -7,7 +7,8 @@ import re
 
 import torch
 
-from lib import DEFAULT_DATA, ArgumentParser, UserError, dist, script_of
+from lib import DEFAULT_DATA, UserError, dist, script_of
+from lib.cli import ArgumentParser
 from lib.quantize import NORMS, QTYPES, check_q_levels
 
 PRECISIONS = ("fp32", "tf32", "bf16")

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from lib import Interrupted, dist
-from lib.data import eval_chunks
 
 LN2 = math.log(2)
 EVAL_CHUNK = 2048  # samples per evaluation chunk (rounded to whole training chunks)
@@ -66,6 +65,7 @@ def to_device(chunk, device):
 def evaluate(model, split, batch_size, device, max_clips=0, stop=None):
     """Mean NLL in bits per sample over every predicted sample of the clips (all chunks, in a fixed order).
     stop: a callable checked before each chunk; when it is true, Interrupted is raised."""
+    from lib.data import eval_chunks  # here: generate.py uses this module's set_precision, not the data modules
     model.eval()
     total, count, h = 0.0, 0, None
     # longer chunks than in training give the same predictions (h is carried), with fewer calls

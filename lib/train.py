@@ -23,14 +23,15 @@ import traceback
 
 import torch
 
-from lib import Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, quiet_interrupts, run, script_of
+from lib import Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, run, script_of
+from lib.cli import quiet_interrupts
 from lib.cuda_graph import captured_at_first_call
 from lib.plots import plot_curves
 from lib.progress import Progress, rss_mb, warn_of_many_passes
-from lib.report import report
 from lib.sample import warm_up_in_background, write_samples
 from lib.session import begin, open_session
-from lib.settings import build_parser, check_same_run, check_settings, run_tag, choose_device, parse_settings, run_to_continue
+from lib.settings import (build_parser, check_same_run, check_settings, choose_device, parse_settings, run_tag,
+                          run_to_continue)
 from lib.step import evaluate, to_device, train_step
 from lib.stopping import Interrupts, NonFinite, non_finite
 
@@ -176,7 +177,7 @@ def loop(session, state, h, interrupts):
             state["wall_secs"] = time.time() - wall_start
             if due or final:
                 ended = time.time()
-                final, code = close_interval(session, state, interval, h, final, interrupts)
+                final, code = end_interval_on_every_rank(session, state, interval, h, final, interrupts)
                 if code is not None:
                     return code
                 if not final and not said_end:
@@ -185,6 +186,7 @@ def loop(session, state, h, interrupts):
                 session.model.train()
             if final:
                 if session.main:
+                    from lib.report import report  # here: training needs the report command for this line only
                     session.log("the run's row for experiments.md (python -m lib.report compares several):\n" +
                                 report([session.run_dir]))
                 return 0
@@ -279,14 +281,14 @@ def gathered(session, interval, h):
     return interval, dist.gather_rows(h)
 
 
-def close_interval(session, state, interval, h, final, interrupts):
-    """Rank 0 ends the interval (end_interval); every rank goes on from its outcome -> (final, exit status or
+def end_interval_on_every_rank(session, state, interval, h, final, interrupts):
+    """Rank 0 ends the interval (end_interval_on_rank0); every rank goes on from its outcome -> (final, exit status or
     None to go on). A signal during the evaluation or the samples saves what resuming needs to redo the rest."""
     interval, h_all = gathered(session, interval, h)
     outcome, error = None, None
     if session.main:
         try:
-            final = end_interval(session, state, interval, h_all, final)
+            final = end_interval_on_rank0(session, state, interval, h_all, final)
         except Interrupted as e:
             outcome = ("saved" if e.saved else "unsaved", interrupts.signum)
         except (NonFinite, WriteError) as e:
@@ -304,7 +306,7 @@ def close_interval(session, state, interval, h, final, interrupts):
     return final, None
 
 
-def end_interval(session, state, interval, h, final):
+def end_interval_on_rank0(session, state, interval, h, final):
     """Measure the interval (its metrics row, and at the run's end test NLL), log it, then write what it leaves
     (write_interval) -> whether the run ends here (its budget, or --patience). None of this counts as training
     time. Nothing is saved from non-finite values (NonFinite)."""

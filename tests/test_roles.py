@@ -71,7 +71,7 @@ def test_resume_compares_a_missing_flag_as_the_value_the_run_used():
     parser, presets = parser_of("twotier")
     defaults = vars(parser.parse_args([]))
     resumed = Resumed("RUN", {"model_id": "twotier", "settings": {**defaults, "mlp_first_relu": None}})
-    resumed.run["settings"].pop("mlp_first_relu")
+    resumed.record["settings"].pop("mlp_first_relu")
     args = parse_settings(parser, presets, ["--resume", "RUN", "--mlp_first_relu", "on"], resumed)
     assert args.mlp_first_relu == "on"
     with pytest.raises(Exception, match="--mlp_first_relu cannot change"):
