@@ -56,18 +56,24 @@ def load_run(path, device):
         except Exception as e:  # torch raises many types for files that are not checkpoints
             raise UserError(f"{path} is not a checkpoint ({str(e).splitlines()[0][:80]})") from None
     model_id = ckpt.get("model_id") if isinstance(ckpt, dict) else None
-    if model_id not in MODELS:
+    module = ckpt.get("module") or MODELS.get(model_id) if isinstance(ckpt, dict) else None
+    if module is None:
         raise UserError(f"{path} holds a model of unknown kind {model_id!r}: expected one of {', '.join(MODELS)}")
     settings = argparse.Namespace(**as_run_did(ckpt["model_id"], ckpt["settings"]))
-    model = model_file(model_id).build_model(settings)
+    model = model_file(module, path).build_model(settings)
     model.load_state_dict(ckpt["model"])
     return (model.to(device).eval(), settings, ckpt["sample_rate"], run_of(path), ckpt.get("state", {}).get("iteration"),
             path)
 
 
-def model_file(model_id):
-    """The model's own file (two_tier.py ...), imported when a checkpoint asks for it: lib.MODELS names them."""
-    return importlib.import_module(MODELS[model_id])
+def model_file(module, path):
+    """The model's own file (two_tier.py ...), imported when a checkpoint asks for it: the checkpoint names it
+    (older ones: lib.MODELS, by the model's id)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{path} was made by {module}.py, which cannot be imported here ({e}): run generate.py "
+                        f"where that model's file is") from None
 
 
 def run_of(path):

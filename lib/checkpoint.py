@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lib import UserError, WriteError, atomic_write, script_of, warn
+from lib import MODELS, UserError, WriteError, atomic_write, script_of, warn
 from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
 from lib.settings import RESUMABLE, as_run_did
 
@@ -28,7 +28,8 @@ from lib.settings import RESUMABLE, as_run_did
 def build(session, state, h, row):
     """The checkpoint of a session at `state` (row: the interval's metrics row, None when saved mid-interval).
     No global RNG state: nothing draws from it."""
-    return {"model_id": session.model_id, "run_id": session.run_id, "settings": vars(session.args),
+    return {"model_id": session.model_id, "module": MODELS.get(session.model_id), "run_id": session.run_id,
+            "settings": vars(session.args),
             "sample_rate": session.sample_rate, "model": session.model.state_dict(),
             "optimizer": session.optimizer.state_dict(), "state": dict(state), "row": row,
             "h": None if h is None else h.cpu()}

@@ -77,8 +77,8 @@ def default_backend(model, n):
     (lib/kernels.py, on torch's thread count) for one sequence, and for fewer than 8 of a model under 2M
     parameters: there one compiled call beats numpy's hundred calls per frame. Otherwise torch, whose matrix
     products were as fast as numpy's or faster at batch 64 (notes/performance.md)."""
-    if next(model.parameters()).device.type != "cpu":
-        return "torch"
+    if next(model.parameters()).device.type != "cpu" or "numba" not in getattr(model, "fast_backends", BACKENDS):
+        return "torch"  # (a model may offer fewer backends: fast_backends)
     small = sum(p.numel() for p in model.parameters()) < 2_000_000
     if not (n == 1 or (n < 8 and small)):
         return "torch"
@@ -103,8 +103,8 @@ def warm_up_in_background(model_id, model, flags, n):
     if n == 0 or default_backend(model, n) != "numba" or (os.cpu_count() or 1) <= torch.get_num_threads():
         return None  # without a core to spare the compile slowed the steps 5x, and ended no sooner (notes)
     from lib import MODELS
-    from lib.teams import compiled_on_disk
-    if compiled_on_disk(model_id, torch.get_num_threads()):
+    from lib.teams import KERNELS, compiled_on_disk
+    if model_id not in KERNELS or compiled_on_disk(model_id, torch.get_num_threads()):
         return None
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.Popen([sys.executable, "-c", WARM_UP, repo, MODELS[model_id], json.dumps(flags),

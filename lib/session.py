@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lib import UserError, cache, checkpoint, dist, page, run, warn
+from lib import MODELS, UserError, cache, checkpoint, dist, page, run, warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import write_samples
 from lib.settings import SAME_ON_EVERY_NODE, as_run_did, role
@@ -141,7 +141,8 @@ def write_new_record(session, n_params):
         return
     splits = session.splits
     run.write_settings(session.run_dir, {
-        "model_id": session.model_id, "run_id": session.run_id, "settings": vars(session.args), "parameters": n_params,
+        "model_id": session.model_id, "module": MODELS.get(session.model_id), "run_id": session.run_id,
+        "settings": vars(session.args), "parameters": n_params,
         "world_size": dist.world_size(), "sample_rate": session.sample_rate,
         "clips": {k: [v.n_clips, int(v.lengths.sum())] for k, v in splits.items()},
         "data_fingerprint": cache.fingerprint(splits), "device": str(session.device), "command": " ".join(sys.argv),

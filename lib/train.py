@@ -23,7 +23,7 @@ import traceback
 
 import torch
 
-from lib import Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, run, script_of
+from lib import MODELS, Interrupted, UserError, WriteError, check_torch, checkpoint, dist, page, run, script_of
 from lib.cli import quiet_interrupts
 from lib.cuda_graph import captured_at_first_call
 from lib.plots import plot_curves
@@ -39,7 +39,12 @@ SYNC_STEPS = 16  # on CUDA the step runs ahead of the host; every this many step
 
 
 def train_main(model_id, doc, add_model_args, build_model, presets, argv=None):
-    """Entry point of a model script: bad input is one line on stderr and exit status 2."""
+    """Entry point of a model script: bad input is one line on stderr and exit status 2. The model's file names
+    itself in lib.MODELS here (its runs record it), so a new model file needs no edit in lib/."""
+    module = build_model.__module__
+    if module == "__main__":  # run as python two_tier.py
+        module = os.path.splitext(os.path.basename(sys.modules["__main__"].__file__))[0]
+    MODELS.setdefault(model_id, module)
     parser = build_parser(script_of(model_id), doc, add_model_args, presets)
     threads = torch.get_num_threads()
     try:
