@@ -28,7 +28,7 @@ from lib.cli import ArgumentParser, run_script
 from lib.quantize import dequantize, normalize, quantize
 from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.run import read_settings
+from lib.run import Layout, is_run, read_settings
 from lib.settings import as_run_did, choose_device
 from lib.step import set_precision
 
@@ -48,7 +48,7 @@ def load_run(path, device):
         path, ckpt = found
     elif not os.path.isfile(path):
         raise UserError(f"{path} is neither a run folder nor a checkpoint file")
-    elif os.path.isfile(os.path.join(run_of(path), "settings.json")):
+    elif is_run(run_of(path)):
         ckpt = checkpoint.own(run_of(path), path)  # a checkpoint in a run folder must be the run's own
     else:
         try:
@@ -158,7 +158,7 @@ def output_paths(args, out_dir):
                         f"seed{args.seed}_temp{args.temperature:g}")
     paths = [f"{base}_{k:03d}.wav" for k in range(args.n)]
     plots = [f"{base}_softmax.png"] + ([f"{base}_softmax.gif"] if args.animate else []) if args.plot_softmax else []
-    if os.path.exists(os.path.join(out_dir, "settings.json")):
+    if is_run(out_dir):
         raise UserError(f"--out {out_dir} is a run folder (its index.html is the run's own page): choose another "
                         f"--out, e.g. {os.path.join(out_dir, 'generated')}")
     page.check_output(os.path.join(out_dir, "index.html"), "folder", args.overwrite, "--out's page")
@@ -187,14 +187,14 @@ def generate_files(args):
     if args.best:
         if not os.path.isdir(args.run):
             raise UserError("--best takes a run folder (it uses RUN/checkpoints/best.pt)")
-        args.run = os.path.join(args.run, "checkpoints", "best.pt")
+        args.run = Layout(args.run).best
         if not os.path.isfile(args.run):
             raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
     model, settings, rate, run_dir, iteration, ckpt_path = load_run(args.run, device)
     set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
-    out_dir = args.out or os.path.join(run_dir, "generated")
+    out_dir = args.out or Layout(run_dir).generated
     paths, plots = output_paths(args, out_dir)
 
     written, gen_secs = [], 0.0

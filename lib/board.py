@@ -14,6 +14,7 @@ import numpy as np
 
 from lib import UserError
 from lib.audio import read_mono
+from lib.run import Layout
 from lib.page import spectrogram_path
 
 SCALARS = {"train_bits": "nll/train_bits", "valid_bits": "nll/valid_bits", "test_bits": "nll/test_bits",
@@ -42,7 +43,7 @@ class Board:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError(NO_TENSORBOARD) from None
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
+        self.writer = SummaryWriter(Layout(run_dir).tensorboard, purge_step=purge)
         if with_flags:  # at step 0, which no purge drops: once per run
             self.writer.add_text("flags", "\n".join(f"    --{k} {v}" for k, v in sorted(flags.items())), 0)
             self.writer.flush()

@@ -10,7 +10,6 @@ Written to a temporary file and renamed: a kill or a full disk never leaves a pa
 the run's own (its run id; the iteration its name says), so a file copied in from another run is never continued
 from, pruned or measured. `resume` gathers everything a session continues from; `restore` puts it back.
 """
-import glob
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from lib import MODELS, UserError, WriteError, atomic_write, script_of, warn
-from lib.run import SET_ASIDE, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
+from lib.run import Layout, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
 from lib.settings import RESUMABLE, as_run_did
 
 
@@ -38,17 +37,17 @@ def build(session, state, h, row):
 def paths(run_dir):
     """The run folder's interval checkpoints it0000300.pt ..., oldest first by the iteration in the name (padded
     to 7 digits, so from iteration 10,000,000 on text order would be wrong). What they hold: read checks it."""
-    folder = os.path.join(run_dir, "checkpoints")
+    folder = Layout(run_dir).checkpoints
     names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if re.fullmatch(r"it\d+\.pt", n)]
     return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[2:-3]))]  # by number: it10000000.pt last
 
 
 def path_at(run_dir, iteration):
-    return os.path.join(run_dir, "checkpoints", f"it{iteration:07d}.pt")
+    return Layout(run_dir).checkpoint(iteration)
 
 
 def best_path(run_dir):
-    return os.path.join(run_dir, "checkpoints", "best.pt")
+    return Layout(run_dir).best
 
 
 def save(run_dir, ckpt):
@@ -280,12 +279,12 @@ def repair_record(run_dir, iteration, row, source):
     aside += [{"line": text.rstrip("\n"), "set_aside": why + f"line {n} {reason}"} for n, text, reason in others]
     for a in aside:
         warn(f"metrics.jsonl: {a['set_aside'][len(why):]}" + (f": the row of iteration {a['iteration']}"
-                                                                 if "iteration" in a else "") + f"; kept in {SET_ASIDE}")
+                                                                 if "iteration" in a else "") + f"; kept in {os.path.basename(Layout(run_dir).metrics_set_aside)}")
     for a in aside:  # the samples of intervals set aside are kept with their rows, not overwritten when redone
-        for f in glob.glob(os.path.join(run_dir, "samples", f"it{a['iteration']:07d}_*")) if "iteration" in a else ():
+        for f in Layout(run_dir).samples_of(a["iteration"]) if "iteration" in a else ():
             set_aside(f, "", quiet=True)
     if aside:
-        path = os.path.join(run_dir, SET_ASIDE)
+        path = Layout(run_dir).metrics_set_aside
         try:
             with open(path, "a") as f:
                 f.write("".join(json.dumps(a) + "\n" for a in aside))
@@ -294,7 +293,7 @@ def repair_record(run_dir, iteration, row, source):
     if row is not None and (not keep or keep[-1]["iteration"] != iteration):
         keep.append(row)
     if keep != rows or aside:
-        write_text(os.path.join(run_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
+        write_text(Layout(run_dir).metrics, "".join(json.dumps(r) + "\n" for r in keep))
     if row is not None and row.get("best_iteration") == iteration and \
             saved_state(read_record(run_dir), best_path(run_dir)).get("iteration") != iteration:
         write_best(run_dir, source)

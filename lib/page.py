@@ -19,7 +19,7 @@ import numpy as np
 
 from lib import UserError, WriteError, atomic_write, warn
 from lib.audio import BadAudio, find_audio, read_mono, write_wav
-from lib.run import read_metrics, read_record
+from lib.run import Layout, read_metrics, read_record
 
 SPECTROGRAM_COLUMNS = 400  # at most this many time steps per image: a long sample gets a coarser hop
 SPECTROGRAM_ROWS = 128  # frequency bins shown, 0 Hz to Nyquist
@@ -168,7 +168,7 @@ def write_page(path, title, body, kind):
 def run_samples(run_dir):
     """{iteration: [WAV paths, by sample number]} of the samples the run holds now."""
     found = {}
-    for wav in sorted(glob.glob(os.path.join(glob.escape(run_dir), "samples", "it*_*.wav"))):
+    for wav in Layout(run_dir).all_samples():
         m = SAMPLE_NAME.search(os.path.basename(wav))
         if m:
             found.setdefault(int(m.group(1)), []).append((int(m.group(2)), wav))
@@ -215,13 +215,13 @@ def write_run_page(run_dir, quiet=False):
     else:
         say(f"{run_dir}/settings.json is missing or not a run's settings; the page shows the metrics and samples only")
     parts.append(metrics_section(rows, best, samples))
-    if os.path.exists(os.path.join(run_dir, "curves.png")):
+    if os.path.exists(Layout(run_dir).curves):
         parts.append('<h2>Learning curves</h2><img class="curves" src="curves.png" alt="learning curves">')
     elif rows:
         say(f"{run_dir} has no curves.png")
     parts.append(samples_section(run_dir, rows, best, samples))
-    write_page(os.path.join(run_dir, "index.html"), name, "\n".join(parts), "run")
-    return os.path.join(run_dir, "index.html")
+    write_page(Layout(run_dir).page, name, "\n".join(parts), "run")
+    return Layout(run_dir).page
 
 
 def number(v, spec):

@@ -31,7 +31,7 @@ from lib import UserError, WriteError, page, warn
 from lib.cli import ArgumentParser, run_script
 from lib.cache import fingerprint_id
 from lib.plots import plot_curves
-from lib.run import read_metrics, read_settings, run_above
+from lib.run import is_run, read_metrics, read_settings, run_above
 from lib.seeds import DASH, METRICS, over_seeds, seed_groups, trained, verdict_text, verdicts
 from lib.settings import A_SETTING, SHAPES_CURVES, as_run_did, role
 
@@ -83,10 +83,10 @@ def find_runs(paths):
             unmatched.append(path)
             continue
         for p in matches or [path]:
-            if os.path.isfile(os.path.join(p, "settings.json")):
+            if is_run(p):
                 found.append(p)
-            elif os.path.isdir(p) and (children := sorted(os.path.dirname(c) for c in
-                                                          glob.glob(os.path.join(p, "*", "settings.json")))):
+            elif os.path.isdir(p) and (children := [c for c in sorted(glob.glob(os.path.join(glob.escape(p), "*")))
+                                                    if is_run(c)]):
                 found += children
             else:
                 raise UserError(f"{p} is not a run folder (no settings.json) nor a folder of runs")

@@ -25,6 +25,41 @@ from tqdm import tqdm
 from lib import UserError, WriteError, atomic_write, warn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SET_ASIDE = "metrics_set_aside.jsonl"  # rows a resume will redo, and lines that are no metrics rows: kept, not lost
+
+
+class Layout:
+    """Every path below a run folder, joined here and nowhere else."""
+
+    def __init__(self, run_dir):
+        join = os.path.join
+        self.folder = run_dir
+        self.record, self.log, self.lock = join(run_dir, "settings.json"), join(run_dir, "log.txt"), \
+            join(run_dir, ".lock")
+        self.metrics, self.metrics_set_aside = join(run_dir, "metrics.jsonl"), join(run_dir, SET_ASIDE)
+        self.checkpoints = join(run_dir, "checkpoints")
+        self.best = join(self.checkpoints, "best.pt")
+        self.samples = join(run_dir, "samples")
+        self.curves, self.page = join(run_dir, "curves.png"), join(run_dir, "index.html")
+        self.tensorboard, self.generated = join(run_dir, "tensorboard"), join(run_dir, "generated")
+
+    def checkpoint(self, iteration):
+        return os.path.join(self.checkpoints, f"it{iteration:07d}.pt")
+
+    def sample_paths(self, iteration, n_samples):
+        return [os.path.join(self.samples, f"it{iteration:07d}_{k}.wav") for k in range(n_samples)]
+
+    def samples_of(self, iteration):
+        """The files of one interval's samples (WAVs and their spectrograms)."""
+        return glob.glob(os.path.join(glob.escape(self.samples), f"it{iteration:07d}_*"))
+
+    def all_samples(self):
+        return sorted(glob.glob(os.path.join(glob.escape(self.samples), "it*_*.wav")))
+
+
+def is_run(path):
+    """Whether `path` is a run folder: it holds a record (settings.json)."""
+    return os.path.isfile(Layout(path).record)
 
 
 def new_run_dir(runs_dir, prefix):
@@ -66,7 +101,7 @@ def check_new_run_dir(path):
     if inside:
         raise UserError(f"--run_dir {path} is inside the run {inside}: give a folder outside every run")
     held = sorted(set(os.listdir(path)) - {".lock"}) if os.path.isdir(path) else []
-    runs = [n for n in held if os.path.isfile(os.path.join(path, n, "settings.json"))]
+    runs = [n for n in held if is_run(os.path.join(path, n))]
     if runs:
         raise UserError(f"--run_dir {path} is a folder of runs ({', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''})"
                         f": give it as --runs_dir {path}, or name a new run in it, e.g. --run_dir "
@@ -80,8 +115,8 @@ def run_above(path):
     """The run folder (holding settings.json) that `path` lies inside, or None."""
     here = os.path.dirname(os.path.abspath(path))
     while True:
-        if os.path.isfile(os.path.join(here, "settings.json")) and \
-                any(os.path.exists(os.path.join(here, n)) for n in ("log.txt", "metrics.jsonl", "checkpoints")):
+        layout = Layout(here)
+        if is_run(here) and any(map(os.path.exists, (layout.log, layout.metrics, layout.checkpoints))):
             return here
         parent = os.path.dirname(here)
         if parent == here:
@@ -96,7 +131,8 @@ def remove_unstarted(run_dir, folder_too):
     """A new run that failed before its first metrics row or checkpoint: what it wrote is removed (and its folder,
     when this command made it), so that no run that never trained is left to be reported or resumed. Anything
     else in the folder stays."""
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    layout = Layout(run_dir)
+    if os.path.exists(layout.metrics) or os.path.isdir(layout.checkpoints):
         return
     for name in STARTED_BY & set(os.listdir(run_dir)):
         path = os.path.join(run_dir, name)
@@ -132,7 +168,7 @@ def read_settings(run_dir):
     """RUN/settings.json, the one reader of it: a dict with the model's id and its flags, or a UserError saying why
     not (no file, not JSON, not a run's settings)."""
     try:
-        with open(os.path.join(run_dir, "settings.json")) as f:
+        with open(Layout(run_dir).record) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
         why = "no settings.json" if isinstance(e, FileNotFoundError) else f"settings.json unreadable: {str(e)[:80]}"
@@ -158,7 +194,7 @@ def write_text(path, text):
 
 
 def write_settings(run_dir, settings):
-    write_text(os.path.join(run_dir, "settings.json"), json.dumps(settings, indent=1))
+    write_text(Layout(run_dir).record, json.dumps(settings, indent=1))
 
 
 def hold_run(run_dir):
@@ -166,7 +202,7 @@ def hold_run(run_dir):
     kernel when the process ends, however): a second process on the same run is refused with one line naming
     the first."""
     try:
-        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(Layout(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # a read-only mount, another user's folder
         raise UserError(f"{run_dir} cannot be written here ({e.strerror}), so it cannot be trained on: copy it to a "
                         f"writable place and resume the copy; reading, reporting and sampling it (generate.py --out) "
@@ -200,7 +236,7 @@ def new_run_id():
 def metrics_lines(run_dir):
     """(rows, others) of RUN/metrics.jsonl: rows are JSON objects with an integer iteration; others are
     (line number, text, why) for every other line: half-written by a kill or a full disk, or not a metrics row."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = Layout(run_dir).metrics
     rows, others = [], []
     if not os.path.exists(path):
         return rows, others
@@ -225,12 +261,12 @@ def read_metrics(run_dir, quiet=False):
     """The rows of RUN/metrics.jsonl. A line that is not a metrics row is dropped with a warning (unless quiet)."""
     rows, others = metrics_lines(run_dir)
     for n, _, why in others if not quiet else ():
-        warn(f"{os.path.join(run_dir, 'metrics.jsonl')} line {n} {why}; it is ignored")
+        warn(f"{Layout(run_dir).metrics} line {n} {why}; it is ignored")
     return rows
 
 
 def append_metrics(run_dir, row):
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = Layout(run_dir).metrics
     try:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -238,11 +274,8 @@ def append_metrics(run_dir, row):
         raise WriteError(path, e) from None
 
 
-SET_ASIDE = "metrics_set_aside.jsonl"  # rows a resume will redo, and lines that are no metrics rows: kept, not lost
-
-
 def sample_paths(run_dir, iteration, n_samples):
-    return [os.path.join(run_dir, "samples", f"it{iteration:07d}_{k}.wav") for k in range(n_samples)]
+    return Layout(run_dir).sample_paths(iteration, n_samples)
 
 
 TEMPORARY = {"": r"(settings|metrics|index|curves)\.tmp\.(json|jsonl|html|png)",  # lib.atomic_write's names

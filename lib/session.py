@@ -82,7 +82,7 @@ def open_session(model_id, args, model, device, tag, resumed):
     return Session(args=args, model_id=model_id, model=model, net=dist.wrap(model, device),
                    optimizer=make_optimizer(model, args.lr, capturable=args.cuda_graph_step), splits=splits,
                    sample_rate=sample_rate, batches=batches, device=device, run_dir=run_dir, run_id=run_id,
-                   log=run.Logger(os.path.join(run_dir, "log.txt") if main else None), main=main,
+                   log=run.Logger(run.Layout(run_dir).log if main else None), main=main,
                    clips_per_step=world * args.batch_size, samples_per_step=world * args.batch_size * model.seq_len,
                    chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)
 
@@ -183,7 +183,7 @@ def open_board(session, resumed, iteration):
     purged and every interval up to the checkpoint logged from metrics.jsonl and its samples, so that intervals
     trained without the flag, or after the checkpoint, are neither missing nor shown twice."""
     from lib.board import Board  # only with the flag: a run without it never imports tensorboard
-    first = not os.path.isdir(os.path.join(session.run_dir, "tensorboard"))  # the flags text is written once
+    first = not os.path.isdir(run.Layout(session.run_dir).tensorboard)  # the flags text is written once
     session.board = Board(session.run_dir, vars(session.args), None if resumed is None else 1, first)
     for row in run.read_metrics(session.run_dir, quiet=True) if resumed else ():
         if row["iteration"] <= iteration:

@@ -10,6 +10,7 @@ import torch
 from lib import DEFAULT_DATA, UserError, dist, script_of
 from lib.cli import ArgumentParser
 from lib.quantize import NORMS, QTYPES, check_q_levels
+from lib.run import is_run
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -190,7 +191,7 @@ def run_to_continue(parser, argv):
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not (first.resume or first.run_dir):
         raise UserError("torchrun restarted this process (--max_restarts), and without --run_dir it would begin a new "
                         "run: add --run_dir RUN to the command, so that a restart continues its run")
-    if first.run_dir and os.path.exists(os.path.join(first.run_dir, "settings.json")):
+    if first.run_dir and is_run(first.run_dir):
         return first.run_dir
     return first.resume
 

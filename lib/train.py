@@ -389,7 +389,7 @@ def write_interval(session, state, interval, h, row, improved):
                       session.sample_rate, args, session.stop)
     except Interrupted:
         raise Interrupted(saved=True) from None
-    plot_curves({os.path.basename(run_dir): run.read_metrics(run_dir)}, os.path.join(run_dir, "curves.png"))
+    plot_curves({os.path.basename(run_dir): run.read_metrics(run_dir)}, run.Layout(run_dir).curves)
     page.write_run_page(run_dir, quiet=True)  # index.html, with the new samples' spectrograms
     if session.board is not None:
         session.board.interval(row, args.lr, run.sample_paths(run_dir, it, args.n_samples), session.sample_rate)
