@@ -8,6 +8,7 @@ the report. Nothing here calls a model.
   samples/        it0000300_0.wav ...: generated at every interval, from a fixed sampling seed
   curves.png      train and valid NLL by training time and by iteration
 """
+import copy
 import fcntl
 import glob
 import hashlib
@@ -165,17 +166,27 @@ def code_digest():
 
 
 def read_settings(run_dir):
-    """RUN/settings.json, the one reader of it: a dict with the model's id and its flags, or a UserError saying why
-    not (no file, not JSON, not a run's settings)."""
+    """RUN/settings.json, the one reader of it: a dict with the model's id and its flags (the caller's own copy), or
+    a UserError saying why not (no file, not JSON, not a run's settings). Read once per command: again only when
+    the file changed (its size or modification time)."""
+    path = Layout(run_dir).record
     try:
-        with open(Layout(run_dir).record) as f:
-            saved = json.load(f)
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _records:
+            with open(path) as f:
+                _records.clear()  # one run's record at a time is all a command rereads
+                _records[key] = json.load(f)
+        saved = copy.deepcopy(_records[key])
     except (OSError, ValueError) as e:
         why = "no settings.json" if isinstance(e, FileNotFoundError) else f"settings.json unreadable: {str(e)[:80]}"
         raise UserError(f"{run_dir} is not a run folder ({why}): pass a folder under runs/") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and "model_id" in saved):
         raise UserError(f"{run_dir}/settings.json is not a run's settings (no model_id or flags in it)")
     return saved
+
+
+_records = {}  # (path, mtime, size) -> the parsed record
 
 
 def read_record(run_dir):
