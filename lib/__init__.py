@@ -3,14 +3,17 @@
   models       layers.py (GRUs, weight norm), quantize.py, sample.py (the reference sampler; kernels.py and
                teams.py its compiled fast step)
   data         audio.py (reading, writing), prepare.py and download.py (datasets), cache.py, data.py (batches)
-  training     train.py (the entry and the loop), settings.py (flags), session.py (one session set up),
-               step.py (the step, evaluation), checkpoint.py (save, read, resume), run.py (the run folder),
+  training     train.py (the entry and the loop), settings.py (flags and their roles), session.py (one session
+               set up), step.py (the step, evaluation), checkpoint.py (save, read, resume), run.py (the run
+               folder: its layout, its record, what may be written over),
                stopping.py (signals, non-finite values), progress.py, dist.py (torchrun), cuda_graph.py
   reading      report.py (python -m lib.report), seeds.py (its --by_seed), page.py (pages to listen with),
                plots.py, board.py (--tensorboard)
 
-and here what every module uses: the model registry, one-line errors and warnings, atomic writes; the command
-line's parser, one-line errors and quiet Ctrl-C are in cli.py.
+  command line cli.py (the parser, one-line errors, a quiet Ctrl-C)
+
+and here what every module uses: the model registry (each model file registers itself), one-line errors and
+warnings, atomic writes.
 Nothing in lib imports a script; a model script imports only the models' modules."""
 import os
 import re
