@@ -48,7 +48,8 @@ def test_run_dir_takes_no_folder_that_is_not_a_run_or_empty(tmp_path, speech_wav
 def test_a_resume_removes_only_the_temporary_files_it_wrote(tmp_path, speech_wav):
     run_dir = train(tmp_path, speech_wav, "--stop_iters", "2", "--print_iters", "2", *QUIET)
     os.makedirs(os.path.join(run_dir, "notes"))
-    kept = [os.path.join(run_dir, "notes", "layout.tmpl"), os.path.join(run_dir, "notes", "it0000100.tmp.pt")]
+    kept = [os.path.join(run_dir, "notes", "layout.tmpl"), os.path.join(run_dir, "notes", "it0000100.tmp.pt"),
+            os.path.join(run_dir, "layout.tmpl"), os.path.join(run_dir, "checkpoints", "readme.tmp.txt")]
     for path in kept:
         open(path, "w").write("not the run's")
     left = os.path.join(run_dir, "checkpoints", "it0000004.tmp.pt")  # what a kill mid-save leaves
