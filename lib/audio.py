@@ -51,9 +51,9 @@ def say_what_is_lost(path, audio, mono):
     """One line each for what using the file loses without a word: samples beyond +-1, which every use clips (a
     float file can hold them), and channels that cancel when averaged to mono (left = -right mixes to silence)."""
     over = np.count_nonzero(np.abs(mono) > 1.0)
-    if over:
-        peak = float(np.abs(mono).max())
-        warn(f"{path}: {over / len(mono):.1%} of its samples lie beyond +-1 (peak {peak:.2f}) and are clipped to "
+    peak = float(np.abs(mono).max()) if over else 0.0
+    if over and (over >= 1e-4 * len(mono) or peak >= 1.05):  # not a lossy decoder's few overshoots of a loud file
+        warn(f"{path}: {over / len(mono):.2%} of its samples lie beyond +-1 (peak {peak:.2f}) and are clipped to "
              f"+-1: scale the file to peak below 1 (by {1 / peak:.2f}) to keep them")
     if audio.shape[1] > 1 and len(mono):
         channels, mixed = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))), float(np.sqrt(np.mean(
