@@ -42,14 +42,15 @@ def test_the_watcher_answers_while_one_torch_op_holds_the_main_thread():
 
 
 def test_the_first_signal_is_in_the_log_at_once_during_a_long_step(tmp_path):
-    """The default model on one thread, batch 16: a step of several seconds, most of it inside single torch ops,
+    """The default model on one thread, batch 64: a step of several seconds (about 7 s on a 2026 core; batch 16
+    took 1.75 s on one, too short to tell the save from the signal), most of it inside single torch ops,
     where Python's handler cannot run. Output goes to a file (block-buffered, as under nohup or tee). The line
     must be there within a second of SIGINT; the save comes only after the step."""
     out = tmp_path / "out.txt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with open(out, "w") as f:
-        proc = subprocess.Popen([sys.executable, "two_tier.py", "--frame_size", "2", "--batch_size", "16",
+        proc = subprocess.Popen([sys.executable, "two_tier.py", "--frame_size", "2", "--batch_size", "64",
                                  "--threads", "1", "--n_samples", "0", "--print_iters", "1000", "--runs_dir",
                                  str(tmp_path / "runs")], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
