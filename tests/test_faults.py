@@ -18,6 +18,7 @@ import soundfile as sf
 import torch
 from hypothesis import given, settings, strategies as st
 
+import lib.interval
 import lib.sample
 import lib.train
 from conftest import RATE, REPO, run_main, speech
@@ -102,7 +103,7 @@ def test_ctrl_c_during_an_interval_end_stops_it_and_resume_equals_the_uninterrup
     """Evaluation and sampling can take minutes on a CPU: a signal stops them at once. Cut in the evaluation, the
     checkpoint saved says the interval's end is still to do; cut in the samples (after the interval's checkpoint),
     resume writes them. Either way the resumed run equals the uninterrupted one, samples included."""
-    where = lib.train if during == "evaluate" else lib.sample  # the interval's samples are drawn there
+    where = lib.interval if during == "evaluate" else lib.sample  # the interval's samples are drawn there
     real = getattr(where, during)
 
     def ctrl_c_at_iteration_20(*a, **kw):

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conftest import run_main
-from lib.report import main as report_main, parse_windows, report, window_mean, TIME_UNITS
+from lib.report import main as report_main, report
+from lib.windows import TIME_UNITS, parse_windows, window_mean
 from test_train import SCRIPTS, train
 
 ROWS = [{"iteration": 100, "train_secs": 60.0, "train_bits": 3.0, "valid_bits": 2.9},
