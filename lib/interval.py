@@ -126,6 +126,7 @@ def write_interval(session, state, interval, h, row, improved):
     improved, the metrics row, the samples, the curves and the run's page to listen with (lib/page.py). A signal
     stops the samples (Interrupted, saying that the checkpoint was written)."""
     args, run_dir, it = session.args, session.run_dir, state["iteration"]
+    layout = run.Layout(run_dir)
     path = checkpoint.save(run_dir, checkpoint.build(session, state, h, row))
     drop_stop_checkpoint(session, path)
     if improved:
@@ -137,14 +138,14 @@ def write_interval(session, state, interval, h, row, improved):
         session.warned = True
         warn_of_many_passes(args, state, interval, session.clips_per_step, session.chunks_per_epoch, session.log)
     try:
-        write_samples(session.model, run.sample_paths(run_dir, it, args.n_samples), args.sample_secs,
+        write_samples(session.model, layout.sample_paths(it, args.n_samples), args.sample_secs,
                       session.sample_rate, args, session.stop)
     except Interrupted:
         raise Interrupted(saved=True) from None
-    plot_curves({os.path.basename(run_dir): run.read_metrics(run_dir)}, run.Layout(run_dir).curves)
+    plot_curves({os.path.basename(run_dir): run.read_metrics(run_dir)}, layout.curves)
     page.write_run_page(run_dir, quiet=True)  # index.html, with the new samples' spectrograms
     if session.board is not None:
-        session.board.interval(row, args.lr, run.sample_paths(run_dir, it, args.n_samples), session.sample_rate)
+        session.board.interval(row, args.lr, layout.sample_paths(it, args.n_samples), session.sample_rate)
     gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
 
 

@@ -285,10 +285,6 @@ def append_metrics(run_dir, row):
         raise WriteError(path, e) from None
 
 
-def sample_paths(run_dir, iteration, n_samples):
-    return Layout(run_dir).sample_paths(iteration, n_samples)
-
-
 TEMPORARY = {"": r"(settings|metrics|index|curves)\.tmp\.(json|jsonl|html|png)",  # lib.atomic_write's names
              "checkpoints": r"(it\d+|best)\.tmp\.pt", "samples": r"it\d+_\d+\.tmp\.(wav|png)"}
 

@@ -90,7 +90,7 @@ def open_session(model_id, args, model, device, tag, resumed):
 def check_data(resumed, splits, data, accept_changed):
     """On resume: the data must be what the run trained on (by content, wherever it lies now), unless
     accept_changed (--accept_changed_data); then the run's fingerprint becomes the new data's, and the change
-    is logged in settings.json."""
+    is recorded in settings.json (by rank 0, with the session's segment)."""
     saved, run_dir = resumed.record, resumed.run_dir
     old, new = saved.get("data_fingerprint"), cache.fingerprint(splits)
     if old is None:
@@ -104,8 +104,7 @@ def check_data(resumed, splits, data, accept_changed):
                         f"resume with its own data, or add --accept_changed_data to train on this")
     warn(f"training on changed data ({change}), as --accept_changed_data asks")
     saved["data_fingerprint"] = new
-    saved.setdefault("data_changes", []).append(change)
-    run.write_settings(run_dir, saved)
+    saved.setdefault("data_changes", []).append(change)  # written with the session's segment (record_segment)
 
 
 def begin(session, n_params, resumed):
@@ -171,7 +170,7 @@ def repair_folder(session, resumed, iteration):
     run.remove_temporary_files(run_dir)
     row = resumed.ckpt.get("row") if resumed.ckpt else None
     checkpoint.repair_record(run_dir, iteration, row, resumed.path)
-    paths = run.sample_paths(run_dir, iteration, args.n_samples)
+    paths = run.Layout(run_dir).sample_paths(iteration, args.n_samples)
     if row is not None and not all(map(os.path.exists, paths)):
         session.log(f"writing the samples of iteration {iteration}, which a stop had cut off")
         write_samples(session.model, paths, args.sample_secs, session.sample_rate, args)
@@ -187,7 +186,7 @@ def open_board(session, resumed, iteration):
     session.board = Board(session.run_dir, vars(session.args), None if resumed is None else 1, first)
     for row in run.read_metrics(session.run_dir, quiet=True) if resumed else ():
         if row["iteration"] <= iteration:
-            session.board.interval(row, session.args.lr, run.sample_paths(session.run_dir, row["iteration"],
+            session.board.interval(row, session.args.lr, run.Layout(session.run_dir).sample_paths(row["iteration"],
                                                                           session.args.n_samples), session.sample_rate)
 
 
