@@ -60,8 +60,8 @@ class Progress:
                             dynamic_ncols=True, file=Terminal(sys.stderr), leave=False)
         else:
             self.bar = tqdm(total=round(args.stop_time * 3600), initial=round(state["train_secs"]), disable=disable,
-                            dynamic_ncols=True, file=Terminal(sys.stderr), leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training "
-                                                           "[{elapsed}<{remaining}{postfix}]")
+                            dynamic_ncols=True, file=Terminal(sys.stderr), leave=False,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}<{remaining}{postfix}]")
         self.timing, self.timed_steps, self.timed_secs, self.last_line = False, 0, 0.0, time.time()
         self.spoken, self.rechecked, self.hinted = None, False, False
 
