@@ -75,8 +75,8 @@ def fitting_windows(runs):
         if fitted not in DEFAULT_WINDOWS and longest > 2 * shortest[key]:
             flag, unit = ("--time_windows", "s of training") if key == "train_secs" else ("--iter_windows", "iterations")
             warn(f"the {flag[2:].replace('_', ' ')} ({fitted}) are cut by the shortest run, "
-                 f"{os.path.basename(os.path.normpath(run))} ({shortest[key]:,.0f} {unit}; the longest has "
-                 f"{longest:,.0f}): set {flag} to compare the others further")
+                 f"{os.path.basename(os.path.normpath(run))} ({amount(shortest[key])} {unit}; the longest has "
+                 f"{amount(longest)}): set {flag} to compare the others further")
     return time_windows, iter_windows
 
 
@@ -85,3 +85,8 @@ def read_metrics_quietly(run_dir):
         return [r for r in read_metrics(run_dir, quiet=True) if all(is_number(r.get(k)) for k in ROW_KEYS)]
     except OSError:
         return []
+
+
+def amount(x):
+    """An iteration count with thousands separators, seconds to four significant digits."""
+    return f"{x:,}" if isinstance(x, int) else f"{x:,.4g}"
