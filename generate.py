@@ -22,9 +22,9 @@ import numpy as np
 import soxr
 import torch
 
-from lib import MODELS, UserError, WriteError, check_torch, checkpoint, page
+from lib import MODELS, UserError, WriteError, checkpoint, page
 from lib.audio import read_mono, write_wav
-from lib.cli import ArgumentParser, run_script
+from lib.cli import ArgumentParser, check_torch, run_script
 from lib.quantize import dequantize, normalize, quantize
 from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate

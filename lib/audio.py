@@ -5,7 +5,8 @@ import os
 import numpy as np
 import soundfile as sf
 
-from lib import UserError, atomic_write, warn
+from lib import UserError, warn
+from lib.run import atomic_write
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
@@ -65,7 +66,7 @@ def say_what_is_lost(path, audio, mono):
 
 
 def write_wav(path, samples, rate):
-    """Float audio in [-1, 1] -> 16-bit WAV, written to a temporary name and renamed (lib.atomic_write)."""
+    """Float audio in [-1, 1] -> 16-bit WAV, written to a temporary name and renamed (lib.run.atomic_write)."""
     atomic_write(path, lambda tmp: write_pcm16(tmp, np.clip(samples, -1.0, 1.0), rate))
 
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lib import MODELS, UserError, WriteError, atomic_write, script_of, warn
-from lib.run import Layout, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
+from lib import MODELS, UserError, WriteError, warn
+from lib.cli import script_of
+from lib.run import Layout, atomic_write, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
 from lib.settings import RESUMABLE, as_run_did
 
 
@@ -51,7 +52,7 @@ def best_path(run_dir):
 
 
 def save(run_dir, ckpt):
-    """Written to a temporary file and renamed (lib.atomic_write) -> its path. A short write (full disk, quota,
+    """Written to a temporary file and renamed (lib.run.atomic_write) -> its path. A short write (full disk, quota,
     file size limit) is a WriteError, and no partial file is left."""
     path = path_at(run_dir, ckpt["state"]["iteration"])
     try:

@@ -8,7 +8,24 @@ import re
 import signal
 import sys
 
-from lib import UserError, WriteError
+from lib import MODELS, UserError, WriteError
+
+MIN_TORCH = (2, 6)  # torch.nn.utils.get_total_norm came in 2.6, fused Adam on the CPU in 2.4
+
+
+def script_of(model_id):
+    """The script that trains a model id's runs (two_tier.py ...), for messages that say what to run."""
+    return f"{MODELS[model_id]}.py" if model_id in MODELS else "the script that made it"
+
+
+def check_torch(version):
+    """A UserError if `version` (torch.__version__) is older than MIN_TORCH: one line at start, not an
+    AttributeError at the first step."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found and tuple(map(int, found.groups())) < MIN_TORCH:
+        need = ".".join(map(str, MIN_TORCH))
+        raise UserError(f"torch {version} is older than {need}, which this repository needs: pip install "
+                        f"'torch>={need}' (README: Install)")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -6,7 +6,8 @@ import copy
 import gc
 import os
 
-from lib import Interrupted, WriteError, checkpoint, dist, page, run, script_of
+from lib import Interrupted, WriteError, checkpoint, dist, page, run
+from lib.cli import script_of
 from lib.plots import plot_curves
 from lib.progress import rss_mb, warn_of_many_passes
 from lib.sample import write_samples

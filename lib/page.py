@@ -17,9 +17,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from lib import UserError, WriteError, atomic_write, warn
+from lib import UserError, WriteError, warn
 from lib.audio import BadAudio, find_audio, read_mono, write_wav
-from lib.run import Layout, read_metrics, read_record
+from lib.run import Layout, atomic_write, read_metrics, read_record
 
 SPECTROGRAM_COLUMNS = 400  # at most this many time steps per image: a long sample gets a coarser hop
 SPECTROGRAM_ROWS = 128  # frequency bins shown, 0 Hz to Nyquist

@@ -5,7 +5,7 @@ import os
 import matplotlib
 import numpy as np
 
-from lib import atomic_write
+from lib.run import atomic_write
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402

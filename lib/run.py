@@ -23,7 +23,7 @@ import uuid
 
 from tqdm import tqdm
 
-from lib import UserError, WriteError, atomic_write, warn
+from lib import UserError, WriteError, warn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SET_ASIDE = "metrics_set_aside.jsonl"  # rows a resume will redo, and lines that are no metrics rows: kept, not lost
@@ -197,6 +197,24 @@ def read_record(run_dir):
         return None
 
 
+def atomic_write(path, write):
+    """write(tmp) to a temporary name next to `path`, then rename it over `path`: a kill, a Ctrl-C or a full disk
+    never leaves a partial `path`, and the partial temporary file is removed. OSError -> WriteError(path)."""
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"  # the extension stays last: writers such as soundfile pick the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise WriteError(path, e) from None
+        raise
+
+
 def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -285,12 +303,12 @@ def append_metrics(run_dir, row):
         raise WriteError(path, e) from None
 
 
-TEMPORARY = {"": r"(settings|metrics|index|curves)\.tmp\.(json|jsonl|html|png)",  # lib.atomic_write's names
+TEMPORARY = {"": r"(settings|metrics|index|curves)\.tmp\.(json|jsonl|html|png)",  # atomic_write's names
              "checkpoints": r"(it\d+|best)\.tmp\.pt", "samples": r"it\d+_\d+\.tmp\.(wav|png)"}
 
 
 def remove_temporary_files(run_dir):
-    """The temporary files a kill left where the run writes: its own names only (lib.atomic_write's NAME.tmp.EXT),
+    """The temporary files a kill left where the run writes: its own names only (atomic_write's NAME.tmp.EXT),
     in the run folder, checkpoints/ and samples/; nothing below them, nothing it does not write."""
     for sub, pattern in TEMPORARY.items():
         folder = os.path.join(run_dir, sub)

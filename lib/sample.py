@@ -22,15 +22,12 @@ dominate (README has the benchmark). The numpy step is the compiled one's readab
 """
 import json
 import os
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from lib import Interrupted, WriteError
-from lib.audio import write_wav
 from lib.quantize import dequantize
 
 NOISE_BLOCK = 256  # steps of noise drawn at once
@@ -85,31 +82,18 @@ def default_backend(model, n):
     return "numba"
 
 
-WARM_UP = """import argparse, importlib, json, sys
-sys.path.insert(0, sys.argv[1])
-import torch
-torch.set_num_threads(int(sys.argv[4]))
-from lib.sample import generate
-model = importlib.import_module(sys.argv[2]).build_model(argparse.Namespace(**json.loads(sys.argv[3])))
-generate(model.eval(), int(sys.argv[5]), 64, seed=0)
-"""
-
-
-def warm_up_in_background(model_id, model, flags, n):
-    """When a run's samples (n sequences of `model`, a model_id built from `flags`) will take the compiled step,
-    numba's cache lacks it and a core is left over by the training's threads: a process on that core compiles it
-    now, under lib.teams' compile_lock, so that the first interval's samples load it in about a second instead of
-    waiting 15-30 s for the compile (once per machine) -> the process, or None."""
-    if n == 0 or default_backend(model, n) != "numba" or (os.cpu_count() or 1) <= torch.get_num_threads():
-        return None  # without a core to spare the compile slowed the steps 5x, and ended no sooner (notes)
-    from lib import MODELS
+def warm_up(model_id, build_model, flags, threads, n):
+    """Started beside a training by lib/train.py (a process of its own, on a core the training leaves free): the
+    compiled step its first samples will take, compiled now under lib.teams' compile_lock where numba's cache
+    lacks it, so that the first interval's samples load it in about a second instead of waiting 15-30 s for the
+    compile (once per machine). Nothing to do for a model sampled by torch or numpy, or a step already cached."""
+    import argparse
     from lib.teams import KERNELS, compiled_on_disk
-    if model_id not in KERNELS or compiled_on_disk(model_id, torch.get_num_threads()):
-        return None
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.Popen([sys.executable, "-c", WARM_UP, repo, MODELS[model_id], json.dumps(flags),
-                             str(torch.get_num_threads()), str(n)], cwd=repo, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    torch.set_num_threads(int(threads))
+    model = build_model(argparse.Namespace(**json.loads(flags))).eval()
+    if model_id in KERNELS and default_backend(model, int(n)) == "numba" and \
+            not compiled_on_disk(model_id, int(threads)):
+        generate(model, int(n), 64, seed=0)
 
 
 def array_module(backend):
@@ -215,6 +199,7 @@ def graphed(step, example_noise, sampler):
 def write_samples(model, paths, secs, sample_rate, flags, stop=None):
     """len(paths) sequences of `secs` seconds as WAV files, drawn with the run's seed (flags.seed: the same noise
     at every interval, so that samples differ only by the weights) and decoded with its quantization."""
+    from lib.audio import write_wav  # here: a model file that imports this module loads no file writers
     if not paths:
         return
     seqs = generate(model, len(paths), max(1, round(secs * sample_rate)), seed=flags.seed, stop=stop).cpu()

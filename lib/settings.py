@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from lib import DEFAULT_DATA, UserError, dist, script_of
-from lib.cli import ArgumentParser
+from lib import DEFAULT_DATA, UserError, dist
+from lib.cli import ArgumentParser, script_of
 from lib.quantize import NORMS, QTYPES, check_q_levels
 from lib.run import is_run
 

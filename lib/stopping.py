@@ -13,7 +13,7 @@ from lib.progress import duration
 class Interrupts:
     """SIGINT (Ctrl-C), SIGTERM and SIGHUP during the loop: the first sets .signum and says so in the log at once, and the
     loop saves after the current step and exits 128 + signum; a second one aborts (KeyboardInterrupt), even inside
-    the save, whose temporary file is then removed (lib.atomic_write). Handlers are restored afterwards.
+    the save, whose temporary file is then removed (lib.run.atomic_write). Handlers are restored afterwards.
     Python runs a signal handler only between bytecodes of the main thread, which a torch op of many seconds holds;
     but its C-level handler writes each signal's number to the wakeup pipe (signal.set_wakeup_fd) as it arrives, so
     a thread that waits on the pipe answers at once, whatever the step is doing.

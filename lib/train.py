@@ -15,19 +15,19 @@ import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import time
 import traceback
 
 import torch
 
-from lib import MODELS, UserError, WriteError, check_torch, checkpoint, dist, run, script_of
-from lib.cli import quiet_interrupts
+from lib import MODELS, UserError, WriteError, checkpoint, dist, run
+from lib.cli import check_torch, quiet_interrupts, script_of
 from lib.cuda_graph import captured_at_first_call
 from lib.interval import (continue_command, end_interval_on_every_rank, gathered, interrupted, new_interval,
                           patience_reached)
 from lib.progress import Progress
-from lib.sample import warm_up_in_background
 from lib.session import begin, open_session
 from lib.settings import (build_parser, check_same_run, check_settings, choose_device, parse_settings, run_tag,
                           run_to_continue)
@@ -123,7 +123,7 @@ def train_session(session, n_params, resumed):
     try:
         state, h = begin(session, n_params, resumed)
         if session.main:  # the samplers' compile, beside the training (once per machine)
-            warming = warm_up_in_background(session.model_id, session.model, vars(session.args), session.args.n_samples)
+            warming = compile_samplers_beside(session)
         with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:
             session.stop = interrupts.requested
             return loop(session, state, h, interrupts)
@@ -142,6 +142,25 @@ def train_session(session, n_params, resumed):
         if warming is not None and warming.poll() is None:
             warming.kill()  # a run shorter than the compile: the next one compiles (nothing half-written is read)
             warming.wait()
+
+
+def compile_samplers_beside(session):
+    """Where a CPU run samples and a core is left over by the training's threads: a process on that core that
+    compiles the samplers now if numba's cache lacks them (lib.sample.warm_up), so that the first samples need not
+    wait for it. Without a core to spare it slowed the steps 5x and ended no sooner (notes/performance.md)."""
+    threads, args = torch.get_num_threads(), session.args
+    if session.device.type != "cpu" or not args.n_samples or (os.cpu_count() or 1) <= threads:
+        return None
+    return subprocess.Popen([sys.executable, "-c", WARM_UP, session.model_id, MODELS[session.model_id],
+                             json.dumps(vars(args)), str(threads), str(args.n_samples)], cwd=run.REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+WARM_UP = """import importlib, sys
+from lib.sample import warm_up
+model_id, module, flags, threads, n = sys.argv[1:]
+warm_up(model_id, importlib.import_module(module).build_model, flags, threads, n)
+"""  # a process of the model's script: lib never imports one
 
 
 def last_checkpoint(run_dir):

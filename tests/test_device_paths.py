@@ -3,7 +3,8 @@ once each, the GRUs outside autocast, DDP without the unused-parameter search, t
 import pytest
 import torch
 
-from lib import UserError, check_torch
+from lib import UserError
+from lib.cli import check_torch
 from lib.data import load_splits
 from lib.layers import GRUStack
 from lib.checkpoint import load_optimizer

@@ -23,11 +23,11 @@ import lib.sample
 import lib.train
 from conftest import RATE, REPO, run_main, speech
 from generate import main as generate_main
-from lib import WriteError, atomic_write
+from lib import WriteError
 from lib.prepare import main as prepare_main
 from lib.quantize import QTYPES, quantize
 from lib.checkpoint import paths as checkpoint_paths
-from lib.run import read_metrics
+from lib.run import atomic_write, read_metrics
 from lib.stopping import Interrupts
 from test_train import SCRIPTS, final_params, losses, train
 

@@ -17,7 +17,7 @@ SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 
 LIB = sorted("lib." + os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "lib", "*.py"))
              if not p.endswith("__init__.py")) + ["lib"]
 # what a model is made of; the loop, the run folder, the report, the pages, DDP and signals are not
-MODEL_PARTS = {"lib", "lib.audio", "lib.layers", "lib.quantize", "lib.sample", "lib.kernels", "lib.teams"}
+MODEL_PARTS = {"lib", "lib.layers", "lib.quantize", "lib.sample", "lib.kernels", "lib.teams"}
 MAX_DEPTH = 7  # modules in the longest import-time chain
 MAX_LINES = 60  # per function
 README_LINES = 170
