@@ -3,10 +3,11 @@
   models       layers.py (GRUs, weight norm), quantize.py, sample.py (the reference sampler; kernels.py and
                teams.py its compiled fast step)
   data         audio.py (reading, writing), prepare.py and download.py (datasets), cache.py, data.py (batches)
-  training     train.py (the entry and the loop), interval.py (an interval's end), settings.py (flags and
-               their roles), session.py (one session set up), step.py (the step, evaluation), checkpoint.py
+  training     train.py (the entry, the loop, an interval's end), settings.py (flags and their roles),
+               session.py (one session set up), step.py (the step, evaluation, non-finite values), checkpoint.py
                (save, read, resume), run.py (the run folder: its layout, its record, what may be written over),
-               stopping.py (signals, non-finite values), progress.py, dist.py (torchrun), cuda_graph.py
+               terminal.py (the progress a person sees, the signals that stop a run), dist.py (torchrun),
+               cuda_graph.py
   reading      report.py (python -m lib.report), windows.py (its windows of train NLL), seeds.py (--by_seed),
                page.py (pages to listen with), plots.py, board.py (--tensorboard)
   command line cli.py (the parser, one-line errors, a quiet Ctrl-C)

@@ -1,7 +1,10 @@
 """One training session set up: the data (checked against the run's on resume), the model and Adam on the device,
-the run folder new or restored (with what a kill left repaired), and the opening lines of its log."""
+the run folder new or restored (with what a kill left repaired), the opening lines of its log, and the samplers'
+compile beside it."""
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -208,3 +211,22 @@ def log_opening(session, n_params):
     if batches.with_replacement:
         session.log(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
                     f"each batch draws segments with replacement")
+
+
+def compile_samplers_beside(session):
+    """Where a CPU run samples and a core is left over by the training's threads: a process on that core that
+    compiles the samplers now if numba's cache lacks them (lib.sample.warm_up), so that the first samples need not
+    wait for it. Without a core to spare it slowed the steps 5x and ended no sooner (notes/performance.md)."""
+    threads, args = torch.get_num_threads(), session.args
+    if session.device.type != "cpu" or not args.n_samples or (os.cpu_count() or 1) <= threads:
+        return None
+    return subprocess.Popen([sys.executable, "-c", WARM_UP, session.model_id, MODELS[session.model_id],
+                             json.dumps(vars(args)), str(threads), str(args.n_samples)], cwd=run.REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+WARM_UP = """import importlib, sys
+from lib.sample import warm_up
+model_id, module, flags, threads, n = sys.argv[1:]
+warm_up(model_id, importlib.import_module(module).build_model, flags, threads, n)
+"""  # a process of the model's script: lib never imports one

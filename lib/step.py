@@ -82,3 +82,13 @@ def evaluate(model, split, batch_size, device, max_clips=0, stop=None):
                                  reduction="sum").item()
         count += logits.shape[0] * logits.shape[1]
     return total / count / LN2
+
+
+class NonFinite(Exception):
+    """Training produced a non-finite value; nothing from it was saved."""
+
+
+def non_finite(model, values):
+    """Names of what is not finite: 'parameters' and the keys of `values` ({name: float})."""
+    bad = [] if all(torch.isfinite(p).all() for p in model.parameters()) else ["parameters"]
+    return bad + [name for name, v in values.items() if not math.isfinite(v)]

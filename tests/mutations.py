@@ -37,7 +37,7 @@ MUTATIONS = {
     "prime_written_as_zeros": ("generate.py", "head = dequantize(prime, settings.q_levels, settings.qtype).numpy()",
                                "head = 0 * dequantize(prime, settings.q_levels, settings.qtype).numpy()",
                                "tests/test_sample.py::test_generate_from_a_checkpoint_with_a_prime_at_another_rate"),
-    "nan_reaches_a_checkpoint": ("lib/interval.py", "    if bad:\n        raise NonFinite(f\"non-finite {', '.join(bad)} "
+    "nan_reaches_a_checkpoint": ("lib/train.py", "    if bad:\n        raise NonFinite(f\"non-finite {', '.join(bad)} "
                                  "at iteration {it}\")\n    if final:",
                                  "    if final:",
                                  "tests/test_faults.py::test_non_finite_values_never_reach_a_checkpoint"),
@@ -65,7 +65,7 @@ MUTATIONS = {
     "page_links_absolute": ("lib/page.py", 'return quote(os.path.relpath(path, page_dir).replace(os.sep, "/"))',
                             'return "file://" + quote(os.path.abspath(path))',
                             "tests/test_page.py::test_the_run_page_in_a_browser"),
-    "page_not_rewritten": ("lib/interval.py", "    page.write_run_page(run_dir, quiet=True)", "    pass",
+    "page_not_rewritten": ("lib/train.py", "    page.write_run_page(run_dir, quiet=True)", "    pass",
                            "tests/test_page.py::test_a_fresh_run_writes_its_page_with_every_interval_and_sample"),
     "threetier_kernel_reads_ahead": ("lib/kernels.py", "x_in[r, j] = reals[win[r, s - fs + j]]",
                                      "x_in[r, j] = reals[win[r, s + j - 1]]",
@@ -125,7 +125,7 @@ MUTATIONS = {
     "segment_reads_before_itself": ("lib/data.py", "        if start < 0:  # before the segment",
                                     "        if False:  # before the segment",
                                     "tests/test_data.py::test_clips_of_unequal_length_are_walked_whole"),
-    "signal_line_after_the_step": ("lib/stopping.py", "                if self.seen == 1:\n                    self.arrived(signum)",
+    "signal_line_after_the_step": ("lib/terminal.py", "                if self.seen == 1:\n                    self.arrived(signum)",
                                    "                pass",
                                    "tests/test_ctrl_c.py::test_the_watcher_answers_while_one_torch_op_holds_the_main_thread"),
     "log_not_flushed": ("lib/run.py", "        sys.stdout.flush()  # a log redirected", "        pass  # a log redirected",

@@ -14,7 +14,7 @@ import generate
 import lib.download
 import lib.prepare
 import lib.report
-import lib.progress
+import lib.terminal
 import lib.settings
 import lib.train
 import three_tier
@@ -98,7 +98,7 @@ def test_readme_commands_parse():
 def test_progress_lines_without_a_terminal(tmp_path, speech_wav, capsys, monkeypatch):
     """Under nohup or with output to a file there is no bar: a plain progress line instead (every 5 minutes;
     here every step), and once the measured speed with when the first interval and the end come."""
-    monkeypatch.setattr(lib.progress, "PROGRESS_SECS", 0)
+    monkeypatch.setattr(lib.terminal, "PROGRESS_SECS", 0)
     train(tmp_path, speech_wav, "--n_samples", "0")
     out = capsys.readouterr().out
     (speed,) = [s for s in out.splitlines() if s.startswith("speed: ")]
@@ -114,7 +114,7 @@ def test_speed_line_on_a_device_that_runs_ahead_times_whole_waits():
     lines, sync = [], lib.train.SYNC_STEPS
     args = argparse.Namespace(stop_iters=0, stop_time=1.0, print_iters=0, print_time=3600.0)
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
-    progress = lib.progress.Progress(args, state, lines.append, torch.device("cuda"), 1000, shown=False)
+    progress = lib.terminal.Progress(args, state, lines.append, torch.device("cuda"), 1000, shown=False)
     for i in range(1, 2 * sync + 1):
         waited = i % sync == 0
         secs = 0.1 * sync if waited else 0.0  # the wait takes the time of the steps queued since the last one
@@ -160,7 +160,7 @@ def test_a_speed_line_proven_wrong_is_said_again():
     lines = []
     args = argparse.Namespace(stop_iters=300, stop_time=12.0, print_iters=100, print_time=3600.0)
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
-    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 1000, shown=False)
+    progress = lib.terminal.Progress(args, state, lines.append, torch.device("cpu"), 1000, shown=False)
     for i in range(1, 80):
         secs = 0.8 if i <= 6 else 0.08
         state["iteration"], interval["steps"] = i, i
@@ -180,7 +180,7 @@ def test_a_slow_first_step_is_said_at_once_and_only_a_slow_model_is_called_sized
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
     lines = []
     args = argparse.Namespace(stop_iters=0, stop_time=12.0, print_iters=0, print_time=3600.0)
-    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 8192, shown=False)
+    progress = lib.terminal.Progress(args, state, lines.append, torch.device("cpu"), 8192, shown=False)
     state["iteration"], interval["steps"], interval["secs"] = 1, 1, 30.0
     progress.step(state, interval, 30.0, synced=True)
     assert lines[0].startswith("the first step (with its warm-up): 30.000 s per iteration"), lines
@@ -189,7 +189,7 @@ def test_a_slow_first_step_is_said_at_once_and_only_a_slow_model_is_called_sized
     lines.clear()
     args = argparse.Namespace(stop_iters=0, stop_time=12.0, print_iters=100000, print_time=3600.0)
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
-    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 256, shown=False)
+    progress = lib.terminal.Progress(args, state, lines.append, torch.device("cpu"), 256, shown=False)
     for i in range(1, 10):
         state["iteration"], interval["steps"] = i, i
         progress.step(state, interval, 0.004, synced=True)

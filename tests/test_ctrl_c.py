@@ -9,7 +9,7 @@ import time
 import torch
 
 from conftest import REPO
-from lib.stopping import Interrupts
+from lib.terminal import Interrupts
 from test_faults import wait_for
 
 

@@ -18,9 +18,8 @@ import soundfile as sf
 import torch
 from hypothesis import given, settings, strategies as st
 
-import lib.interval
-import lib.sample
 import lib.train
+import lib.sample
 from conftest import RATE, REPO, run_main, speech
 from generate import main as generate_main
 from lib import WriteError
@@ -28,7 +27,7 @@ from lib.prepare import main as prepare_main
 from lib.quantize import QTYPES, quantize
 from lib.checkpoint import paths as checkpoint_paths
 from lib.run import atomic_write, read_metrics
-from lib.stopping import Interrupts
+from lib.terminal import Interrupts
 from test_train import SCRIPTS, final_params, losses, train
 
 SCRIPT_FILES = {"twotier": "two_tier.py", "baseline": "baseline.py", "threetier": "three_tier.py"}
@@ -103,7 +102,7 @@ def test_ctrl_c_during_an_interval_end_stops_it_and_resume_equals_the_uninterrup
     """Evaluation and sampling can take minutes on a CPU: a signal stops them at once. Cut in the evaluation, the
     checkpoint saved says the interval's end is still to do; cut in the samples (after the interval's checkpoint),
     resume writes them. Either way the resumed run equals the uninterrupted one, samples included."""
-    where = lib.interval if during == "evaluate" else lib.sample  # the interval's samples are drawn there
+    where = lib.train if during == "evaluate" else lib.sample  # the interval's samples are drawn there
     real = getattr(where, during)
 
     def ctrl_c_at_iteration_20(*a, **kw):

@@ -59,11 +59,11 @@ def test_the_end_of_the_run_counts_the_interval_ends_still_to_come():
     """A run that ended 162 s after it started had been told 'about 80 s': training only. After the first interval
     end the run says when it ends with the ends still to come counted."""
     import argparse
-    import lib.progress
+    import lib.terminal
     lines = []
     args = argparse.Namespace(stop_iters=300, stop_time=12.0, print_iters=100, print_time=3600.0)
     state, interval = {"iteration": 0, "train_secs": 0.0}, {"secs": 0.0, "steps": 0, "bits": 0.0}
-    progress = lib.progress.Progress(args, state, lines.append, torch.device("cpu"), 1000, shown=False)
+    progress = lib.terminal.Progress(args, state, lines.append, torch.device("cpu"), 1000, shown=False)
     for i in range(1, 101):
         state["iteration"], interval["steps"] = i, i
         state["train_secs"] += 0.3

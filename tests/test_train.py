@@ -237,13 +237,13 @@ def test_best_checkpoint_epochs_and_patience(tmp_path, speech_wav, monkeypatch, 
     rows say which iteration is best and how many passes over the train split were made, --patience 2 stops the
     run two intervals after the best one with test NLL measured on the last and on the best weights, and the
     first interval warns that the budget would pass over the data far more than 20 times."""
-    import lib.interval
-    real = lib.interval.evaluate
+    import lib.train
+    real = lib.train.evaluate
     scripted = iter([3.0, 2.9, 2.95, 2.96, 2.97])
 
     def valid_as_scripted(model, levels, batch_size, device, max_clips=0, stop=None):
         return next(scripted) if max_clips else real(model, levels, batch_size, device, max_clips, stop)
-    monkeypatch.setattr(lib.interval, "evaluate", valid_as_scripted)
+    monkeypatch.setattr(lib.train, "evaluate", valid_as_scripted)
     run_dir = train(tmp_path, speech_wav, "--print_iters", "5", "--stop_iters", "100000", "--patience", "2")
     rows = read_metrics(run_dir)
     assert [r["iteration"] for r in rows] == [5, 10, 15, 20]
