@@ -28,7 +28,7 @@ from lib.cli import ArgumentParser, check_torch, run_script
 from lib.quantize import dequantize, normalize, quantize
 from lib.plots import animate_softmax, plot_softmax
 from lib.sample import BACKENDS, generate
-from lib.run import Layout, is_run, read_settings
+from lib.run import Run, is_run
 from lib.settings import as_run_did, choose_device
 from lib.step import set_precision
 
@@ -40,8 +40,8 @@ def load_run(path, device):
     """(model in eval mode, settings namespace, sample_rate, run folder, iteration, checkpoint path) from a run
     folder (its newest checkpoint that loads) or a checkpoint."""
     if os.path.isdir(path):
-        run = read_settings(path)  # a folder that is no run at all gets its own message
-        found = checkpoint.newest(path, "generating from", run)
+        run = Run(path)
+        found = checkpoint.newest(run, "generating from", run.record())  # a folder that is no run: its own message
         if found is None:
             raise UserError(f"{path} has no readable checkpoint (checkpoints/it*.pt): pass a run folder that has "
                             f"trained for at least one interval, or a checkpoint file")
@@ -49,7 +49,7 @@ def load_run(path, device):
     elif not os.path.isfile(path):
         raise UserError(f"{path} is neither a run folder nor a checkpoint file")
     elif is_run(run_of(path)):
-        ckpt = checkpoint.own(run_of(path), path)  # a checkpoint in a run folder must be the run's own
+        ckpt = checkpoint.own(Run(run_of(path)), path)  # a checkpoint in a run folder must be the run's own
     else:
         try:
             ckpt = checkpoint.load(path)
@@ -160,7 +160,7 @@ def output_paths(args, out_dir):
     plots = [f"{base}_softmax.png"] + ([f"{base}_softmax.gif"] if args.animate else []) if args.plot_softmax else []
     if is_run(out_dir):
         raise UserError(f"--out {out_dir} is a run folder (its index.html is the run's own page): choose another "
-                        f"--out, e.g. {os.path.join(out_dir, 'generated')}")
+                        f"--out, e.g. {Run(out_dir).generated}")
     page.check_output(os.path.join(out_dir, "index.html"), "folder", args.overwrite, "--out's page")
     existing = [p for p in paths + plots if os.path.exists(p)]
     if existing and not args.overwrite:
@@ -187,14 +187,14 @@ def generate_files(args):
     if args.best:
         if not os.path.isdir(args.run):
             raise UserError("--best takes a run folder (it uses RUN/checkpoints/best.pt)")
-        args.run = Layout(args.run).best
+        args.run = Run(args.run).best
         if not os.path.isfile(args.run):
             raise UserError(f"{args.run} does not exist: the run has not finished an interval with this version")
     model, settings, rate, run_dir, iteration, ckpt_path = load_run(args.run, device)
     set_precision(getattr(settings, "precision", "tf32"))  # as the run's own samples were made (TF32 on CUDA)
     prime = load_prime(args.prime, settings, rate, model.overlap) if args.prime else None
     length = max(1, round(args.secs * rate))
-    out_dir = args.out or Layout(run_dir).generated
+    out_dir = args.out or Run(run_dir).generated
     paths, plots = output_paths(args, out_dir)
 
     written, gen_secs = [], 0.0

@@ -14,7 +14,6 @@ import numpy as np
 
 from lib import UserError
 from lib.audio import read_mono
-from lib.run import Layout
 from lib.page import spectrogram_path
 
 SCALARS = {"train_bits": "nll/train_bits", "valid_bits": "nll/valid_bits", "test_bits": "nll/test_bits",
@@ -38,12 +37,12 @@ class Board:
     """The run's event files. purge: the first step whose events are redone and so dropped (None for a new run;
     1 for a resumed one, which lib.session writes anew from the run's record); with_flags: write the flags' text."""
 
-    def __init__(self, run_dir, flags, purge, with_flags=True):
+    def __init__(self, run, flags, purge, with_flags=True):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError(NO_TENSORBOARD) from None
-        self.writer = SummaryWriter(Layout(run_dir).tensorboard, purge_step=purge)
+        self.writer = SummaryWriter(run.tensorboard, purge_step=purge)
         if with_flags:  # at step 0, which no purge drops: once per run
             self.writer.add_text("flags", "\n".join(f"    --{k} {v}" for k, v in sorted(flags.items())), 0)
             self.writer.flush()

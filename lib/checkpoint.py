@@ -21,7 +21,7 @@ import torch
 
 from lib import MODELS, UserError, WriteError, warn
 from lib.cli import script_of
-from lib.run import Layout, atomic_write, metrics_lines, read_metrics, read_record, read_settings, set_aside, write_text
+from lib.run import atomic_write, set_aside, write_text
 from lib.settings import RESUMABLE, as_run_did
 
 
@@ -35,29 +35,21 @@ def build(session, state, h, row):
             "h": None if h is None else h.cpu()}
 
 
-def paths(run_dir):
+def paths(run):
     """The run folder's interval checkpoints it0000300.pt ..., oldest first by the iteration in the name (padded
     to 7 digits, so from iteration 10,000,000 on text order would be wrong). What they hold: read checks it."""
-    folder = Layout(run_dir).checkpoints
+    folder = run.checkpoints
     names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if re.fullmatch(r"it\d+\.pt", n)]
     return [os.path.join(folder, n) for n in sorted(names, key=lambda n: int(n[2:-3]))]  # by number: it10000000.pt last
 
 
-def path_at(run_dir, iteration):
-    return Layout(run_dir).checkpoint(iteration)
-
-
-def best_path(run_dir):
-    return Layout(run_dir).best
-
-
-def save(run_dir, ckpt):
+def save(run, ckpt):
     """Written to a temporary file and renamed (lib.run.atomic_write) -> its path. A short write (full disk, quota,
     file size limit) is a WriteError, and no partial file is left."""
-    path = path_at(run_dir, ckpt["state"]["iteration"])
+    path = run.checkpoint(ckpt["state"]["iteration"])
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        keep_if_not_own(run_dir, path)
+        keep_if_not_own(run, path)
     except OSError as e:
         raise WriteError(os.path.dirname(path), e) from None
 
@@ -72,49 +64,49 @@ def save(run_dir, ckpt):
     return path
 
 
-def write_best(run_dir, checkpoint):
+def write_best(run, checkpoint):
     """checkpoints/best.pt: a copy of the checkpoint with the best valid NLL so far, written atomically."""
     try:
-        keep_if_not_own(run_dir, best_path(run_dir))
+        keep_if_not_own(run, run.best)
     except OSError as e:
-        raise WriteError(best_path(run_dir), e) from None
-    atomic_write(best_path(run_dir), lambda tmp: shutil.copyfile(checkpoint, tmp))
+        raise WriteError(run.best, e) from None
+    atomic_write(run.best, lambda tmp: shutil.copyfile(checkpoint, tmp))
 
 
-def keep_if_not_own(run_dir, path):
+def keep_if_not_own(run, path):
     """Before the run writes `path`: a file there that is not the run's own readable checkpoint (another run's, one
     resume skipped as unreadable) is set aside, never replaced."""
     if os.path.exists(path):
-        _, problem = read(read_record(run_dir), path, mmap=True)
+        _, problem = read(run.record_or_none(), path, mmap=True)
         if problem:
             set_aside(path, problem)
 
 
-def best_of_run(run_dir, iteration):
+def best_of_run(run, iteration):
     """The run's best checkpoint, of `iteration` (the metrics' best): best.pt where it is the run's own and holds
     that iteration, else the run's own checkpoint of that iteration, copied to best.pt again (what was there is set
     aside) -> (checkpoint or None, '' or one line saying what was wrong and what was done)."""
-    record, best = read_record(run_dir), best_path(run_dir)
+    record, best = run.record_or_none(), run.best
     ckpt, problem = read(record, best) if os.path.exists(best) else (None, "missing")
     if ckpt is not None and ckpt["state"].get("iteration") == iteration:
         return ckpt, ""
     problem = problem or f"of iteration {ckpt['state'].get('iteration')}"
-    source = path_at(run_dir, iteration)
+    source = run.checkpoint(iteration)
     ckpt, theirs = read(record, source) if os.path.exists(source) else (None, "missing")
     if ckpt is None:
         return None, (f"best.pt is {problem}, and the run's checkpoint of its best iteration {iteration}, "
                       f"{os.path.basename(source)}, is {theirs}")
     if os.path.exists(best):
         set_aside(best, problem)
-    write_best(run_dir, source)
+    write_best(run, source)
     return ckpt, f"best.pt was {problem}: rebuilt from {os.path.basename(source)}, the run's best"
 
 
-def keep_newest(run_dir, keep):
+def keep_newest(run, keep):
     """Only the run's newest `keep` interval checkpoints stay; files of other runs (or damaged ones) are not
     counted and never removed (best.pt is a copy: what it came from may go)."""
-    record = read_record(run_dir)
-    own = [p for p in paths(run_dir) if read(record, p, mmap=True)[0] is not None]
+    record = run.record_or_none()
+    own = [p for p in paths(run) if read(record, p, mmap=True)[0] is not None]
     for old in own[:-keep]:
         os.remove(old)
 
@@ -150,22 +142,25 @@ def not_of_run(record, ckpt, name):
     held = ckpt["state"].get("iteration") if isinstance(ckpt["state"], dict) else None
     if named and held != int(named.group(1)):
         return f"it holds iteration {held}, not {int(named.group(1))}"
+    raw = record.get("settings", {})
+    if all(ckpt["settings"].get(k) == raw.get(k) for k in ckpt["settings"].keys() | raw.keys() if k not in RESUMABLE):
+        return ""  # the same flags, as the run's own checkpoints hold: nothing to translate (as_run_did)
     theirs, ours = as_run_did(ckpt["model_id"], ckpt["settings"]), as_run_did(ckpt["model_id"], record.get("settings", {}))
     differ = sorted(k for k in theirs.keys() & ours.keys() if k not in RESUMABLE and theirs[k] != ours[k])
     return f"--{differ[0]} {theirs[differ[0]]!r}, the run has {ours[differ[0]]!r}" if differ else ""
 
 
-def newest(run_dir, verb, record=None):
+def newest(run, verb, record=None):
     """(path, checkpoint) of the run's newest own checkpoint that loads, newest first, best.pt among them by the
     iteration it holds: a damaged one (truncated, empty) or another run's is skipped with a warning. None if the
     run has no such checkpoint. record: its settings.json, when already read."""
-    record = record if record is not None else read_record(run_dir)
-    candidates = paths(run_dir)[::-1]
-    best, _ = read(record, best_path(run_dir), mmap=True) if os.path.exists(best_path(run_dir)) else (None, "")
+    record = record if record is not None else run.record_or_none()
+    candidates = paths(run)[::-1]
+    best, _ = read(record, run.best, mmap=True) if os.path.exists(run.best) else (None, "")
     if best is not None:  # a copy of an interval checkpoint, which may be gone or damaged
         at = next((i for i, p in enumerate(candidates)
                    if int(os.path.basename(p)[2:-3]) < best["state"]["iteration"]), len(candidates))
-        candidates.insert(at, best_path(run_dir))
+        candidates.insert(at, run.best)
     for i, path in enumerate(candidates):
         then = f"{verb} {os.path.basename(candidates[i + 1])}" if i + 1 < len(candidates) else "no older checkpoint"
         ckpt, problem = read(record, path)
@@ -176,9 +171,9 @@ def newest(run_dir, verb, record=None):
     return None
 
 
-def own(run_dir, path):
+def own(run, path):
     """The checkpoint at `path`, checked to be the run's own and to load; a one-line UserError if not."""
-    ckpt, problem = read(read_record(run_dir), path)
+    ckpt, problem = read(run.record_or_none(), path)
     if problem:
         raise UserError(f"{path} is {problem}")
     return ckpt
@@ -197,44 +192,41 @@ def saved_state(record, path):
 class Resumed:
     """What a session continues from: the run folder, its settings.json, and the newest own readable checkpoint
     with its path (both None for a run killed before its first checkpoint: it starts again in its own folder)."""
-    run_dir: str
+    run: object  # lib.run.Run
     record: dict  # settings.json, read once
     path: str = None
     ckpt: dict = None
 
-    @property
-    def model_id(self):
-        return self.ckpt["model_id"] if self.ckpt else self.record["model_id"]
-
-    @property
-    def settings(self):
-        """The run's flags under today's names (from the checkpoint: what the run last trained with)."""
-        return as_run_did(self.model_id, self.ckpt["settings"] if self.ckpt else self.record["settings"])
+    def __post_init__(self):
+        source = self.ckpt or self.record
+        self.model_id = source["model_id"]
+        self.settings = as_run_did(self.model_id, source["settings"])  # the run's flags under today's names (from
+        # the checkpoint: what the run last trained with)
 
 
-def resume(run_dir, model_id, world_size):
-    """Everything a session continues the run in `run_dir` from, checked: the run's model, its number of
+def resume(run, model_id, world_size):
+    """Everything a session continues the run in `run` from, checked: the run's model, its number of
     processes, and a history it would not replace (a run with metrics rows or checkpoint files but no own
     readable checkpoint is refused: it never starts over)."""
-    record = read_settings(run_dir)
-    found = newest(run_dir, "resuming from", record)
+    record = run.record()
+    found = newest(run, "resuming from", record)
     if found is None:
-        refuse_to_start_over(run_dir, record)
-    resumed = Resumed(run_dir, record, *(found or (None, None)))
+        refuse_to_start_over(run, record)
+    resumed = Resumed(run, record, *(found or (None, None)))
     if resumed.model_id != model_id:
-        raise UserError(f"{run_dir} is a {resumed.model_id} run, not {model_id}: resume it with "
+        raise UserError(f"{run} is a {resumed.model_id} run, not {model_id}: resume it with "
                         f"{script_of(resumed.model_id)}")
     saved_world = record.get("world_size", 1)
     if saved_world != world_size:
-        raise UserError(f"{run_dir} was trained on {saved_world} process(es), this is {world_size}: resume it with "
+        raise UserError(f"{run} was trained on {saved_world} process(es), this is {world_size}: resume it with "
                         f"the same torchrun --nproc_per_node")
     return resumed
 
 
-def refuse_to_start_over(run_dir, record):
+def refuse_to_start_over(run, record):
     """A UserError when the run folder holds a history that starting from iteration 0 there would replace."""
-    rows = read_metrics(run_dir, quiet=True)
-    files = paths(run_dir) + [p for p in [best_path(run_dir)] if os.path.exists(p)]
+    rows = run.metrics(quiet=True)
+    files = paths(run) + [p for p in [run.best] if os.path.exists(p)]
     if not rows and not files:
         return  # killed before its first checkpoint: nothing to lose
     history = (f"metrics up to iteration {rows[-1]['iteration']}" if rows else "no metrics") + \
@@ -242,8 +234,8 @@ def refuse_to_start_over(run_dir, record):
          " and no checkpoint (checkpoints/it*.pt, best.pt)")
     command = record.get("command", "").split()
     again = f"python {' '.join(command)}" if command and "--resume" not in command else \
-        f"python {script_of(record.get('model_id'))} with the flags in {run_dir}/settings.json"
-    raise UserError(f"{run_dir} cannot be resumed: it has {history}, and starting again at iteration 0 would "
+        f"python {script_of(record.get('model_id'))} with the flags in {run.record_path}"
+    raise UserError(f"{run} cannot be resumed: it has {history}, and starting again at iteration 0 would "
                     f"replace its history; to train these settings anew in a new run folder: {again}")
 
 
@@ -268,11 +260,11 @@ def load_optimizer(optimizer, state, capturable):
         group["capturable"] = capturable
 
 
-def repair_record(run_dir, iteration, row, source):
+def repair_record(run, iteration, row, source):
     """On resume from the checkpoint `source` of `iteration`: metrics rows logged after it (and lines that are no
     metrics rows) move to RUN/metrics_set_aside.jsonl, each with why; if the checkpoint ends an interval (it holds
     the interval's row), put back that row and best.pt where a kill came before they were written."""
-    rows, others = metrics_lines(run_dir)
+    rows, others = run.metrics_lines()
     keep = [r for r in rows if r["iteration"] <= iteration]
     why = f"set aside on {time.strftime('%Y-%m-%d %H:%M:%S')}: "
     aside = [dict(r, set_aside=why + f"after {os.path.basename(source)} (iteration {iteration}), which the run "
@@ -280,12 +272,12 @@ def repair_record(run_dir, iteration, row, source):
     aside += [{"line": text.rstrip("\n"), "set_aside": why + f"line {n} {reason}"} for n, text, reason in others]
     for a in aside:
         warn(f"metrics.jsonl: {a['set_aside'][len(why):]}" + (f": the row of iteration {a['iteration']}"
-                                                                 if "iteration" in a else "") + f"; kept in {os.path.basename(Layout(run_dir).metrics_set_aside)}")
+                                                                 if "iteration" in a else "") + f"; kept in {os.path.basename(run.metrics_set_aside)}")
     for a in aside:  # the samples of intervals set aside are kept with their rows, not overwritten when redone
-        for f in Layout(run_dir).samples_of(a["iteration"]) if "iteration" in a else ():
+        for f in run.samples_of(a["iteration"]) if "iteration" in a else ():
             set_aside(f, "", quiet=True)
     if aside:
-        path = Layout(run_dir).metrics_set_aside
+        path = run.metrics_set_aside
         try:
             with open(path, "a") as f:
                 f.write("".join(json.dumps(a) + "\n" for a in aside))
@@ -294,7 +286,7 @@ def repair_record(run_dir, iteration, row, source):
     if row is not None and (not keep or keep[-1]["iteration"] != iteration):
         keep.append(row)
     if keep != rows or aside:
-        write_text(Layout(run_dir).metrics, "".join(json.dumps(r) + "\n" for r in keep))
+        write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
     if row is not None and row.get("best_iteration") == iteration and \
-            saved_state(read_record(run_dir), best_path(run_dir)).get("iteration") != iteration:
-        write_best(run_dir, source)
+            saved_state(run.record_or_none(), run.best).get("iteration") != iteration:
+        write_best(run, source)

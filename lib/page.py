@@ -19,7 +19,7 @@ import numpy as np
 
 from lib import UserError, WriteError, warn
 from lib.audio import BadAudio, find_audio, read_mono, write_wav
-from lib.run import Layout, atomic_write, read_metrics, read_record
+from lib.run import Run, atomic_write
 
 SPECTROGRAM_COLUMNS = 400  # at most this many time steps per image: a long sample gets a coarser hop
 SPECTROGRAM_ROWS = 128  # frequency bins shown, 0 Hz to Nyquist
@@ -165,45 +165,45 @@ def write_page(path, title, body, kind):
 
 # ---- one run
 
-def run_samples(run_dir):
+def run_samples(run):
     """{iteration: [WAV paths, by sample number]} of the samples the run holds now."""
     found = {}
-    for wav in Layout(run_dir).all_samples():
+    for wav in run.all_samples():
         m = SAMPLE_NAME.search(os.path.basename(wav))
         if m:
             found.setdefault(int(m.group(1)), []).append((int(m.group(2)), wav))
     return {it: [w for _, w in sorted(v)] for it, v in found.items()}
 
 
-def complete_rows(run_dir, quiet):
+def complete_rows(run, quiet):
     numbers = ("iteration", "train_secs", "train_bits", "valid_bits")
-    return [r for r in read_metrics(run_dir, quiet=quiet)
+    return [r for r in run.metrics(quiet=quiet)
             if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for k in numbers)]
 
 
-def missing_samples(run_dir, rows, samples, n_samples):
+def missing_samples(run, rows, samples, n_samples):
     """One line per sample an interval should have and does not (n_samples per metrics row)."""
     lines = []
     for r in rows:
         have = {SAMPLE_NAME.search(os.path.basename(w)).group(2) for w in samples.get(r["iteration"], [])}
         for k in range(n_samples):
             if str(k) not in have:
-                lines.append(f"{run_dir}: iteration {r['iteration']} has no samples/it{r['iteration']:07d}_{k}.wav")
+                lines.append(f"{run}: iteration {r['iteration']} has no samples/it{r['iteration']:07d}_{k}.wav")
     return lines
 
 
-def write_run_page(run_dir, quiet=False):
-    """RUN/index.html from what the run folder holds now; missing spectrograms are made first. Each missing piece
+def write_run_page(run, quiet=False):
+    """RUN/index.html (run: a lib.run.Run) from what the run folder holds now; missing spectrograms are made first. Each missing piece
     is one warning line (unless quiet: the training loop, which writes the page at each interval's end)."""
     say = (lambda m: None) if quiet else warn
-    saved = read_record(run_dir) or {}
+    saved = run.record_or_none() or {}
     flags = saved.get("settings", {})
-    rows = complete_rows(run_dir, quiet)
-    samples = run_samples(run_dir)
-    for line in missing_samples(run_dir, rows, samples, flags.get("n_samples", 0)):
+    rows = complete_rows(run, quiet)
+    samples = run_samples(run)
+    for line in missing_samples(run, rows, samples, flags.get("n_samples", 0)):
         say(line)
     make_spectrograms([w for ws in samples.values() for w in ws], quiet)  # one warning per WAV it cannot draw
-    name = os.path.basename(os.path.normpath(run_dir))
+    name = os.path.basename(os.path.normpath(run.folder))
     best = min((r for r in rows if np.isfinite(r["valid_bits"])), key=lambda r: r["valid_bits"], default=None)
     parts = [f"<h1>{esc(name)}</h1>"]
     if saved:
@@ -213,15 +213,16 @@ def write_run_page(run_dir, quiet=False):
         parts.append("<details><summary>all flags</summary>" + html_table(
             ["flag", "value"], [[f"--{esc(k)}", esc(v)] for k, v in sorted(flags.items())]) + "</details>")
     else:
-        say(f"{run_dir}/settings.json is missing or not a run's settings; the page shows the metrics and samples only")
+        say(f"{run.record_path} is missing or not a run's settings; the page shows the metrics and samples only")
     parts.append(metrics_section(rows, best, samples))
-    if os.path.exists(Layout(run_dir).curves):
-        parts.append('<h2>Learning curves</h2><img class="curves" src="curves.png" alt="learning curves">')
+    if os.path.exists(run.curves):
+        parts.append(f'<h2>Learning curves</h2><img class="curves" src="{os.path.basename(run.curves)}" '
+                     f'alt="learning curves">')
     elif rows:
-        say(f"{run_dir} has no curves.png")
-    parts.append(samples_section(run_dir, rows, best, samples))
-    write_page(Layout(run_dir).page, name, "\n".join(parts), "run")
-    return Layout(run_dir).page
+        say(f"{run} has no curves.png")
+    parts.append(samples_section(run.folder, rows, best, samples))
+    write_page(run.page, name, "\n".join(parts), "run")
+    return run.page
 
 
 def number(v, spec):
@@ -243,7 +244,7 @@ def metrics_section(rows, best, samples):
     return "<h2>Metrics</h2>" + note + html_table(head, body, ["best" if r is best else "" for r in rows])
 
 
-def samples_section(run_dir, rows, best, samples):
+def samples_section(folder, rows, best, samples):
     """One block per interval, newest first, its samples as players; samples without a metrics row (a run still
     writing one) come with their iteration only."""
     by_iteration = {r["iteration"]: (n, r) for n, r in enumerate(rows, 1)}
@@ -256,7 +257,7 @@ def samples_section(run_dir, rows, best, samples):
         n, r = by_iteration.get(it, (None, None))
         title = f"iteration {it:,}" + (f", interval {n}, {r['train_secs'] / 3600:.3f} h, valid {r['valid_bits']:.3f}"
                                        + (" (best)" if r is best else "") if r else "")
-        players = "".join(player(w, run_dir, os.path.basename(w)) for w in samples.get(it, [])) or \
+        players = "".join(player(w, folder, os.path.basename(w)) for w in samples.get(it, [])) or \
             '<span class="missing">no samples</span>'
         blocks.append(f'<div class="interval"><h3>{esc(title)}</h3>{players}</div>')
     return "\n".join(blocks)
@@ -324,9 +325,9 @@ def write_compare_page(summaries, table_head, table_rows, out_path, curves):
         parts.append("<h2>The data</h2>" + player(reference, out_dir, "a real clip (the first of the valid split)"))
     runs = []
     for s in summaries:
-        run_dir = s["path"]
-        samples = run_samples(run_dir)
-        for line in missing_samples(run_dir, s["rows"], samples, s["settings"].get("n_samples", 0)):
+        run = Run(s["path"])
+        samples = run_samples(run)
+        for line in missing_samples(run, s["rows"], samples, s["settings"].get("n_samples", 0)):
             warn(line)
         make_spectrograms([w for ws in samples.values() for w in ws])
         runs.append((s, samples))

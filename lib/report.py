@@ -29,7 +29,7 @@ from lib import UserError, WriteError, page, warn
 from lib.cli import ArgumentParser, run_script
 from lib.cache import fingerprint_id
 from lib.plots import plot_curves
-from lib.run import is_run, read_metrics, read_settings, run_above
+from lib.run import Run, is_run, run_above
 from lib.seeds import DASH, METRICS, over_seeds, seed_groups, trained, verdict_text, verdicts
 from lib.settings import A_SETTING, SHAPES_CURVES, as_run_did, role
 from lib.windows import (DEFAULT_WINDOWS, ITER_UNITS, ROW_KEYS, TIME_UNITS, fitting_windows, is_number, parse_windows,
@@ -63,13 +63,13 @@ def summarize(run_dir, time_windows, iter_windows):
     """One run's row as a dict (values, or None where not reached or not measured); None, with one warning, if
     it has no metrics or its folder cannot be read as a run (the other runs are still reported)."""
     try:
-        settings = read_settings(run_dir)
+        settings = Run(run_dir).record()
         if "parameters" not in settings:
             raise UserError(f"{run_dir}/settings.json has no parameter count")
     except UserError as e:
         warn(f"{e}; the run is left out")
         return None
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     complete = [r for r in rows if all(is_number(r.get(k)) for k in ROW_KEYS)]
     if not complete:
         warn(f"{run_dir} has no metrics rows yet (none complete: it has not finished an interval); it is left out")
@@ -273,7 +273,7 @@ def report(paths, time_windows=None, iter_windows=None, plot=None, as_json=False
     time_windows, iter_windows = time_windows or fitting[0], iter_windows or fitting[1]
     tw, iw = parse_windows(time_windows, TIME_UNITS), parse_windows(iter_windows, ITER_UNITS)
     if html == "":  # the run pages render whatever each folder holds, metrics or not
-        return "\n".join(f"wrote {page.write_run_page(r)}" for r in runs)
+        return "\n".join(f"wrote {page.write_run_page(Run(r))}" for r in runs)
     summaries = [s for s in (summarize(r, tw, iw) for r in runs) if s is not None]
     if not summaries:
         raise UserError("none of the runs has metrics yet")

@@ -29,20 +29,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SET_ASIDE = "metrics_set_aside.jsonl"  # rows a resume will redo, and lines that are no metrics rows: kept, not lost
 
 
-class Layout:
-    """Every path below a run folder, joined here and nowhere else."""
+class Run:
+    """One run folder, the object every reader and writer of it shares: its layout (every path below it is joined
+    here and nowhere else), its record (settings.json, read once per command), its metrics rows, its lock and the
+    rule for what may be written over (set_aside, remove_temporary_files). Its checkpoints are lib/checkpoint.py's,
+    beneath it. A Run is a path (os.PathLike, and its folder in messages)."""
 
-    def __init__(self, run_dir):
+    def __init__(self, folder):
         join = os.path.join
-        self.folder = run_dir
-        self.record, self.log, self.lock = join(run_dir, "settings.json"), join(run_dir, "log.txt"), \
-            join(run_dir, ".lock")
-        self.metrics, self.metrics_set_aside = join(run_dir, "metrics.jsonl"), join(run_dir, SET_ASIDE)
-        self.checkpoints = join(run_dir, "checkpoints")
+        self.folder = os.fspath(folder)
+        self.record_path, self.log, self.lock = join(self.folder, "settings.json"), join(self.folder, "log.txt"), \
+            join(self.folder, ".lock")
+        self.metrics_path, self.metrics_set_aside = join(self.folder, "metrics.jsonl"), join(self.folder, SET_ASIDE)
+        self.checkpoints = join(self.folder, "checkpoints")
         self.best = join(self.checkpoints, "best.pt")
-        self.samples = join(run_dir, "samples")
-        self.curves, self.page = join(run_dir, "curves.png"), join(run_dir, "index.html")
-        self.tensorboard, self.generated = join(run_dir, "tensorboard"), join(run_dir, "generated")
+        self.samples = join(self.folder, "samples")
+        self.curves, self.page = join(self.folder, "curves.png"), join(self.folder, "index.html")
+        self.tensorboard, self.generated = join(self.folder, "tensorboard"), join(self.folder, "generated")
+
+    def __fspath__(self):
+        return self.folder
+
+    def __str__(self):
+        return self.folder
+
+    def __repr__(self):
+        return f"Run({self.folder!r})"
 
     def checkpoint(self, iteration):
         return os.path.join(self.checkpoints, f"it{iteration:07d}.pt")
@@ -57,10 +69,125 @@ class Layout:
     def all_samples(self):
         return sorted(glob.glob(os.path.join(glob.escape(self.samples), "it*_*.wav")))
 
+    def record(self):
+        """settings.json, the one reader of it: a dict with the model's id and its flags (the caller's own copy),
+        or a UserError saying why not (no file, not JSON, not a run's settings). Read once per command: again only
+        when the file changed (its size or modification time)."""
+        try:
+            stat = os.stat(self.record_path)
+            key = (os.path.abspath(self.record_path), stat.st_mtime_ns, stat.st_size)
+            if key not in _records:
+                with open(self.record_path) as f:
+                    _records.clear()  # one run's record at a time is all a command rereads
+                    _records[key] = json.load(f)
+            saved = copy.deepcopy(_records[key])
+        except (OSError, ValueError) as e:
+            why = "no settings.json" if isinstance(e, FileNotFoundError) else f"settings.json unreadable: {str(e)[:80]}"
+            raise UserError(f"{self} is not a run folder ({why}): pass a folder under runs/") from None
+        if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and "model_id" in saved):
+            raise UserError(f"{self}/settings.json is not a run's settings (no model_id or flags in it)")
+        return saved
+
+    def record_or_none(self):
+        """The record as record() reads it, or None where there is none to read (nothing to compare with)."""
+        try:
+            return self.record()
+        except UserError:
+            return None
+
+    def write_record(self, record):
+        write_text(self.record_path, json.dumps(record, indent=1))
+
+    def metrics_lines(self):
+        """(rows, others) of metrics.jsonl: rows are JSON objects with an integer iteration; others are (line
+        number, text, why) for every other line: half-written by a kill or a full disk, or not a metrics row."""
+        rows, others = [], []
+        if not os.path.exists(self.metrics_path):
+            return rows, others
+        with open(self.metrics_path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    others.append((n, line, "is not a complete row (a write was cut off)"))
+                    continue
+                it = row.get("iteration") if isinstance(row, dict) else None
+                if isinstance(it, int) and not isinstance(it, bool):
+                    rows.append(row)
+                else:
+                    others.append((n, line, "is not a metrics row (no integer iteration)"))
+        return rows, others
+
+    def metrics(self, quiet=False):
+        """The rows of metrics.jsonl. A line that is not a metrics row is dropped with a warning (unless quiet)."""
+        rows, others = self.metrics_lines()
+        for n, _, why in others if not quiet else ():
+            warn(f"{self.metrics_path} line {n} {why}; it is ignored")
+        return rows
+
+    def append_metrics(self, row):
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise WriteError(self.metrics_path, e) from None
+
+    def hold(self):
+        """An exclusive lock on .lock while this process trains the run (released by release_runs, or by the
+        kernel when the process ends, however): a second process on the same run is refused with one line naming
+        the first."""
+        try:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only mount, another user's folder
+            raise UserError(f"{self} cannot be written here ({e.strerror}), so it cannot be trained on: copy it to "
+                            f"a writable place and resume the copy; reading, reporting and sampling it (generate.py "
+                            f"--out) work as it is") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{self} is being trained by process {pid} now: let it finish, or stop it (Ctrl-C "
+                            f"saves) and resume then") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _held.append(fd)  # open until the run ends here
+
+    def remove_temporary_files(self):
+        """The temporary files a kill left where the run writes: its own names only (atomic_write's NAME.tmp.EXT),
+        in the run folder, checkpoints/ and samples/; nothing below them, nothing it does not write."""
+        for sub, pattern in TEMPORARY.items():
+            folder = os.path.join(self.folder, sub)
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if re.fullmatch(pattern, name):
+                    os.remove(os.path.join(folder, name))
+
+    def remove_unstarted(self, folder_too):
+        """A new run that failed before its first metrics row or checkpoint: what it wrote is removed (and its
+        folder, when this command made it), so that no run that never trained is left to be reported or resumed.
+        Anything else in the folder stays."""
+        if os.path.exists(self.metrics_path) or os.path.isdir(self.checkpoints):
+            return
+        for name in STARTED_BY & set(os.listdir(self.folder)):
+            path = os.path.join(self.folder, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        if folder_too:
+            try:
+                os.rmdir(self.folder)
+            except OSError:
+                pass  # something else is in it
+
+
+_records = {}  # (path, mtime, size) -> the parsed record
+_held = []  # the locks this process holds (Run.hold)
+STARTED_BY = {"settings.json", "log.txt", ".lock", "tensorboard", "samples"}  # what a run writes before its first row
+
 
 def is_run(path):
     """Whether `path` is a run folder: it holds a record (settings.json)."""
-    return os.path.isfile(Layout(path).record)
+    return os.path.isfile(Run(path).record_path)
 
 
 def new_run_dir(runs_dir, prefix):
@@ -116,33 +243,13 @@ def run_above(path):
     """The run folder (holding settings.json) that `path` lies inside, or None."""
     here = os.path.dirname(os.path.abspath(path))
     while True:
-        layout = Layout(here)
-        if is_run(here) and any(map(os.path.exists, (layout.log, layout.metrics, layout.checkpoints))):
+        run = Run(here)
+        if is_run(here) and any(map(os.path.exists, (run.log, run.metrics_path, run.checkpoints))):
             return here
         parent = os.path.dirname(here)
         if parent == here:
             return None
         here = parent
-
-
-STARTED_BY = {"settings.json", "log.txt", ".lock", "tensorboard", "samples"}  # what a run writes before its first row
-
-
-def remove_unstarted(run_dir, folder_too):
-    """A new run that failed before its first metrics row or checkpoint: what it wrote is removed (and its folder,
-    when this command made it), so that no run that never trained is left to be reported or resumed. Anything
-    else in the folder stays."""
-    layout = Layout(run_dir)
-    if os.path.exists(layout.metrics) or os.path.isdir(layout.checkpoints):
-        return
-    for name in STARTED_BY & set(os.listdir(run_dir)):
-        path = os.path.join(run_dir, name)
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-    if folder_too:
-        try:
-            os.rmdir(run_dir)
-        except OSError:
-            pass  # something else is in it
 
 
 def git_info():
@@ -163,38 +270,6 @@ def code_digest():
         with open(path, "rb") as f:
             digest.update(f.read() + b"\0")
     return digest.hexdigest()[:12]
-
-
-def read_settings(run_dir):
-    """RUN/settings.json, the one reader of it: a dict with the model's id and its flags (the caller's own copy), or
-    a UserError saying why not (no file, not JSON, not a run's settings). Read once per command: again only when
-    the file changed (its size or modification time)."""
-    path = Layout(run_dir).record
-    try:
-        stat = os.stat(path)
-        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
-        if key not in _records:
-            with open(path) as f:
-                _records.clear()  # one run's record at a time is all a command rereads
-                _records[key] = json.load(f)
-        saved = copy.deepcopy(_records[key])
-    except (OSError, ValueError) as e:
-        why = "no settings.json" if isinstance(e, FileNotFoundError) else f"settings.json unreadable: {str(e)[:80]}"
-        raise UserError(f"{run_dir} is not a run folder ({why}): pass a folder under runs/") from None
-    if not (isinstance(saved, dict) and isinstance(saved.get("settings"), dict) and "model_id" in saved):
-        raise UserError(f"{run_dir}/settings.json is not a run's settings (no model_id or flags in it)")
-    return saved
-
-
-_records = {}  # (path, mtime, size) -> the parsed record
-
-
-def read_record(run_dir):
-    """RUN/settings.json as read_settings reads it, or None where there is none to read (nothing to compare with)."""
-    try:
-        return read_settings(run_dir)
-    except UserError:
-        return None
 
 
 def atomic_write(path, write):
@@ -222,35 +297,6 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
-def write_settings(run_dir, settings):
-    write_text(Layout(run_dir).record, json.dumps(settings, indent=1))
-
-
-def hold_run(run_dir):
-    """An exclusive lock on RUN/.lock while this process trains the run (released by release_runs, or by the
-    kernel when the process ends, however): a second process on the same run is refused with one line naming
-    the first."""
-    try:
-        fd = os.open(Layout(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # a read-only mount, another user's folder
-        raise UserError(f"{run_dir} cannot be written here ({e.strerror}), so it cannot be trained on: copy it to a "
-                        f"writable place and resume the copy; reading, reporting and sampling it (generate.py --out) "
-                        f"work as it is") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UserError(f"{run_dir} is being trained by process {pid} now: let it finish, or stop it (Ctrl-C "
-                        f"saves) and resume then") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _held.append(fd)  # open until the run ends here
-
-
-_held = []
-
-
 def release_runs():
     while _held:
         os.close(_held.pop())
@@ -262,59 +308,8 @@ def new_run_id():
     return uuid.uuid4().hex
 
 
-def metrics_lines(run_dir):
-    """(rows, others) of RUN/metrics.jsonl: rows are JSON objects with an integer iteration; others are
-    (line number, text, why) for every other line: half-written by a kill or a full disk, or not a metrics row."""
-    path = Layout(run_dir).metrics
-    rows, others = [], []
-    if not os.path.exists(path):
-        return rows, others
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                others.append((n, line, "is not a complete row (a write was cut off)"))
-                continue
-            it = row.get("iteration") if isinstance(row, dict) else None
-            if isinstance(it, int) and not isinstance(it, bool):
-                rows.append(row)
-            else:
-                others.append((n, line, "is not a metrics row (no integer iteration)"))
-    return rows, others
-
-
-def read_metrics(run_dir, quiet=False):
-    """The rows of RUN/metrics.jsonl. A line that is not a metrics row is dropped with a warning (unless quiet)."""
-    rows, others = metrics_lines(run_dir)
-    for n, _, why in others if not quiet else ():
-        warn(f"{Layout(run_dir).metrics} line {n} {why}; it is ignored")
-    return rows
-
-
-def append_metrics(run_dir, row):
-    path = Layout(run_dir).metrics
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    except OSError as e:
-        raise WriteError(path, e) from None
-
-
 TEMPORARY = {"": r"(settings|metrics|index|curves)\.tmp\.(json|jsonl|html|png)",  # atomic_write's names
              "checkpoints": r"(it\d+|best)\.tmp\.pt", "samples": r"it\d+_\d+\.tmp\.(wav|png)"}
-
-
-def remove_temporary_files(run_dir):
-    """The temporary files a kill left where the run writes: its own names only (atomic_write's NAME.tmp.EXT),
-    in the run folder, checkpoints/ and samples/; nothing below them, nothing it does not write."""
-    for sub, pattern in TEMPORARY.items():
-        folder = os.path.join(run_dir, sub)
-        for name in os.listdir(folder) if os.path.isdir(folder) else ():
-            if re.fullmatch(pattern, name):
-                os.remove(os.path.join(folder, name))
 
 
 def set_aside(path, why, quiet=False):

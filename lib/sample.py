@@ -129,7 +129,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     cuda_graph: on CUDA, replay each step() call as a CUDA graph (one launch instead of hundreds; equal to the
     reference in float64, tests/test_cuda.py). Ignored elsewhere.
     backend: what the fast path steps with, one of BACKENDS (default: default_backend(model, n)).
-    stop: a callable checked between step() calls (the fast path); when true, lib.Interrupted is raised."""
+    stop: a threading.Event checked between step() calls (the fast path); when set, lib.Interrupted is raised."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -157,7 +157,7 @@ def generate(model, n, length, seed=0, temperature=1.0, prime=None, fast=True, c
     try:
         out_xp = as_arrays(out, array_module(backend))  # numpy's indexing costs a tenth of torch's
         for c in range(calls):
-            if stop is not None and stop():
+            if stop is not None and stop.is_set():
                 raise Interrupted()
             out_xp[:, c * fl:(c + 1) * fl] = step(noise.take(fl))
             if record:

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,14 +33,14 @@ class Session:
     sample_rate: int
     batches: ChunkBatches
     device: torch.device
-    run_dir: str
+    run: run.Run  # the run folder: its layout, record, metrics and lock
     run_id: str  # written into every checkpoint: None for runs made before ids
     log: Callable
     main: bool  # rank 0: the one that evaluates and writes
     clips_per_step: int  # the global batch
     samples_per_step: int
     chunks_per_epoch: int  # one pass over the train split: this many chunks
-    stop: Callable = None  # whether a signal asked the run to stop (checked inside evaluation and sampling)
+    stop: threading.Event = None  # set when a signal asked the run to stop (checked inside evaluation and sampling)
     board: object = None  # --tensorboard: lib.board.Board (rank 0 only)
     warned: bool = False
     command: str = ""  # this session's command line, as a person would type it
@@ -75,17 +76,17 @@ def open_session(model_id, args, model, device, tag, resumed):
     set_precision(args.precision)
     model.to(device)
     if resuming:
-        run_dir = resumed.run_dir
+        folder = resumed.run
     else:
-        run_dir = dist.from_rank0((run.make_run_dir(args.run_dir) if args.run_dir is not None else
-                                   run.new_run_dir(args.runs_dir, f"{model_id}_{tag}")) if main else None)
+        folder = run.Run(dist.from_rank0((run.make_run_dir(args.run_dir) if args.run_dir is not None else
+                                          run.new_run_dir(args.runs_dir, f"{model_id}_{tag}")) if main else None))
     if main and not resuming:
-        run.hold_run(run_dir)
+        folder.hold()
     run_id = resumed.record.get("run_id") if resuming else dist.from_rank0(run.new_run_id())
     return Session(args=args, model_id=model_id, model=model, net=dist.wrap(model, device),
                    optimizer=make_optimizer(model, args.lr, capturable=args.cuda_graph_step), splits=splits,
-                   sample_rate=sample_rate, batches=batches, device=device, run_dir=run_dir, run_id=run_id,
-                   log=run.Logger(run.Layout(run_dir).log if main else None), main=main,
+                   sample_rate=sample_rate, batches=batches, device=device, run=folder, run_id=run_id,
+                   log=run.Logger(folder.log if main else None), main=main,
                    clips_per_step=world * args.batch_size, samples_per_step=world * args.batch_size * model.seq_len,
                    chunks_per_epoch=len(batches.segments) * batches.chunks_per_clip)
 
@@ -94,16 +95,16 @@ def check_data(resumed, splits, data, accept_changed):
     """On resume: the data must be what the run trained on (by content, wherever it lies now), unless
     accept_changed (--accept_changed_data); then the run's fingerprint becomes the new data's, and the change
     is recorded in settings.json (by rank 0, with the session's segment)."""
-    saved, run_dir = resumed.record, resumed.run_dir
+    saved, folder = resumed.record, resumed.run
     old, new = saved.get("data_fingerprint"), cache.fingerprint(splits)
     if old is None:
-        warn(f"{run_dir} was made before runs recorded their data's fingerprint: the data is not checked")
+        warn(f"{folder} was made before runs recorded their data's fingerprint: the data is not checked")
         return
     change = cache.describe_change(old, new)
     if not change:
         return
     if not accept_changed:
-        raise UserError(f"the data in {data} differs from what {run_dir} was trained on ({change}): "
+        raise UserError(f"the data in {data} differs from what {folder} was trained on ({change}): "
                         f"resume with its own data, or add --accept_changed_data to train on this")
     warn(f"training on changed data ({change}), as --accept_changed_data asks")
     saved["data_fingerprint"] = new
@@ -122,10 +123,10 @@ def begin(session, n_params, resumed):
         saved, h = checkpoint.restore(resumed, session.model, session.optimizer, session.batches.rows, session.device,
                                       session.args.cuda_graph_step)
         state.update(saved)
-        if resumed.ckpt and resumed.ckpt.get("row") is None and resumed.path != checkpoint.best_path(session.run_dir):
+        if resumed.ckpt and resumed.ckpt.get("row") is None and resumed.path != session.run.best:
             session.stop_checkpoint = resumed.path  # superseded by this session's first save: then removed
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    session.log(f"{'resuming' if resumed else 'run'} {session.run_dir} from iteration {state['iteration']}" +
+    session.log(f"{'resuming' if resumed else 'run'} {session.run.folder} from iteration {state['iteration']}" +
                 (f" ({os.path.basename(resumed.path)})" if resumed and resumed.path else "") +
                 (f"; restarted by torchrun (restart {restarts}, --max_restarts)" if restarts else ""))
     if resumed and session.main:
@@ -142,7 +143,7 @@ def write_new_record(session, n_params):
     if not session.main:
         return
     splits = session.splits
-    run.write_settings(session.run_dir, {
+    session.run.write_record({
         "model_id": session.model_id, "module": MODELS.get(session.model_id), "run_id": session.run_id,
         "settings": vars(session.args), "parameters": n_params,
         "world_size": dist.world_size(), "sample_rate": session.sample_rate,
@@ -163,21 +164,21 @@ def record_segment(session, resumed, iteration):
     saved.setdefault("segments", []).append({"from_iteration": iteration, "command": session.command,
                                               "changed": changed, "unixtime": int(time.time())})
     saved["settings"] = {**before, **now}
-    run.write_settings(session.run_dir, saved)
+    session.run.write_record(saved)
 
 
 def repair_folder(session, resumed, iteration):
     """What a kill left: temporary files, metrics rows after the checkpoint, a missing row, best.pt, the
     checkpoint's samples, the page."""
-    args, run_dir = session.args, session.run_dir
-    run.remove_temporary_files(run_dir)
+    args, folder = session.args, session.run
+    folder.remove_temporary_files()
     row = resumed.ckpt.get("row") if resumed.ckpt else None
-    checkpoint.repair_record(run_dir, iteration, row, resumed.path)
-    paths = run.Layout(run_dir).sample_paths(iteration, args.n_samples)
+    checkpoint.repair_record(folder, iteration, row, resumed.path)
+    paths = folder.sample_paths(iteration, args.n_samples)
     if row is not None and not all(map(os.path.exists, paths)):
         session.log(f"writing the samples of iteration {iteration}, which a stop had cut off")
         write_samples(session.model, paths, args.sample_secs, session.sample_rate, args)
-    page.write_run_page(run_dir, quiet=True)  # a stop may have come before it was rewritten
+    page.write_run_page(folder, quiet=True)  # a stop may have come before it was rewritten
 
 
 def open_board(session, resumed, iteration):
@@ -185,32 +186,32 @@ def open_board(session, resumed, iteration):
     purged and every interval up to the checkpoint logged from metrics.jsonl and its samples, so that intervals
     trained without the flag, or after the checkpoint, are neither missing nor shown twice."""
     from lib.board import Board  # only with the flag: a run without it never imports tensorboard
-    first = not os.path.isdir(run.Layout(session.run_dir).tensorboard)  # the flags text is written once
-    session.board = Board(session.run_dir, vars(session.args), None if resumed is None else 1, first)
-    for row in run.read_metrics(session.run_dir, quiet=True) if resumed else ():
+    first = not os.path.isdir(session.run.tensorboard)  # the flags text is written once
+    session.board = Board(session.run, vars(session.args), None if resumed is None else 1, first)
+    for row in session.run.metrics(quiet=True) if resumed else ():
         if row["iteration"] <= iteration:
-            session.board.interval(row, session.args.lr, run.Layout(session.run_dir).sample_paths(row["iteration"],
+            session.board.interval(row, session.args.lr, session.run.sample_paths(row["iteration"],
                                                                           session.args.n_samples), session.sample_rate)
 
 
 def log_opening(session, n_params):
     """The log's opening lines: the model, the device, every flag, the data."""
     args, splits, batches = session.args, session.splits, session.batches
-    world, segments = dist.world_size(), batches.segments
-    session.log(f"{session.model_id}: {n_params:,} parameters | device {session.device} float32 | torch "
-                f"{torch.__version__}" +
-                (f" | {torch.get_num_threads()} CPU threads" if session.device.type == "cpu" else "") +
-                (f" | {world} processes (torchrun), global batch {batches.batch_size}" if world > 1 else ""))
-    session.log("settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())))
-    train = splits["train"]
-    session.log(f"data {args.data}: {session.sample_rate} Hz, clips train/valid/test {train.n_clips}/"
-                f"{splits['valid'].n_clips}/{splits['test'].n_clips} ({train.lengths.sum() / session.sample_rate / 3600:.2f}"
-                f" h of training audio, {'on the GPU as levels' if torch.is_tensor(train.pcm) else 'memory-mapped'});"
-                f" {len(segments)} train segments of {segments.length} samples, chunks of {session.model.seq_len} "
-                f"samples (+{session.model.overlap} overlap), {batches.chunks_per_clip} per segment")
+    world, segments, train = dist.world_size(), batches.segments, splits["train"]
+    lines = [f"{session.model_id}: {n_params:,} parameters | device {session.device} float32 | torch "
+             f"{torch.__version__}" +
+             (f" | {torch.get_num_threads()} CPU threads" if session.device.type == "cpu" else "") +
+             (f" | {world} processes (torchrun), global batch {batches.batch_size}" if world > 1 else ""),
+             "settings: " + " ".join(f"--{k} {v}" for k, v in sorted(vars(args).items())),
+             f"data {args.data}: {session.sample_rate} Hz, clips train/valid/test {train.n_clips}/"
+             f"{splits['valid'].n_clips}/{splits['test'].n_clips} ({train.lengths.sum() / session.sample_rate / 3600:.2f}"
+             f" h of training audio, {'on the GPU as levels' if torch.is_tensor(train.pcm) else 'memory-mapped'});"
+             f" {len(segments)} train segments of {segments.length} samples, chunks of {session.model.seq_len} "
+             f"samples (+{session.model.overlap} overlap), {batches.chunks_per_clip} per segment"]
     if batches.with_replacement:
-        session.log(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
-                    f"each batch draws segments with replacement")
+        lines.append(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
+                     f"each batch draws segments with replacement")
+    session.log("\n".join(lines))
 
 
 def compile_samplers_beside(session):

@@ -91,9 +91,9 @@ def check_same_run(args, resumed):
     differ = [k for k in vars(args) if k not in RESUMABLE and k in saved and getattr(args, k) != saved[k]]
     if differ:
         k = differ[0]
-        raise UserError(f"--{k} {getattr(args, k)} differs from the run in {resumed.run_dir} ({saved[k]!r}): this "
+        raise UserError(f"--{k} {getattr(args, k)} differs from the run in {resumed.run} ({saved[k]!r}): this "
                         f"command describes another run. To continue that run: python "
-                        f"{script_of(resumed.model_id)} --resume {resumed.run_dir}; to train these flags, give a new "
+                        f"{script_of(resumed.model_id)} --resume {resumed.run}; to train these flags, give a new "
                         f"--run_dir")
 
 
@@ -182,8 +182,8 @@ def build_parser(script, doc, add_model_args, presets):
 
 
 def run_to_continue(parser, argv):
-    """The run folder this command continues, or None for a new run: --resume RUN, or --run_dir RUN once RUN holds
-    a run (settings.json). Read first, since a resumed run's flags come from it. A process that torchrun restarted
+    """(the run folder this command continues, or None for a new run: --resume RUN, or --run_dir RUN once RUN holds
+    a run (settings.json); the command line parsed alone). Read first, since a resumed run's flags come from it. A process that torchrun restarted
     (--max_restarts) must name its run: else every restart would begin a new one."""
     first = parser.parse_known_args(argv)[0]
     if first.resume and first.run_dir:
@@ -192,14 +192,15 @@ def run_to_continue(parser, argv):
         raise UserError("torchrun restarted this process (--max_restarts), and without --run_dir it would begin a new "
                         "run: add --run_dir RUN to the command, so that a restart continues its run")
     if first.run_dir and is_run(first.run_dir):
-        return first.run_dir
-    return first.resume
+        return first.run_dir, first
+    return first.resume, first
 
 
-def parse_settings(parser, presets, argv, resumed):
+def parse_settings(parser, presets, argv, resumed, first=None):
     """Resolved flags: defaults < preset < command line; with --resume (resumed: lib.checkpoint.Resumed), the
-    run's flags < command line, and only the RESUMABLE ones may change."""
-    first, _ = parser.parse_known_args(argv)
+    run's flags < command line, and only the RESUMABLE ones may change. first: the command line parsed alone, when
+    run_to_continue has parsed it."""
+    first = first or parser.parse_known_args(argv)[0]
     # a flag added after a run was made takes its default (what the run did without it)
     saved = None if resumed is None else \
         {**{a.dest: a.default for a in parser._actions if a.default is not argparse.SUPPRESS}, **resumed.settings}

@@ -64,7 +64,7 @@ def to_device(chunk, device):
 @torch.no_grad()
 def evaluate(model, split, batch_size, device, max_clips=0, stop=None):
     """Mean NLL in bits per sample over every predicted sample of the clips (all chunks, in a fixed order).
-    stop: a callable checked before each chunk; when it is true, Interrupted is raised."""
+    stop: a threading.Event checked before each chunk; when it is set, Interrupted is raised."""
     from lib.data import eval_chunks  # here: generate.py uses this module's set_precision, not the data modules
     model.eval()
     total, count, h = 0.0, 0, None
@@ -72,7 +72,7 @@ def evaluate(model, split, batch_size, device, max_clips=0, stop=None):
     eval_len = model.seq_len * max(1, EVAL_CHUNK // model.seq_len)
     for chunk, reset in eval_chunks(split, batch_size, model.seq_len, model.overlap, model.q_levels, eval_len,
                                     max_clips):
-        if stop is not None and stop():
+        if stop is not None and stop.is_set():
             raise Interrupted(saved=False)
         if reset:
             h = None

@@ -199,6 +199,7 @@ class Interrupts:
 
     def __enter__(self):
         self.signum, self.previous, self.watcher = None, {}, None
+        self.stopping = threading.Event()  # set with the first signal: what evaluation and sampling check
         self.seen = self.handled = 0  # signals the watcher read, and handler calls (Python merges a repeated one)
         self.aborted, self.lock = False, threading.Lock()
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
@@ -227,6 +228,7 @@ class Interrupts:
             if self.signum is not None:
                 return
             self.signum = signum
+            self.stopping.set()
         if signum == signal.SIGHUP:
             leave_terminal()
         if self.say is not None:  # at once: a step can take many seconds, and silence invites a second Ctrl-C
@@ -246,9 +248,6 @@ class Interrupts:
             self.aborted = True
             raise KeyboardInterrupt
         self.arrived(signum)
-
-    def requested(self):
-        return self.signum is not None
 
     def __exit__(self, *exc):
         if self.watcher is not None:

@@ -83,9 +83,9 @@ def train(model_id, parser, build_model, presets, argv):
     """The run to continue (checked: its model, its processes, its history), the flags, the model; then the
     session on its device and run folder, and the loop -> the exit status."""
     check_torch(torch.__version__)
-    run_dir = run_to_continue(parser, argv)
-    resumed = checkpoint.resume(run_dir, model_id, dist.world_size()) if run_dir else None
-    args = parse_settings(parser, presets, argv, resumed)
+    run_dir, given = run_to_continue(parser, argv)
+    resumed = checkpoint.resume(run.Run(run_dir), model_id, dist.world_size()) if run_dir else None
+    args = parse_settings(parser, presets, argv, resumed, given)
     device = choose_device(args.device)
     check_settings(args, device)
     if args.run_dir is not None and resumed is None:  # before the data is read: a folder --run_dir may not take is one line now
@@ -93,7 +93,8 @@ def train(model_id, parser, build_model, presets, argv):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tag = args.name or run_tag(parser, presets, argv, args)  # from the flags as given, before derived ones fill in
+    tag = None if resumed else args.name or run_tag(parser, presets, argv, args)  # from the flags as given,
+    # before derived ones fill in: a new run's folder name
     model = build_model(args)  # checks the model flags and fills derived ones
     if resumed and args.resume is None:  # --run_dir naming a run: its flags, derived ones included, must match
         check_same_run(args, resumed)
@@ -107,14 +108,14 @@ def train(model_id, parser, build_model, presets, argv):
         check_installed()
     device = dist.join(device)
     if resumed and dist.rank() == 0:
-        run.hold_run(resumed.run_dir)  # before anything is repaired: one process trains a run at a time
+        resumed.run.hold()  # before anything is repaired: one process trains a run at a time
     session = open_session(model_id, args, model, device, tag, resumed)
-    session.command = shlex.join(["python", script_of(model_id)] + list(sys.argv[1:] if argv is None else argv))
+    session.command = shlex.join(["python", parser.prog] + list(sys.argv[1:] if argv is None else argv))
     try:
         return train_session(session, n_params, resumed)
     except BaseException:  # a new run that could not start (out of memory, a signal, bad data): no folder is left
         if resumed is None and session.main:
-            run.remove_unstarted(session.run_dir, folder_too=args.run_dir is None)
+            session.run.remove_unstarted(folder_too=args.run_dir is None)
         raise
 
 
@@ -127,17 +128,17 @@ def train_session(session, n_params, resumed):
         if session.main:  # the samplers' compile, beside the training (once per machine)
             warming = compile_samplers_beside(session)
         with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:
-            session.stop = interrupts.requested
+            session.stop = interrupts.stopping
             return loop(session, state, h, interrupts)
     except WriteError as e:
-        print(f"error: {e}; {last_checkpoint(session.run_dir)}", file=sys.stderr)
+        print(f"error: {e}; {last_checkpoint(session.run)}", file=sys.stderr)
         return 1
     except RuntimeError as e:  # under torchrun, a process killed or its node gone: one line, not gloo's traceback
         lost = dist.lost_process(e)
         if lost is None:
             raise
-        saved = checkpoint.paths(session.run_dir)
-        print(f"error: {lost}; {last_checkpoint(session.run_dir)}" +
+        saved = checkpoint.paths(session.run)
+        print(f"error: {lost}; {last_checkpoint(session.run)}" +
               (f"; continue with: {continue_command(session)}" if saved else ""), file=sys.stderr)
         return 1
     finally:
@@ -146,8 +147,8 @@ def train_session(session, n_params, resumed):
             warming.wait()
 
 
-def last_checkpoint(run_dir):
-    saved = checkpoint.paths(run_dir)
+def last_checkpoint(folder):
+    saved = checkpoint.paths(folder)
     return f"the last checkpoint is {os.path.basename(saved[-1])}" if saved else "no checkpoint had been written"
 
 
@@ -194,12 +195,12 @@ def loop(session, state, h, interrupts):
                 if session.main:
                     from lib.report import report  # here: training needs the report command for this line only
                     session.log("the run's row for experiments.md (python -m lib.report compares several):\n" +
-                                report([session.run_dir]))
+                                report([session.run.folder]))
                 return 0
             if signum is not None:
                 return interrupted(session, state, *gathered(session, interval, h), signum)
     except NonFinite as e:
-        saved = checkpoint.paths(session.run_dir)
+        saved = checkpoint.paths(session.run)
         session.log(f"error: {e}; stopped without saving it. " +
                     (f"The last good checkpoint is {saved[-1]}" if saved else "No checkpoint had been saved yet."))
         return 1
@@ -376,27 +377,26 @@ def write_interval(session, state, interval, h, row, improved):
     checkpoint, and resume puts back a row, best.pt or samples that a kill cut off), best.pt when valid NLL
     improved, the metrics row, the samples, the curves and the run's page to listen with (lib/page.py). A signal
     stops the samples (Interrupted, saying that the checkpoint was written)."""
-    args, run_dir, it = session.args, session.run_dir, state["iteration"]
-    layout = run.Layout(run_dir)
-    path = checkpoint.save(run_dir, checkpoint.build(session, state, h, row))
+    args, folder, it = session.args, session.run, state["iteration"]
+    path = checkpoint.save(folder, checkpoint.build(session, state, h, row))
     drop_stop_checkpoint(session, path)
     if improved:
-        checkpoint.write_best(run_dir, path)
+        checkpoint.write_best(folder, path)
     if args.keep_checkpoints:
-        checkpoint.keep_newest(run_dir, args.keep_checkpoints)
-    run.append_metrics(run_dir, row)
+        checkpoint.keep_newest(folder, args.keep_checkpoints)
+    folder.append_metrics(row)
     if not session.warned:
         session.warned = True
         warn_of_many_passes(args, state, interval, session.clips_per_step, session.chunks_per_epoch, session.log)
     try:
-        write_samples(session.model, layout.sample_paths(it, args.n_samples), args.sample_secs,
+        write_samples(session.model, folder.sample_paths(it, args.n_samples), args.sample_secs,
                       session.sample_rate, args, session.stop)
     except Interrupted:
         raise Interrupted(saved=True) from None
-    plot_curves({os.path.basename(run_dir): run.read_metrics(run_dir)}, layout.curves)
-    page.write_run_page(run_dir, quiet=True)  # index.html, with the new samples' spectrograms
+    plot_curves({os.path.basename(folder.folder): folder.metrics()}, folder.curves)
+    page.write_run_page(folder, quiet=True)  # index.html, with the new samples' spectrograms
     if session.board is not None:
-        session.board.interval(row, args.lr, layout.sample_paths(it, args.n_samples), session.sample_rate)
+        session.board.interval(row, args.lr, folder.sample_paths(it, args.n_samples), session.sample_rate)
     gc.collect()  # a closed matplotlib figure's reference cycles otherwise hold ~2.5 MB each until a rare full GC
 
 
@@ -409,9 +409,9 @@ def interrupted(session, state, interval, h, signum):
         bad = non_finite(session.model, {"train NLL": interval["bits"], "grad norm": interval["grad_norm"]})
         if bad:
             raise NonFinite(f"non-finite {', '.join(bad)} at iteration {it}")
-        drop_stop_checkpoint(session, checkpoint.save(session.run_dir, checkpoint.build(
+        drop_stop_checkpoint(session, checkpoint.save(session.run, checkpoint.build(
             session, dict(state, interval=interval), h, row=None)))
-    session.log(f"interrupted at iteration {it}; saved {checkpoint.path_at(session.run_dir, it)}; continue with: "
+    session.log(f"interrupted at iteration {it}; saved {session.run.checkpoint(it)}; continue with: "
                 f"{continue_command(session)}")
     return 128 + signum
 
@@ -430,14 +430,14 @@ def drop_stop_checkpoint(session, saved):
 def continue_command(session):
     world = dist.world_size()
     return (f"{'python' if world == 1 else f'torchrun --nproc_per_node {world}'} {script_of(session.model_id)} "
-            f"--resume {session.run_dir}")
+            f"--resume {session.run}")
 
 
 def best_model(session, iteration):
     """A copy of the model with the run's best weights, of `iteration` (for the end-of-run test NLL): best.pt's, or
     where best.pt is missing, damaged or not the run's, its own checkpoint of that iteration (best.pt rebuilt from
     it); None, with one line, where neither is left."""
-    ckpt, said = checkpoint.best_of_run(session.run_dir, iteration)
+    ckpt, said = checkpoint.best_of_run(session.run, iteration)
     if said:
         session.log(f"note: {said}" + ("" if ckpt else "; the test NLL is measured on the last weights only"))
     if ckpt is None:

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from lib import UserError, warn
-from lib.run import read_metrics
+from lib.run import Run
 
 
 def parse_windows(text, units):
@@ -82,7 +82,7 @@ def fitting_windows(runs):
 
 def read_metrics_quietly(run_dir):
     try:
-        return [r for r in read_metrics(run_dir, quiet=True) if all(is_number(r.get(k)) for k in ROW_KEYS)]
+        return [r for r in Run(run_dir).metrics(quiet=True) if all(is_number(r.get(k)) for k in ROW_KEYS)]
     except OSError:
         return []
 

@@ -65,7 +65,7 @@ MUTATIONS = {
     "page_links_absolute": ("lib/page.py", 'return quote(os.path.relpath(path, page_dir).replace(os.sep, "/"))',
                             'return "file://" + quote(os.path.abspath(path))',
                             "tests/test_page.py::test_the_run_page_in_a_browser"),
-    "page_not_rewritten": ("lib/train.py", "    page.write_run_page(run_dir, quiet=True)", "    pass",
+    "page_not_rewritten": ("lib/train.py", "    page.write_run_page(folder, quiet=True)  # index.html", "    pass  #",
                            "tests/test_page.py::test_a_fresh_run_writes_its_page_with_every_interval_and_sample"),
     "threetier_kernel_reads_ahead": ("lib/kernels.py", "x_in[r, j] = reals[win[r, s - fs + j]]",
                                      "x_in[r, j] = reals[win[r, s + j - 1]]",

@@ -26,7 +26,7 @@ from lib import WriteError
 from lib.prepare import main as prepare_main
 from lib.quantize import QTYPES, quantize
 from lib.checkpoint import paths as checkpoint_paths
-from lib.run import atomic_write, read_metrics
+from lib.run import Run, atomic_write
 from lib.terminal import Interrupts
 from test_train import SCRIPTS, final_params, losses, train
 
@@ -72,7 +72,7 @@ def test_signal_saves_and_resume_equals_the_uninterrupted_run(tmp_path, speech_w
     flags = ["--preset", "tiny", "--data", speech_wav, "--print_iters", "25", *QUIET]
     proc = script(model, *flags, "--stop_iters", "100000", "--runs_dir", runs)
     # the first interval's row: the loop, and its handlers, are running
-    wait_for(lambda: any(read_metrics(d) for d in glob.glob(f"{runs}/*")) or proc.poll() is not None)
+    wait_for(lambda: any(Run(d).metrics() for d in glob.glob(f"{runs}/*")) or proc.poll() is not None)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
@@ -116,7 +116,7 @@ def test_ctrl_c_during_an_interval_end_stops_it_and_resume_equals_the_uninterrup
     assert run_main(SCRIPTS["twotier"], ["--preset", "tiny", "--data", speech_wav, "--runs_dir", str(runs)]) == 130
     (run_dir,) = glob.glob(f"{runs}/*")
     assert "interrupted at iteration 20; saved" in open(os.path.join(run_dir, "log.txt")).read()
-    assert [r["iteration"] for r in read_metrics(run_dir)] == ([10] if during == "evaluate" else [10, 20])
+    assert [r["iteration"] for r in Run(run_dir).metrics()] == ([10] if during == "evaluate" else [10, 20])
 
     monkeypatch.setattr(where, during, real)
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
@@ -269,7 +269,7 @@ def test_resume_writes_the_row_and_samples_a_kill_cut_off(tmp_path, speech_wav):
     Resume writes them, the samples bit for bit as the uninterrupted run did."""
     run_dir = train(tmp_path, speech_wav, runs="killed")
     straight = train(tmp_path, speech_wav, runs="straight")
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     open(os.path.join(run_dir, "metrics.jsonl"), "w").write(json.dumps(rows[0]) + "\n")
     for wav in glob.glob(os.path.join(run_dir, "samples", "it0000020_*.wav")):
         os.remove(wav)
@@ -279,7 +279,7 @@ def test_resume_writes_the_row_and_samples_a_kill_cut_off(tmp_path, speech_wav):
     os.remove(best)  # the kill came before best.pt was written too
 
     assert run_main(SCRIPTS["twotier"], ["--resume", run_dir]) == 0
-    assert read_metrics(run_dir) == rows
+    assert Run(run_dir).metrics() == rows
     assert torch.load(best, weights_only=False)["state"]["iteration"] == 20
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == sorted(os.listdir(os.path.join(straight, "samples")))
     for name in os.listdir(os.path.join(straight, "samples")):
@@ -301,15 +301,15 @@ def test_non_finite_values_never_reach_a_checkpoint(tmp_path, speech_wav, capsys
     (run_dir,) = glob.glob(f"{runs}/*")
     (line,) = [s for s in capsys.readouterr().out.splitlines() if s.startswith("error:")]
     assert what in line and re.search(r"at iteration \d+", line)
-    assert bool(checkpoint_paths(run_dir)) == saved  # 1e30 fails at once; 1e6 after good intervals, checked below
-    for path in checkpoint_paths(run_dir):
+    assert bool(checkpoint_paths(Run(run_dir))) == saved  # 1e30 fails at once; 1e6 after good intervals, checked below
+    for path in checkpoint_paths(Run(run_dir)):
         ckpt = torch.load(path, weights_only=False)
         assert all(torch.isfinite(p).all() for p in ckpt["model"].values())
         assert all(np.isfinite(v) for k, v in ckpt["row"].items() if k.endswith("bits") or k == "grad_norm")
-    assert [r["iteration"] for r in read_metrics(run_dir)] == \
-        [int(os.path.basename(p)[2:9]) for p in checkpoint_paths(run_dir)]
-    if checkpoint_paths(run_dir):
-        assert f"The last good checkpoint is {checkpoint_paths(run_dir)[-1]}" in line
+    assert [r["iteration"] for r in Run(run_dir).metrics()] == \
+        [int(os.path.basename(p)[2:9]) for p in checkpoint_paths(Run(run_dir))]
+    if checkpoint_paths(Run(run_dir)):
+        assert f"The last good checkpoint is {checkpoint_paths(Run(run_dir))[-1]}" in line
     else:
         assert "No checkpoint had been saved yet" in line
 
@@ -427,7 +427,7 @@ def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_resume_works(tmp_pa
     target = "checkpoints/it0000020.pt" if failing == "checkpoint" else "samples/it0000020_0.wav"
     assert err[-1] == f"error: cannot write {run_dir}/{target}: No space left on device; the last checkpoint is {last}"
     assert not temporary_files(run_dir)
-    assert [r["iteration"] for r in read_metrics(run_dir)] == ([10] if failing == "checkpoint" else [10, 20])
+    assert [r["iteration"] for r in Run(run_dir).metrics()] == ([10] if failing == "checkpoint" else [10, 20])
     torch.load(os.path.join(run_dir, "checkpoints", last), weights_only=False)
 
     monkeypatch.setattr(module, name, real)
@@ -449,5 +449,5 @@ def test_memory_stays_flat_over_a_long_run(tmp_path, speech_wav, model):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    rss = {r["iteration"]: r["rss_mb"] for r in read_metrics(run_dir)}
+    rss = {r["iteration"]: r["rss_mb"] for r in Run(run_dir).metrics()}
     assert len(rss) == 20 and rss[1000] < 1.05 * rss[200], rss

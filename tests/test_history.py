@@ -12,7 +12,7 @@ import torch
 
 import generate
 from conftest import REPO, run_main
-from lib.run import SET_ASIDE, read_metrics
+from lib.run import SET_ASIDE, Run
 from test_resume import limited, one_error
 from test_train import SCRIPTS, snapshot, train
 
@@ -117,7 +117,7 @@ def test_a_checkpoint_of_a_run_with_the_same_flags_is_never_taken_for_the_runs_o
     assert "is not this run's" in one_error(capsys)
     assert run_main(SCRIPTS["twotier"], ["--resume", mine, "--stop_iters", "10"]) == 0
     assert "from iteration 10 (it0000010.pt)" in capsys.readouterr().out
-    assert [r["iteration"] for r in read_metrics(mine)] == [10]
+    assert [r["iteration"] for r in Run(mine).metrics()] == [10]
 
 
 def test_a_checkpoint_whose_name_is_not_its_iteration_is_skipped(tmp_path, speech_wav, capsys):

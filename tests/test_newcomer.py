@@ -7,7 +7,7 @@ import signal
 
 import torch
 
-from lib.run import read_metrics
+from lib.run import Run
 from test_faults import script, wait_for
 
 QUIET = ["--n_samples", "0"]
@@ -38,7 +38,7 @@ def test_each_ctrl_c_keeps_one_mid_interval_checkpoint_not_every_one(tmp_path, s
     assert f"removed it{stops[0]:07d}.pt, the mid-interval checkpoint" in out
     assert out.rstrip().splitlines()[-1].startswith("interrupted at iteration")  # how to continue: the last line
     assert torch.load(os.path.join(run_dir, "checkpoints", names[0]), weights_only=False)["row"] is None
-    assert read_metrics(run_dir) == []
+    assert Run(run_dir).metrics() == []
 
 
 def test_run_names_say_what_differs_from_the_defaults():

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import REPO, run_main
 from generate import main as generate_main
 from lib.quantize import dequantize
-from lib.run import read_metrics
+from lib.run import Run
 from test_faults import script, wait_for
 from test_train import SCRIPTS, final_params, losses, train
 
@@ -71,14 +71,14 @@ def test_time_budgets_count_training_time_only_and_resume(tmp_path, speech_wav):
     run = train(tmp_path, speech_wav, "--stop_iters", "0", "--print_iters", "0", "--stop_time", str(6 / 3600),
                 "--print_time", "2",
                 "--n_samples", "2", "--sample_secs", "0.5")
-    rows = read_metrics(run)
+    rows = Run(run).metrics()
     assert len(rows) >= 2 and rows[-1]["train_secs"] >= 6.0
     assert rows[-1]["train_secs"] - 6.0 < rows[-1]["train_secs"] / rows[-1]["iteration"] * 3  # a step or so past
     assert all(r["wall_secs"] > r["train_secs"] for r in rows)
     for prev, r in zip(rows, rows[1:-1]):  # each interval holds about --print_time of training (the last: less)
         assert 2.0 <= r["train_secs"] - prev["train_secs"] < 2.0 + 3 * r["train_secs"] / r["iteration"]
     assert run_main(SCRIPTS["twotier"], ["--resume", run, "--stop_time", str(9 / 3600)]) == 0
-    more = read_metrics(run)
+    more = Run(run).metrics()
     assert more[:len(rows)] == rows and more[-1]["train_secs"] >= 9.0
 
 

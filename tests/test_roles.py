@@ -14,7 +14,7 @@ from lib.report import differing, report, short_names, summarize
 from lib.settings import (BEFORE_IT_EXISTED, DROPPED, RENAMED, RESUMABLE, ROLES, as_run_did, build_parser,
                           parse_settings)
 from lib.checkpoint import Resumed
-from lib.run import read_metrics
+from lib.run import Run
 from test_seeds import DATA, make_run
 from test_train import train
 from two_tier import main as two_tier_main
@@ -70,8 +70,8 @@ def test_resume_compares_a_missing_flag_as_the_value_the_run_used():
     assert as_run_did("twotier", old)["mlp_first_relu"] == "on" and "mlp_first_relu" not in as_run_did("baseline", old)
     parser, presets = parser_of("twotier")
     defaults = vars(parser.parse_args([]))
-    resumed = Resumed("RUN", {"model_id": "twotier", "settings": {**defaults, "mlp_first_relu": None}})
-    resumed.record["settings"].pop("mlp_first_relu")
+    made_before = {k: v for k, v in defaults.items() if k != "mlp_first_relu"}
+    resumed = Resumed("RUN", {"model_id": "twotier", "settings": made_before})
     args = parse_settings(parser, presets, ["--resume", "RUN", "--mlp_first_relu", "on"], resumed)
     assert args.mlp_first_relu == "on"
     with pytest.raises(Exception, match="--mlp_first_relu cannot change"):
@@ -138,7 +138,7 @@ def test_run_dir_again_continues_a_run_made_with_derived_flags(tmp_path, speech_
             "--print_iters", "2", "--n_samples", "0"]
     assert run_main(two_tier_main, argv + ["--stop_iters", "2"]) == 0
     assert run_main(two_tier_main, argv + ["--stop_iters", "4"]) == 0
-    assert read_metrics(str(tmp_path / "X"))[-1]["iteration"] == 4
+    assert Run(str(tmp_path / "X")).metrics()[-1]["iteration"] == 4
     capsys.readouterr()
     assert run_main(two_tier_main, argv + ["--stop_iters", "6", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err

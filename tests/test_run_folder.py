@@ -11,7 +11,7 @@ import torch
 from conftest import run_main
 from lib import checkpoint
 from lib.report import report
-from lib.run import read_metrics
+from lib.run import Run
 from test_train import train
 from two_tier import main as two_tier_main
 
@@ -72,7 +72,7 @@ def test_a_checkpoint_resume_skipped_is_set_aside_and_the_samples_of_a_redone_in
     assert run_main(two_tier_main, ["--resume", run_dir, "--stop_iters", "4"]) == 0
     (aside,) = glob.glob(os.path.join(run_dir, "checkpoints", "set_aside", "*it0000004.pt"))
     assert open(aside, "rb").read() == open(os.path.join(other, "checkpoints", "it0000004.pt"), "rb").read()
-    assert checkpoint.own(run_dir, mine)["state"]["iteration"] == 4  # the run's own again
+    assert checkpoint.own(Run(run_dir), mine)["state"]["iteration"] == 4  # the run's own again
     (sample,) = glob.glob(os.path.join(run_dir, "samples", "set_aside", "*it0000004_0.wav"))
     assert open(sample, "rb").read() == old_sample
 
@@ -84,17 +84,17 @@ def test_checkpoints_are_ordered_by_number_not_by_name(tmp_path, speech_wav):
     for it in (9_999_000, 10_000_000):
         ckpt["state"]["iteration"] = it
         torch.save(ckpt, os.path.join(run_dir, "checkpoints", f"it{it:07d}.pt"))
-    assert [os.path.basename(p) for p in checkpoint.paths(run_dir)] == \
+    assert [os.path.basename(p) for p in checkpoint.paths(Run(run_dir))] == \
         ["it0000002.pt", "it9999000.pt", "it10000000.pt"]
-    assert os.path.basename(checkpoint.newest(run_dir, "resuming from")[0]) == "it10000000.pt"
-    checkpoint.keep_newest(run_dir, 1)
-    assert [os.path.basename(p) for p in checkpoint.paths(run_dir)] == ["it10000000.pt"]
+    assert os.path.basename(checkpoint.newest(Run(run_dir), "resuming from")[0]) == "it10000000.pt"
+    checkpoint.keep_newest(Run(run_dir), 1)
+    assert [os.path.basename(p) for p in checkpoint.paths(Run(run_dir))] == ["it10000000.pt"]
 
 
 def test_run_dir_continues_a_run_made_with_runs_dir_and_name(tmp_path, speech_wav):
     run_dir = train(tmp_path, speech_wav, "--stop_iters", "2", "--print_iters", "2", "--name", "mine", *QUIET)
     assert run_main(two_tier_main, tiny(speech_wav, "--stop_iters", "4", "--run_dir", run_dir, *QUIET)) == 0
-    assert read_metrics(run_dir)[-1]["iteration"] == 4
+    assert Run(run_dir).metrics()[-1]["iteration"] == 4
 
 
 def test_the_report_writes_no_file_into_a_run(tmp_path, speech_wav, capsys):

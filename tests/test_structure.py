@@ -110,6 +110,23 @@ def test_one_module_writes_and_reads_checkpoints_and_one_function_reads_settings
             assert not any('"settings.json")) as' in line for line in text.splitlines()), module
 
 
+RUN_NAMES = {"settings.json", "log.txt", "metrics.jsonl", "metrics_set_aside.jsonl", "checkpoints", "best.pt", "samples",
+             "tensorboard", "generated", ".lock"}
+
+
+def test_every_path_below_a_run_is_joined_in_lib_run():
+    """lib/run.py's Run joins them; every other module asks it (run.checkpoints, run.sample_paths(...))."""
+    joined = []
+    for module in set(LIB) | set(SCRIPTS):
+        for node in ast.walk(tree(module)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.path.join", "join"):
+                names = {a.value for a in node.args if isinstance(a, ast.Constant)} & RUN_NAMES
+                if names:
+                    joined.append(f"{module} line {node.lineno}: {sorted(names)}")
+    assert [j for j in joined if not j.startswith("lib.run ")] == []
+    assert len(joined) >= 5  # the check sees lib/run.py's own joins
+
+
 def test_no_function_over_sixty_lines():
     long = []
     for module in set(LIB) | set(SCRIPTS):

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, run_main
 from generate import main as generate_main
 from lib.report import report
-from lib.run import read_metrics
+from lib.run import Run
 from test_train import final_params, losses
 
 
@@ -22,7 +22,7 @@ def test_a_model_defined_only_under_tests_trains_resumes_reports_and_samples(tmp
     assert run_main(toy_model.main, argv + ["--run_dir", run_dir, "--stop_iters", "4"]) == 0  # the same command
     assert run_main(toy_model.main, ["--resume", run_dir, "--stop_iters", "6"]) == 0
     assert run_main(toy_model.main, argv + ["--run_dir", straight, "--stop_iters", "6"]) == 0
-    assert [r["iteration"] for r in read_metrics(run_dir)] == [2, 4, 6]
+    assert [r["iteration"] for r in Run(run_dir).metrics()] == [2, 4, 6]
     assert losses(run_dir) == losses(straight)  # continued twice, exactly as the run never stopped
     (a, ia), (b, ib) = final_params(run_dir), final_params(straight)
     assert ia == ib == 6 and all(torch.equal(a[k], b[k]) for k in a)

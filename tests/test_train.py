@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 
 from conftest import RATE, run_main
-from lib.run import read_metrics
+from lib.run import Run
 from baseline import main as baseline_main
 from generate import main as generate_main
 from three_tier import main as three_tier_main
@@ -29,7 +29,7 @@ def train(tmp_path, data, *flags, runs="runs", model="twotier"):
 
 
 def losses(run_dir):
-    return [{k: r[k] for k in LOSS_KEYS} for r in read_metrics(run_dir)]
+    return [{k: r[k] for k in LOSS_KEYS} for r in Run(run_dir).metrics()]
 
 
 def final_params(run_dir):
@@ -44,7 +44,7 @@ def test_run_folder_holds_everything(tmp_path, speech_wav, model):
     settings = json.load(open(os.path.join(run_dir, "settings.json")))
     assert settings["settings"]["dim"] == 32 and settings["parameters"] > 0
     assert {"revision", "dirty"} <= set(settings["git"]) and settings["versions"]["torch"]
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     assert [r["iteration"] for r in rows] == [10, 20]
     assert {"train_secs", "wall_secs", "train_bits", "valid_bits", "grad_norm", "samples_per_sec"} <= set(rows[0])
     assert "test_bits" in rows[-1] and "test_bits" not in rows[0]
@@ -120,7 +120,7 @@ def test_tiny_model_overfits_half_a_second_of_speech(tmp_path, half_second_wav):
     run_dir = train(tmp_path, half_second_wav, "--frame_size", "4", "--n_frames", "64", "--dim", "128",
                     "--batch_size", "1", "--lr", "5e-3", "--stop_iters", "900", "--print_iters", "300",
                     "--n_samples", "0")
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     assert rows[0]["train_bits"] > 2.5
     assert rows[-1]["valid_bits"] < 0.6, rows  # valid = the same recording, evaluated in eval mode
 
@@ -131,7 +131,7 @@ def test_three_tier_overfits_half_a_second_of_speech(tmp_path, half_second_wav):
     run_dir = train(tmp_path, half_second_wav, "--clip_secs", "0.064", "--seq_len", "512", "--batch_size", "8",
                     "--dim", "128", "--lr", "5e-3", "--stop_iters", "100", "--print_iters", "50", "--valid_clips",
                     "0", "--n_samples", "0", model="threetier")
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     assert rows[0]["train_bits"] > 1.5
     assert rows[-1]["valid_bits"] < 1.0, rows  # valid = the same recording, evaluated in eval mode
 
@@ -152,7 +152,7 @@ def test_baseline_overfits_speech(tmp_path, request, input, wav, flags):
     iters = int(flags[-1])
     run_dir = train(tmp_path, request.getfixturevalue(wav), "--input", input, *flags,
                     "--print_iters", str(iters // 2), "--valid_clips", "0", "--n_samples", "0", model="baseline")
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     assert rows[0]["train_bits"] > 1.5
     assert rows[-1]["valid_bits"] < 1.0, rows
 
@@ -166,7 +166,7 @@ def test_non_finite_loss_stops_the_run_without_saving(tmp_path, speech_wav):
     (run_dir,) = glob.glob(os.path.join(runs_dir, "*"))
     assert "error: non-finite train NLL" in open(os.path.join(run_dir, "log.txt")).read()
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
-    assert read_metrics(run_dir) == []
+    assert Run(run_dir).metrics() == []
 
 
 def snapshot(folder):
@@ -245,7 +245,7 @@ def test_best_checkpoint_epochs_and_patience(tmp_path, speech_wav, monkeypatch, 
         return next(scripted) if max_clips else real(model, levels, batch_size, device, max_clips, stop)
     monkeypatch.setattr(lib.train, "evaluate", valid_as_scripted)
     run_dir = train(tmp_path, speech_wav, "--print_iters", "5", "--stop_iters", "100000", "--patience", "2")
-    rows = read_metrics(run_dir)
+    rows = Run(run_dir).metrics()
     assert [r["iteration"] for r in rows] == [5, 10, 15, 20]
     assert [r["best_iteration"] for r in rows] == [5, 10, 10, 10]
     # the 1 s file is one clip of 8,000 samples = 250 chunks of 32; a batch of 8 walks 8 of them per step

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from conftest import REPO, run_main
-from lib.run import read_metrics
+from lib.run import Run
 from test_faults import wait_for
 from test_train import train
 from two_tier import main as two_tier_main
@@ -26,7 +26,7 @@ def finished(tmp_path_factory, speech_wav):
     """A run whose best valid NLL is not at its last interval (lr 0.05), 30 iterations, intervals of 2."""
     tmp = tmp_path_factory.mktemp("finished")
     run_dir = train(tmp, speech_wav, "--lr", "0.05", "--stop_iters", "30", "--print_iters", "2", *QUIET)
-    best = read_metrics(run_dir)[-1]["best_iteration"]
+    best = Run(run_dir).metrics()[-1]["best_iteration"]
     assert best < 30, "the reproduction needs a run whose best interval is not its last"
     return run_dir, best
 
@@ -53,9 +53,9 @@ def test_a_run_whose_best_pt_is_gone_still_finishes(tmp_path, finished, damage, 
     assert run_main(two_tier_main, ["--resume", run_dir]) == 0
     out = capsys.readouterr().out
     assert f"rebuilt from it{best:07d}.pt" in out
-    last = read_metrics(run_dir)[-1]
+    last = Run(run_dir).metrics()[-1]
     assert last["iteration"] == 30 and last["best_iteration"] == best and last["best_test_bits"] is not None
-    assert last["best_test_bits"] == read_metrics(source)[-1]["best_test_bits"]  # the same weights, the same NLL
+    assert last["best_test_bits"] == Run(source).metrics()[-1]["best_test_bits"]  # the same weights, the same NLL
     if damage != "removed":  # what was there is kept, not replaced
         assert len(glob.glob(os.path.join(run_dir, "checkpoints", "set_aside", "*best.pt"))) == 1
 
@@ -70,7 +70,7 @@ def test_with_no_best_weights_left_the_run_says_so_and_finishes(tmp_path, finish
     assert run_main(two_tier_main, ["--resume", run_dir]) == 0
     out = capsys.readouterr().out
     assert "no test NLL on it" in out and "the test NLL is measured on the last weights only" in out
-    assert read_metrics(run_dir)[-1]["best_test_bits"] is None
+    assert Run(run_dir).metrics()[-1]["best_test_bits"] is None
 
 
 def test_sighup_from_a_closed_terminal_saves_and_says_how_to_continue(tmp_path, speech_wav):
@@ -86,7 +86,7 @@ def test_sighup_from_a_closed_terminal_saves_and_says_how_to_continue(tmp_path, 
     drained = threading.Thread(target=lambda: drain(master), daemon=True)
     drained.start()
     try:
-        wait_for(lambda: any(read_metrics(d) for d in glob.glob(f"{runs}/*")) or proc.poll() is not None)
+        wait_for(lambda: any(Run(d).metrics() for d in glob.glob(f"{runs}/*")) or proc.poll() is not None)
         os.close(master)  # the terminal is gone: the run's writes to it fail from now on
         proc.send_signal(signal.SIGHUP)
         assert proc.wait(timeout=120) == 128 + signal.SIGHUP
@@ -144,7 +144,7 @@ def test_tensorboard_missing_is_one_line_before_any_folder(tmp_path, speech_wav)
     p = subprocess.run([sys.executable, "-c", code, "--resume", run_dir, "--stop_iters", "4", "--no_tensorboard"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert read_metrics(run_dir)[-1]["iteration"] == 4
+    assert Run(run_dir).metrics()[-1]["iteration"] == 4
 
 
 @pytest.fixture
