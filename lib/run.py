@@ -96,7 +96,11 @@ class Run:
             return None
 
     def write_record(self, record):
+        """settings.json written whole, and kept as the record this command reads from now on (not read back)."""
         write_text(self.record_path, json.dumps(record, indent=1))
+        stat = os.stat(self.record_path)
+        _records.clear()
+        _records[(os.path.abspath(self.record_path), stat.st_mtime_ns, stat.st_size)] = copy.deepcopy(record)
 
     def metrics_lines(self):
         """(rows, others) of metrics.jsonl: rows are JSON objects with an integer iteration; others are (line

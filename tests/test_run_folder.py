@@ -1,6 +1,7 @@
 """The run folder decides what is the run's: --run_dir takes a new or empty folder or a run of the same command,
 nothing else; the program writes over or deletes only files the run wrote, at the places it wrote them (a file it
 skipped or does not know is set aside); checkpoints are ordered by their number."""
+import builtins
 import glob
 import os
 import shutil
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from conftest import run_main
+import lib.run
 from lib import checkpoint
 from lib.report import report
 from lib.run import Run
@@ -111,3 +113,21 @@ def test_the_report_writes_no_file_into_a_run(tmp_path, speech_wav, capsys):
     assert "is not the files folder of a page this command wrote" in capsys.readouterr().err
     assert (files / "reference.wav").read_bytes() == b"mine"
     assert report([run_dir])  # reading it is fine
+
+
+def test_settings_json_is_read_once_per_command(tmp_path, speech_wav, monkeypatch):
+    """A resume that restores, repairs, records its segment, ends an interval (checkpoint ownership, the page, the
+    report's last line) reads the run's settings.json once: the run's own write of it is kept, not read back."""
+    run_dir = train(tmp_path, speech_wav, "--stop_iters", "2", *QUIET)
+    read, real_open = [], builtins.open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        if os.fspath(path).endswith("settings.json") and "r" in mode:
+            read.append(path)
+        return real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    lib.run._records.clear()  # as in a new process: nothing read yet
+    assert run_main(two_tier_main, ["--resume", run_dir, "--stop_iters", "4"]) == 0
+    assert Run(run_dir).metrics()[-1]["iteration"] == 4 and Run(run_dir).record()["segments"]
+    assert len(read) == 1, read
+
