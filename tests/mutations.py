@@ -101,9 +101,12 @@ MUTATIONS = {
     "resume_starts_over_with_history": ("lib/checkpoint.py", "    if found is None:\n        refuse_to_start_over(",
                                         "    if False:\n        refuse_to_start_over(",
                                         "tests/test_history.py::test_a_finished_run_without_checkpoints_is_refused_never_started_over"),
-    "pruning_counts_other_runs": ("lib/checkpoint.py", "own = [p for p in paths(run_dir) if read(record, p, mmap=True)[0] "
-                                  "is not None]", "own = paths(run_dir)",
+    "pruning_counts_other_runs": ("lib/checkpoint.py", "own = [p for p in paths(run) if read(record, p, mmap=True)[0] "
+                                  "is not None]", "own = paths(run)",
                                   "tests/test_history.py::test_keep_checkpoints_counts_only_the_runs_own"),
+    "flags_unchecked_when_ids_agree": ("lib/checkpoint.py", "    if all(ckpt[\"settings\"].get(k) == raw.get(k)",
+                                       "    if True or all(ckpt[\"settings\"].get(k) == raw.get(k)",
+                                       "tests/test_run_folder.py::test_a_checkpoint_is_the_runs_own_only_with_the_runs_flags_where_ids_cannot_tell"),
     "run_id_unchecked": ("lib/checkpoint.py", '    if ckpt.get("run_id") != record.get("run_id"):', "    if False:",
                          "tests/test_history.py::test_generate_best_refuses_a_best_pt_of_another_run"),
     "roles_ignored_by_seed": ("lib/report.py", 'if role(k) in A_SETTING and k not in ("seed", "data")}',

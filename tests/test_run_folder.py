@@ -131,3 +131,19 @@ def test_settings_json_is_read_once_per_command(tmp_path, speech_wav, monkeypatc
     assert Run(run_dir).metrics()[-1]["iteration"] == 4 and Run(run_dir).record()["segments"]
     assert len(read) == 1, read
 
+
+
+def test_a_checkpoint_is_the_runs_own_only_with_the_runs_flags_where_ids_cannot_tell():
+    """Runs made before run ids (run_id None on both sides): a checkpoint with another model flag is another run's;
+    one whose flags differ only where a session may change them, or only by a flag the older record lacks (taken
+    as the value the run used), is the run's own."""
+    settings = {"dim": 64, "frame_size": 2, "mlp_first_relu": "on", "stop_iters": 10, "resume": None}
+    record = {"model_id": "twotier", "run_id": None, "settings": settings}
+
+    def ckpt(**changed):
+        return {"model_id": "twotier", "run_id": None, "settings": {**settings, **changed}, "state": {"iteration": 10}}
+    assert checkpoint.not_of_run(record, ckpt(dim=128), "it0000010.pt") == "--dim 128, the run has 64"
+    assert checkpoint.not_of_run(record, ckpt(stop_iters=20, resume="RUN"), "it0000010.pt") == ""
+    older = {**record, "settings": {k: v for k, v in settings.items() if k != "mlp_first_relu"}}
+    assert checkpoint.not_of_run(older, ckpt(), "it0000010.pt") == ""
+    assert checkpoint.not_of_run(older, ckpt(mlp_first_relu="off"), "it0000010.pt").startswith("--mlp_first_relu")
