@@ -20,7 +20,6 @@ call per step(), its columns shared among threads) is fastest; for more, torch, 
 dominate (README has the benchmark). The numpy step is the compiled one's readable twin, and a choice of
 --backend. The state lives in torch tensors; numpy and the compiled step work on views of them.
 """
-import json
 import os
 from contextlib import contextmanager
 
@@ -80,20 +79,6 @@ def default_backend(model, n):
     if not (n == 1 or (n < 8 and small)):
         return "torch"
     return "numba"
-
-
-def warm_up(model_id, build_model, flags, threads, n):
-    """Started beside a training by lib/train.py (a process of its own, on a core the training leaves free): the
-    compiled step its first samples will take, compiled now under lib.teams' compile_lock where numba's cache
-    lacks it, so that the first interval's samples load it in about a second instead of waiting 15-30 s for the
-    compile (once per machine). Nothing to do for a model sampled by torch or numpy, or a step already cached."""
-    import argparse
-    from lib.teams import KERNELS, compiled_on_disk
-    torch.set_num_threads(int(threads))
-    model = build_model(argparse.Namespace(**json.loads(flags))).eval()
-    if model_id in KERNELS and default_backend(model, int(n)) == "numba" and \
-            not compiled_on_disk(model_id, int(threads)):
-        generate(model, int(n), 64, seed=0)
 
 
 def array_module(backend):
@@ -196,13 +181,14 @@ def graphed(step, example_noise, sampler):
     return replay
 
 
-def write_samples(model, paths, secs, sample_rate, flags, stop=None):
+def write_samples(model, paths, secs, sample_rate, flags, stop=None, backend=None):
     """len(paths) sequences of `secs` seconds as WAV files, drawn with the run's seed (flags.seed: the same noise
     at every interval, so that samples differ only by the weights) and decoded with its quantization."""
     from lib.audio import write_wav  # here: a model file that imports this module loads no file writers
     if not paths:
         return
-    seqs = generate(model, len(paths), max(1, round(secs * sample_rate)), seed=flags.seed, stop=stop).cpu()
+    seqs = generate(model, len(paths), max(1, round(secs * sample_rate)), seed=flags.seed, stop=stop,
+                    backend=backend).cpu()
     audio = dequantize(seqs, flags.q_levels, flags.qtype).numpy()
     try:
         os.makedirs(os.path.dirname(paths[0]), exist_ok=True)

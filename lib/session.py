@@ -1,10 +1,7 @@
 """One training session set up: the data (checked against the run's on resume), the model and Adam on the device,
-the run folder new or restored (with what a kill left repaired), the opening lines of its log, and the samplers'
-compile beside it."""
-import json
+the run folder new or restored (with what a kill left repaired), and the opening lines of its log."""
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -16,7 +13,7 @@ import torch
 
 from lib import MODELS, UserError, cache, checkpoint, dist, page, run, warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
-from lib.sample import write_samples
+from lib.sample import default_backend, write_samples
 from lib.settings import SAME_ON_EVERY_NODE, as_run_did, role
 from lib.step import make_optimizer, set_precision
 
@@ -45,6 +42,16 @@ class Session:
     warned: bool = False
     command: str = ""  # this session's command line, as a person would type it
     stop_checkpoint: str = None  # the checkpoint a stop saved mid-interval that this session resumed from
+
+
+def samples_backend(session):
+    """What a training's samples step with: generate.py's choice (lib.sample.default_backend), but on the CPU the
+    compiled step's numpy twin instead of the compiled step. So no interval waits 15-30 s for a compile on a fresh
+    install, and the samples do not depend on what numba's cache holds (the same seed draws the same samples, a
+    resumed run those of the run it continues). For the few sequences of a small model that would take the
+    compiled step, numpy was about as fast (notes/performance.md)."""
+    backend = default_backend(session.model, session.args.n_samples)
+    return "numpy" if backend == "numba" else backend
 
 
 def open_session(model_id, args, model, device, tag, resumed):
@@ -177,7 +184,8 @@ def repair_folder(session, resumed, iteration):
     paths = folder.sample_paths(iteration, args.n_samples)
     if row is not None and not all(map(os.path.exists, paths)):
         session.log(f"writing the samples of iteration {iteration}, which a stop had cut off")
-        write_samples(session.model, paths, args.sample_secs, session.sample_rate, args)
+        write_samples(session.model, paths, args.sample_secs, session.sample_rate, args,
+                      backend=samples_backend(session))
     page.write_run_page(folder, quiet=True)  # a stop may have come before it was rewritten
 
 
@@ -212,22 +220,3 @@ def log_opening(session, n_params):
         lines.append(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
                      f"each batch draws segments with replacement")
     session.log("\n".join(lines))
-
-
-def compile_samplers_beside(session):
-    """Where a CPU run samples and a core is left over by the training's threads: a process on that core that
-    compiles the samplers now if numba's cache lacks them (lib.sample.warm_up), so that the first samples need not
-    wait for it. Without a core to spare it slowed the steps 5x and ended no sooner (notes/performance.md)."""
-    threads, args = torch.get_num_threads(), session.args
-    if session.device.type != "cpu" or not args.n_samples or (os.cpu_count() or 1) <= threads:
-        return None
-    return subprocess.Popen([sys.executable, "-c", WARM_UP, session.model_id, MODELS[session.model_id],
-                             json.dumps(vars(args)), str(threads), str(args.n_samples)], cwd=run.REPO,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-WARM_UP = """import importlib, sys
-from lib.sample import warm_up
-model_id, module, flags, threads, n = sys.argv[1:]
-warm_up(model_id, importlib.import_module(module).build_model, flags, threads, n)
-"""  # a process of the model's script: lib never imports one

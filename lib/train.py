@@ -30,7 +30,7 @@ from lib.cli import check_torch, quiet_interrupts, script_of
 from lib.cuda_graph import captured_at_first_call
 from lib.plots import plot_curves
 from lib.sample import write_samples
-from lib.session import begin, compile_samplers_beside, open_session
+from lib.session import begin, open_session, samples_backend
 from lib.settings import (build_parser, check_same_run, check_settings, choose_device, parse_settings, run_tag,
                           run_to_continue)
 from lib.step import NonFinite, evaluate, non_finite, to_device, train_step
@@ -122,11 +122,8 @@ def train(model_id, parser, build_model, presets, argv):
 def train_session(session, n_params, resumed):
     """The session's run begun or restored, then the loop -> the exit status; a failed write, or a process lost
     under torchrun, is one line naming the last checkpoint."""
-    warming = None
     try:
         state, h = begin(session, n_params, resumed)
-        if session.main:  # the samplers' compile, beside the training (once per machine)
-            warming = compile_samplers_beside(session)
         with Interrupts(second_aborts=dist.world_size() == 1, say=session.log) as interrupts:
             session.stop = interrupts.stopping
             return loop(session, state, h, interrupts)
@@ -141,10 +138,6 @@ def train_session(session, n_params, resumed):
         print(f"error: {lost}; {last_checkpoint(session.run)}" +
               (f"; continue with: {continue_command(session)}" if saved else ""), file=sys.stderr)
         return 1
-    finally:
-        if warming is not None and warming.poll() is None:
-            warming.kill()  # a run shorter than the compile: the next one compiles (nothing half-written is read)
-            warming.wait()
 
 
 def last_checkpoint(folder):
@@ -390,7 +383,7 @@ def write_interval(session, state, interval, h, row, improved):
         warn_of_many_passes(args, state, interval, session.clips_per_step, session.chunks_per_epoch, session.log)
     try:
         write_samples(session.model, folder.sample_paths(it, args.n_samples), args.sample_secs,
-                      session.sample_rate, args, session.stop)
+                      session.sample_rate, args, session.stop, samples_backend(session))
     except Interrupted:
         raise Interrupted(saved=True) from None
     plot_curves({os.path.basename(folder.folder): folder.metrics()}, folder.curves)

@@ -115,3 +115,20 @@ def test_two_processes_compile_the_sampler_once(tmp_path):
     assert counts == [(0, 1), (1, 0)], counts  # (compiled, loaded): one each
     said = [err for _, err in outs if "compiling the fast sampler" in err]
     assert len(said) == 1  # the one that compiled says so; the other just waits
+
+
+def test_a_fresh_install_writes_its_first_samples_without_a_compile(tmp_path, speech_wav):
+    """numba's cache empty and no core to spare: the first interval's samples take the compiled step's numpy twin
+    instead of waiting 15-30 s for its compile; nothing is compiled and nothing said about it."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    cache, run_dir = tmp_path / "cache", str(tmp_path / "run")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    out = subprocess.run([sys.executable, "two_tier.py", "--preset", "tiny", "--data", speech_wav, "--stop_iters", "2",
+                          "--print_iters", "2", "--n_samples", "2", "--threads", str(os.cpu_count() or 1),
+                          "--run_dir", run_dir], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(glob.glob(os.path.join(Run(run_dir).samples, "it0000002_*.wav"))) == 2
+    assert "compiling" not in out.stderr + out.stdout
+    assert not glob.glob(str(cache / "**" / "kernels.*.nbi"), recursive=True)  # nothing compiled into the cache
