@@ -4,13 +4,13 @@
                teams.py its compiled fast step)
   data         audio.py (reading, writing), prepare.py and download.py (datasets), cache.py, data.py (batches)
   training     train.py (the entry, the loop, an interval's end), settings.py (flags and their roles),
-               session.py (one session set up), step.py (the step, evaluation, non-finite values), checkpoint.py
-               (save, read, resume), run.py (the run folder: its layout, its record, what may be written over),
-               terminal.py (the progress a person sees, the signals that stop a run), dist.py (torchrun),
-               cuda_graph.py
+               session.py (one session set up), step.py (the step, evaluation, non-finite values), run.py (Run,
+               the run folder as one object: its paths, its record, its metrics, its lock, what may be written
+               over) and beneath it checkpoint.py (save, read, resume), terminal.py (the progress a person sees,
+               the signals that stop a run), dist.py (torchrun), cuda_graph.py
+  command line cli.py (the parser, one-line errors, a quiet Ctrl-C, the torch version check)
   reading      report.py (python -m lib.report), windows.py (its windows of train NLL), seeds.py (--by_seed),
                page.py (pages to listen with), plots.py, board.py (--tensorboard)
-  command line cli.py (the parser, one-line errors, a quiet Ctrl-C)
 
 and here what every module uses: the model registry (each model file registers itself), one-line errors and
 warnings.

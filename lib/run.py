@@ -1,5 +1,6 @@
-"""A run folder on disk: runs/{model}_{tag}_{unixtime}/, written by the training loop, read by generate.py and
-the report. Nothing here calls a model.
+"""A run folder on disk, as one object (Run): runs/{model}_{tag}_{unixtime}/, written by the training loop, read
+by generate.py and the report; and atomic_write, through which the program writes every file whole or not at all
+(the temporary names it leaves to a kill are the ones a resume removes). Nothing here calls a model.
 
   settings.json   every flag, derived values, parameter count, versions, git revision, command line, data fingerprint
   log.txt         what was printed
