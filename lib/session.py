@@ -44,16 +44,6 @@ class Session:
     stop_checkpoint: str = None  # the checkpoint a stop saved mid-interval that this session resumed from
 
 
-def samples_backend(session):
-    """What a training's samples step with: generate.py's choice (lib.sample.default_backend), but on the CPU the
-    compiled step's numpy twin instead of the compiled step. So no interval waits 15-30 s for a compile on a fresh
-    install, and the samples do not depend on what numba's cache holds (the same seed draws the same samples, a
-    resumed run those of the run it continues). For the few sequences of a small model that would take the
-    compiled step, numpy was about as fast (notes/performance.md)."""
-    backend = default_backend(session.model, session.args.n_samples)
-    return "numpy" if backend == "numba" else backend
-
-
 def open_session(model_id, args, model, device, tag, resumed):
     """The data (checked against the run's on resume), the model and optimizer on the device, the run folder (new,
     or the resumed one: lib.checkpoint.Resumed)."""
@@ -220,3 +210,13 @@ def log_opening(session, n_params):
         lines.append(f"note: {len(segments)} train segments < the batch of {batches.batch_size}: "
                      f"each batch draws segments with replacement")
     session.log("\n".join(lines))
+
+
+def samples_backend(session):
+    """What a training's samples step with: generate.py's choice (lib.sample.default_backend), but on the CPU the
+    compiled step's numpy twin instead of the compiled step. So no interval waits 15-30 s for a compile on a fresh
+    install, and the samples do not depend on what numba's cache holds (the same seed draws the same samples, a
+    resumed run those of the run it continues). For the few sequences of a small model that would take the
+    compiled step, numpy was about as fast (notes/performance.md)."""
+    backend = default_backend(session.model, session.args.n_samples)
+    return "numpy" if backend == "numba" else backend

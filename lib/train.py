@@ -110,7 +110,7 @@ def train(model_id, parser, build_model, presets, argv):
     if resumed and dist.rank() == 0:
         resumed.run.hold()  # before anything is repaired: one process trains a run at a time
     session = open_session(model_id, args, model, device, tag, resumed)
-    session.command = shlex.join(["python", parser.prog] + list(sys.argv[1:] if argv is None else argv))
+    session.command = shlex.join(parser.prog.split() + list(sys.argv[1:] if argv is None else argv))  # python x.py
     try:
         return train_session(session, n_params, resumed)
     except BaseException:  # a new run that could not start (out of memory, a signal, bad data): no folder is left
