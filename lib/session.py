@@ -13,7 +13,7 @@ import torch
 
 from lib import MODELS, UserError, cache, checkpoint, dist, page, run, warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
-from lib.sample import default_backend, write_samples
+from lib.sample import BACKENDS, default_backend, write_samples
 from lib.settings import SAME_ON_EVERY_NODE, as_run_did, role
 from lib.step import make_optimizer, set_precision
 
@@ -219,4 +219,5 @@ def samples_backend(session):
     resumed run those of the run it continues). For the few sequences of a small model that would take the
     compiled step, numpy was about as fast (notes/performance.md)."""
     backend = default_backend(session.model, session.args.n_samples)
-    return "numpy" if backend == "numba" else backend
+    twin = "numpy" in getattr(session.model, "fast_backends", BACKENDS)  # a model may offer fewer backends
+    return "numpy" if backend == "numba" and twin else backend
