@@ -8,7 +8,8 @@
 
 Written to a temporary file and renamed: a kill or a full disk never leaves a partial one. Read only when it is
 the run's own (its run id; the iteration its name says), so a file copied in from another run is never continued
-from, pruned or measured. `resume` gathers everything a session continues from; `restore` puts it back.
+from, pruned or measured. `resume` gathers everything a session continues from; `restore` puts it back. The
+functions take the run (lib.run.Run) whose checkpoints they are: its paths and its record come from it.
 """
 import json
 import os
