@@ -122,8 +122,8 @@ class Progress:
         if self.device.type == "cpu" and secs_per_it > SLOW_STEP and not self.hinted:
             self.hinted = True  # by its steps, not its interval: a small model with a long interval is not told
             self.log(f"note: at {duration(secs_per_it)} a step this model is sized for a GPU. On a CPU, --preset tiny "
-                     f"runs in seconds, and --dim 128 --n_rnn 1 --batch_size 16 --print_iters 100 learns something "
-                     f"in minutes")
+                     f"runs in seconds, and --dim 128 --n_rnn 1 --batch_size 16 --print_time 300 babbles in the "
+                     f"speaker's pitch within ten minutes")
 
     def say_end(self, state, end_secs):
         """Once, after the session's first interval end (its evaluation, checkpoint, samples and page took

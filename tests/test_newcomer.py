@@ -5,6 +5,7 @@ import os
 import re
 import signal
 
+import numpy as np
 import torch
 
 from lib.run import Run
@@ -132,3 +133,24 @@ def test_a_fresh_install_writes_its_first_samples_without_a_compile(tmp_path, sp
     assert len(glob.glob(os.path.join(Run(run_dir).samples, "it0000002_*.wav"))) == 2
     assert "compiling" not in out.stderr + out.stdout
     assert not glob.glob(str(cache / "**" / "kernels.*.nbi"), recursive=True)  # nothing compiled into the cache
+
+
+def test_sound_stats_tell_speech_from_hiss_and_silence(tmp_path):
+    """scripts/sound_stats.py, which notes/sampling.md's listening figures come from: real speech is mostly voiced
+    near its speaker's pitch; white noise is flat and never voiced; silence is all pauses; a 200 Hz buzz is voiced
+    at 200 Hz."""
+    import soundfile as sf
+    from conftest import RATE, speech
+    from scripts.sound_stats import sound_stats
+    noise = np.random.default_rng(0).normal(0, 0.1, RATE * 2).astype(np.float32)
+    buzz = (0.3 * np.sign(np.sin(2 * np.pi * 200 * np.arange(RATE * 2) / RATE))).astype(np.float32)
+    files = {}
+    for name, audio in [("speech", speech(8.0)), ("noise", noise), ("silence", np.zeros(RATE, np.float32)),
+                        ("buzz", buzz)]:
+        files[name] = str(tmp_path / f"{name}.wav")
+        sf.write(files[name], audio, RATE, subtype="PCM_16")
+    talk, hiss, quiet, hum = (sound_stats([files[k]]) for k in ("speech", "noise", "silence", "buzz"))
+    assert talk["voiced"] > 0.6 and talk["flatness"] < 0.05 and 120 < talk["pitch_hz"][1] < 300
+    assert hiss["voiced"] < 0.05 and hiss["flatness"] > 0.4 and hiss["quiet"] == 0
+    assert quiet["quiet"] == 1 and quiet["loud_frames"] == 0 and quiet["pitch_hz"] is None
+    assert hum["voiced"] == 1 and hum["pitch_hz"][1] == 200
