@@ -62,14 +62,15 @@ def find_runs(paths):
 def summarize(run_dir, time_windows, iter_windows):
     """One run's row as a dict (values, or None where not reached or not measured); None, with one warning, if
     it has no metrics or its folder cannot be read as a run (the other runs are still reported)."""
+    run = Run(run_dir)
     try:
-        settings = Run(run_dir).record()
+        settings = run.record()
         if "parameters" not in settings:
-            raise UserError(f"{run_dir}/settings.json has no parameter count")
+            raise UserError(f"{run.record_path} has no parameter count")
     except UserError as e:
         warn(f"{e}; the run is left out")
         return None
-    rows = Run(run_dir).metrics()
+    rows = run.metrics()
     complete = [r for r in rows if all(is_number(r.get(k)) for k in ROW_KEYS)]
     if not complete:
         warn(f"{run_dir} has no metrics rows yet (none complete: it has not finished an interval); it is left out")
