@@ -75,8 +75,7 @@ class Run:
         or a UserError saying why not (no file, not JSON, not a run's settings). Read once per command: again only
         when the file changed (its size or modification time)."""
         try:
-            stat = os.stat(self.record_path)
-            key = (os.path.abspath(self.record_path), stat.st_mtime_ns, stat.st_size)
+            key = self.record_key()
             if key not in _records:
                 with open(self.record_path) as f:
                     _records.clear()  # one run's record at a time is all a command rereads
@@ -99,9 +98,13 @@ class Run:
     def write_record(self, record):
         """settings.json written whole, and kept as the record this command reads from now on (not read back)."""
         write_text(self.record_path, json.dumps(record, indent=1))
-        stat = os.stat(self.record_path)
         _records.clear()
-        _records[(os.path.abspath(self.record_path), stat.st_mtime_ns, stat.st_size)] = copy.deepcopy(record)
+        _records[self.record_key()] = copy.deepcopy(record)
+
+    def record_key(self):
+        """settings.json as the cache of parsed records knows it: a changed file is another key."""
+        stat = os.stat(self.record_path)
+        return os.path.abspath(self.record_path), stat.st_mtime_ns, stat.st_size
 
     def metrics_lines(self):
         """(rows, others) of metrics.jsonl: rows are JSON objects with an integer iteration; others are (line

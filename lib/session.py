@@ -1,7 +1,10 @@
-"""One training session set up: the data (checked against the run's on resume), the model and Adam on the device,
-the run folder new or restored (with what a kill left repaired), and the opening lines of its log."""
+"""One training session set up: the run to continue, the flags and the model; the data (checked against the run's
+on resume), the model and Adam on the device, the run folder new or restored (with what a kill left repaired), and
+the opening lines of its log."""
+import json
 import os
 import platform
+import shlex
 import sys
 import threading
 import time
@@ -14,7 +17,9 @@ import torch
 from lib import MODELS, UserError, cache, checkpoint, dist, page, run, warn
 from lib.data import ChunkBatches, Segments, hold_on_device, load_splits
 from lib.sample import BACKENDS, default_backend, write_samples
-from lib.settings import SAME_ON_EVERY_NODE, as_run_did, role
+from lib.cli import check_torch, script_of
+from lib.settings import (SAME_ON_EVERY_NODE, as_run_did, check_same_run, check_settings, choose_device, parse_settings,
+                          role, run_tag, run_to_continue)
 from lib.step import make_optimizer, set_precision
 
 
@@ -42,6 +47,42 @@ class Session:
     warned: bool = False
     command: str = ""  # this session's command line, as a person would type it
     stop_checkpoint: str = None  # the checkpoint a stop saved mid-interval that this session resumed from
+
+
+def start(model_id, parser, build_model, presets, argv):
+    """The run to continue (checked: its model, its processes, its history), the flags, the model; then the
+    session on its device and run folder -> (session, parameter count, lib.checkpoint.Resumed or None); the
+    session is None for --dry_run, which prints the flags instead."""
+    check_torch(torch.__version__)
+    run_dir, given = run_to_continue(parser, argv)
+    resumed = checkpoint.resume(run.Run(run_dir), model_id, dist.world_size()) if run_dir else None
+    args = parse_settings(parser, presets, argv, resumed, given)
+    device = choose_device(args.device)
+    check_settings(args, device)
+    if args.run_dir is not None and resumed is None:  # before the data is read: a folder --run_dir may not take is one line now
+        run.check_new_run_dir(args.run_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tag = None if resumed else args.name or run_tag(parser, presets, argv, args)  # from the flags as given,
+    # before derived ones fill in: a new run's folder name
+    model = build_model(args)  # checks the model flags and fills derived ones
+    if resumed and args.resume is None:  # --run_dir naming a run: its flags, derived ones included, must match
+        check_same_run(args, resumed)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.dry_run:
+        print(json.dumps(vars(args), indent=1))
+        print(f"{model_id}: {n_params:,} parameters")
+        return None, n_params, resumed
+    if args.tensorboard:  # before the run folder is made
+        from lib.board import check_installed
+        check_installed()
+    device = dist.join(device)
+    if resumed and dist.rank() == 0:
+        resumed.run.hold()  # before anything is repaired: one process trains a run at a time
+    session = open_session(model_id, args, model, device, tag, resumed)
+    session.command = shlex.join(parser.prog.split() + list(sys.argv[1:] if argv is None else argv))  # python x.py
+    return session, n_params, resumed
 
 
 def open_session(model_id, args, model, device, tag, resumed):
@@ -133,6 +174,23 @@ def begin(session, n_params, resumed):
         open_board(session, resumed, state["iteration"])
     log_opening(session, n_params)
     return state, h
+
+
+def drop_stop_checkpoint(session, saved):
+    """Once a newer checkpoint is saved, the one a stop wrote mid-interval, which this session resumed from, is
+    superseded (it ends no interval: no metrics row points at it) and removed: each Ctrl-C of the default model
+    would otherwise keep 251 MB."""
+    old, session.stop_checkpoint = session.stop_checkpoint, None
+    if old and old != saved and os.path.exists(old):
+        os.remove(old)
+        session.log(f"removed {os.path.basename(old)}, the mid-interval checkpoint this session resumed from "
+                    f"(superseded by {os.path.basename(saved)})")
+
+
+def continue_command(session):
+    world = dist.world_size()
+    return (f"{'python' if world == 1 else f'torchrun --nproc_per_node {world}'} {script_of(session.model_id)} "
+            f"--resume {session.run}")
 
 
 def write_new_record(session, n_params):

@@ -14,10 +14,8 @@ kill left (metrics row, samples, temporary files); a failed write is one line na
 """
 import copy
 import gc
-import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -26,13 +24,12 @@ import traceback
 import torch
 
 from lib import MODELS, Interrupted, UserError, WriteError, checkpoint, dist, page, run
-from lib.cli import check_torch, quiet_interrupts, script_of
+from lib.cli import quiet_interrupts, script_of
 from lib.cuda_graph import captured_at_first_call
 from lib.plots import plot_curves
 from lib.sample import write_samples
-from lib.session import begin, open_session, samples_backend
-from lib.settings import (build_parser, check_same_run, check_settings, choose_device, parse_settings, run_tag,
-                          run_to_continue)
+from lib.session import begin, continue_command, drop_stop_checkpoint, samples_backend, start
+from lib.settings import build_parser
 from lib.step import NonFinite, evaluate, non_finite, to_device, train_step
 from lib.terminal import Interrupts, Progress, rss_mb, warn_of_many_passes
 
@@ -80,42 +77,16 @@ def out_of_memory(e):
 
 
 def train(model_id, parser, build_model, presets, argv):
-    """The run to continue (checked: its model, its processes, its history), the flags, the model; then the
-    session on its device and run folder, and the loop -> the exit status."""
-    check_torch(torch.__version__)
-    run_dir, given = run_to_continue(parser, argv)
-    resumed = checkpoint.resume(run.Run(run_dir), model_id, dist.world_size()) if run_dir else None
-    args = parse_settings(parser, presets, argv, resumed, given)
-    device = choose_device(args.device)
-    check_settings(args, device)
-    if args.run_dir is not None and resumed is None:  # before the data is read: a folder --run_dir may not take is one line now
-        run.check_new_run_dir(args.run_dir)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    tag = None if resumed else args.name or run_tag(parser, presets, argv, args)  # from the flags as given,
-    # before derived ones fill in: a new run's folder name
-    model = build_model(args)  # checks the model flags and fills derived ones
-    if resumed and args.resume is None:  # --run_dir naming a run: its flags, derived ones included, must match
-        check_same_run(args, resumed)
-    n_params = sum(p.numel() for p in model.parameters())
-    if args.dry_run:
-        print(json.dumps(vars(args), indent=1))
-        print(f"{model_id}: {n_params:,} parameters")
+    """The session started (lib/session.py: the run to continue, the flags, the model, the data, the device, the
+    run folder), then the loop -> the exit status."""
+    session, n_params, resumed = start(model_id, parser, build_model, presets, argv)
+    if session is None:  # --dry_run: the flags were printed
         return 0
-    if args.tensorboard:  # before the run folder is made
-        from lib.board import check_installed
-        check_installed()
-    device = dist.join(device)
-    if resumed and dist.rank() == 0:
-        resumed.run.hold()  # before anything is repaired: one process trains a run at a time
-    session = open_session(model_id, args, model, device, tag, resumed)
-    session.command = shlex.join(parser.prog.split() + list(sys.argv[1:] if argv is None else argv))  # python x.py
     try:
         return train_session(session, n_params, resumed)
     except BaseException:  # a new run that could not start (out of memory, a signal, bad data): no folder is left
         if resumed is None and session.main:
-            session.run.remove_unstarted(folder_too=args.run_dir is None)
+            session.run.remove_unstarted(folder_too=session.args.run_dir is None)
         raise
 
 
@@ -407,23 +378,6 @@ def interrupted(session, state, interval, h, signum):
     session.log(f"interrupted at iteration {it}; saved {session.run.checkpoint(it)}; continue with: "
                 f"{continue_command(session)}")
     return 128 + signum
-
-
-def drop_stop_checkpoint(session, saved):
-    """Once a newer checkpoint is saved, the one a stop wrote mid-interval, which this session resumed from, is
-    superseded (it ends no interval: no metrics row points at it) and removed: each Ctrl-C of the default model
-    would otherwise keep 251 MB."""
-    old, session.stop_checkpoint = session.stop_checkpoint, None
-    if old and old != saved and os.path.exists(old):
-        os.remove(old)
-        session.log(f"removed {os.path.basename(old)}, the mid-interval checkpoint this session resumed from "
-                    f"(superseded by {os.path.basename(saved)})")
-
-
-def continue_command(session):
-    world = dist.world_size()
-    return (f"{'python' if world == 1 else f'torchrun --nproc_per_node {world}'} {script_of(session.model_id)} "
-            f"--resume {session.run}")
 
 
 def best_model(session, iteration):
