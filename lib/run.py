@@ -178,8 +178,8 @@ class Run:
         Anything else in the folder stays."""
         if os.path.exists(self.metrics_path) or os.path.isdir(self.checkpoints):
             return
-        for name in STARTED_BY & set(os.listdir(self.folder)):
-            path = os.path.join(self.folder, name)
+        started = (self.record_path, self.log, self.lock, self.tensorboard, self.samples)  # before its first row
+        for path in filter(os.path.lexists, started):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         if folder_too:
             try:
@@ -190,7 +190,6 @@ class Run:
 
 _records = {}  # (path, mtime, size) -> the parsed record
 _held = []  # the locks this process holds (Run.hold)
-STARTED_BY = {"settings.json", "log.txt", ".lock", "tensorboard", "samples"}  # what a run writes before its first row
 
 
 def is_run(path):
