@@ -91,7 +91,7 @@ MUTATIONS = {
                                    "tests/test_promises.py::test_generated_samples_are_decoded_with_the_runs_quantization"),
     "split_of_the_unsorted_list": ("lib/prepare.py", "    order = sorted(files)\n", "    order = list(files)\n",
                                    "tests/test_promises.py::test_the_split_is_90_5_5_by_file"),
-    "parameters_counted_without_biases": ("lib/train.py", "n_params = sum(p.numel() for p in model.parameters())",
+    "parameters_counted_without_biases": ("lib/session.py", "n_params = sum(p.numel() for p in model.parameters())",
                                           "n_params = sum(p.numel() for p in model.parameters() if p.dim() > 1)",
                                           "tests/test_promises.py::test_readme_parameter_counts_are_what_the_scripts_print"),
     "bad_wav_breaks_the_page": ("lib/page.py", "except (BadAudio, WriteError, OSError) as e:",
